@@ -1,0 +1,5 @@
+import sys
+
+from unet_surgery.cli import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""The ``unet-surgery`` command line: one sub-module per sub-command, each with ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from unet_surgery.errors import SurgeryError
+
+# Each module defines ``register(subparsers)`` which adds its parser and sets ``func``.
+SUBCOMMAND_MODULES = (
+    "unet_surgery.cli.inspect_cmd",
+    "unet_surgery.cli.disperse_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unet-surgery",
+        description="Map diffusion UNets, apply high-resolution recipes, export patched models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. Expected failures print one ``error:`` line and exit 2, never a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SurgeryError as exc:
+        print(f"unet-surgery {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"unet-surgery {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
