@@ -1,0 +1,248 @@
+"""ScaleCrafter's dispersed convolution: a least-squares map from a small kernel to a large one.
+
+A 3x3 kernel ``a`` is turned into a 5x5 kernel ``b = R a`` chosen so that ``b`` applied to a
+bilinearly upsampled input behaves like ``a`` applied to the original input and then upsampled
+("structure" rows), while ``b`` on the original input still behaves like ``a`` ("pixel" rows,
+weighted by ``eta``).  ``R`` depends only on the sizes, the scale and ``eta``, never on the
+weights, so it is solved once per distinct parameter tuple and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from unet_surgery.errors import TransformError
+from unet_surgery.io import atomic_path
+
+__all__ = [
+    "TransformParams",
+    "disperse_kernel",
+    "dispersion_transform",
+    "load_transform",
+    "save_transform",
+]
+
+_TENSOR_KEY = "R"
+_FORMAT = "unet-surgery/dispersion-transform"
+_FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class TransformParams:
+    """The parameters that fully determine a dispersion transform (and its file metadata)."""
+
+    small: int = 3
+    large: int = 5
+    scale: int = 2
+    input_size: int = 3
+    eta: float = 0.05
+
+    def __post_init__(self) -> None:
+        _validate(self.small, self.large, self.scale, self.input_size, self.eta)
+        # Normalise so that (3, 5, 2, 3, 1) and (3, 5, 2, 3, 1.0) share one cache entry.
+        for name in ("small", "large", "scale", "input_size"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "eta", float(self.eta))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of ``R``: (large**2, small**2)."""
+        return (self.large * self.large, self.small * self.small)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _validate(small: object, large: object, scale: object, input_size: object, eta: object) -> None:
+    for name, value in (
+        ("small", small),
+        ("large", large),
+        ("scale", scale),
+        ("input_size", input_size),
+    ):
+        if not _is_int(value):
+            raise TransformError(f"{name} must be an integer, got {value!r}")
+    small, large, scale, input_size = int(small), int(large), int(scale), int(input_size)  # type: ignore[call-overload]
+    if small < 1 or small % 2 == 0:
+        raise TransformError(f"small kernel size must be a positive odd integer, got {small}")
+    if large % 2 == 0:
+        raise TransformError(f"large kernel size must be odd, got {large}")
+    if large <= small:
+        raise TransformError(f"large kernel ({large}) must be bigger than small kernel ({small})")
+    if scale < 1:
+        raise TransformError(f"scale must be >= 1, got {scale}")
+    if input_size < 1:
+        raise TransformError(f"input_size must be >= 1, got {input_size}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)):
+        raise TransformError(f"eta must be a number, got {eta!r}")
+    if not math.isfinite(float(eta)) or float(eta) <= 0:
+        raise TransformError(f"eta must be a finite number > 0, got {eta}")
+
+
+def _upsample_matrix(n: int, scale: int) -> np.ndarray:
+    """Align-corners linear upsampling from ``n`` to ``scale*(n-1)+1`` samples, as a matrix."""
+    m = scale * (n - 1) + 1
+    up = np.zeros((m, n))
+    for i in range(m):
+        pos = i * (n - 1) / (m - 1) if m > 1 else 0.0
+        lo = min(math.floor(pos), n - 1)
+        hi = min(lo + 1, n - 1)
+        frac = pos - lo
+        up[i, lo] += 1.0 - frac
+        up[i, hi] += frac
+    return up
+
+
+def _conv_basis(grid: int, k: int) -> np.ndarray:
+    """``E[t]``: the (grid², grid²) matrix of zero-padded 'same' cross-correlation with delta tap t.
+
+    A kernel ``w`` (row-major flattened) acts on a flattened ``grid x grid`` image as
+    ``sum_t w[t] * E[t]``; this is what makes every equation linear in the kernel entries.
+    """
+    c = k // 2
+    basis = np.zeros((k * k, grid * grid, grid * grid))
+    for u in range(k):
+        for v in range(k):
+            for p in range(grid):
+                i = p + u - c
+                if not 0 <= i < grid:
+                    continue
+                for q in range(grid):
+                    j = q + v - c
+                    if 0 <= j < grid:
+                        basis[u * k + v, p * grid + q, i * grid + j] = 1.0
+    return basis
+
+
+def _linear_system(params: TransformParams) -> tuple[np.ndarray, np.ndarray]:
+    """The stacked system ``A b = B a`` ([structure; eta * pixel] rows, all-zero rows dropped)."""
+    s, big, n, eta = params.small, params.large, params.input_size, float(params.eta)
+    up1 = _upsample_matrix(n, params.scale)
+    up2 = np.kron(up1, up1)  # row-major 2-D upsampling of a flattened n x n image
+    m = up1.shape[0]
+    big_on_up = _conv_basis(m, big)
+    small_on_x = _conv_basis(n, s)
+    big_on_x = _conv_basis(n, big)
+    # Each row: one (output pixel, input entry) coefficient; columns: kernel taps.
+    a_struct = np.stack([(e @ up2).ravel() for e in big_on_up], axis=1)
+    b_struct = np.stack([(up2 @ e).ravel() for e in small_on_x], axis=1)
+    a_pixel = np.stack([e.ravel() for e in big_on_x], axis=1)
+    b_pixel = np.stack([e.ravel() for e in small_on_x], axis=1)
+    lhs = np.vstack([a_struct, eta * a_pixel])
+    rhs = np.vstack([b_struct, eta * b_pixel])
+    keep = np.any(lhs != 0, axis=1) | np.any(rhs != 0, axis=1)
+    return lhs[keep], rhs[keep]
+
+
+@functools.lru_cache(maxsize=64)
+def _solve(params: TransformParams) -> np.ndarray:
+    lhs, rhs = _linear_system(params)
+    # Minimum-norm least squares: identical to the normal equations when A has full column
+    # rank (every published setting); well defined when outer taps never meet the input.
+    solution, _, _, _ = scipy.linalg.lstsq(lhs, rhs, lapack_driver="gelsd")
+    solution = np.ascontiguousarray(solution, dtype=np.float64)
+    solution.setflags(write=False)
+    return solution
+
+
+def dispersion_transform(
+    small: int = 3, large: int = 5, scale: int = 2, input_size: int = 3, eta: float = 0.05
+) -> np.ndarray:
+    """Return ``R`` of shape (large², small²) with ``vec(b) = R @ vec(a)`` (row-major).
+
+    Solved once per parameter tuple (cached); the array returned is a read-only view of the
+    cached solution, so callers can neither corrupt the cache nor pay for a copy.
+    """
+    params = TransformParams(small, large, scale, input_size, eta)
+    view = _solve(params).view()
+    view.setflags(write=False)
+    return view
+
+
+def disperse_kernel(weight: torch.Tensor, transform: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Map an (out, in, [kt,] S, S) kernel to (out, in, [kt,] L, L) with ``R``, tap by tap.
+
+    For a Conv3d kernel every temporal tap is dispersed on its own.  The result has the
+    weight's dtype and device; the product is computed in float64 on CPU and in float32 on
+    accelerators for accuracy before the final cast.
+    """
+    if isinstance(transform, np.ndarray):
+        r = torch.from_numpy(np.array(transform, dtype=np.float64))  # small; copy is writable
+    else:
+        r = transform
+    if r.ndim != 2:
+        raise TransformError(f"transform must be a 2-D matrix, got shape {tuple(r.shape)}")
+    big = math.isqrt(r.shape[0])
+    small = math.isqrt(r.shape[1])
+    if big * big != r.shape[0] or small * small != r.shape[1]:
+        raise TransformError(f"transform shape {tuple(r.shape)} is not (L*L, S*S)")
+    if weight.ndim not in (4, 5) or weight.shape[-2:] != (small, small):
+        raise TransformError(
+            f"weight of shape {tuple(weight.shape)} does not end in a {small}x{small} kernel"
+        )
+    work = torch.float64 if weight.device.type == "cpu" else torch.float32
+    flat = weight.detach().to(work).reshape(*weight.shape[:-2], small * small)
+    out = flat @ r.to(device=weight.device, dtype=work).T
+    return out.reshape(*weight.shape[:-2], big, big).to(weight.dtype).contiguous()
+
+
+def save_transform(
+    path: str | os.PathLike[str], transform: np.ndarray, params: TransformParams
+) -> None:
+    """Write ``R`` as safetensors with its parameters in the metadata (atomically)."""
+    arr = np.ascontiguousarray(transform, dtype=np.float64)
+    if arr.shape != params.shape:
+        raise TransformError(
+            f"transform shape {arr.shape} does not match {params} ({params.shape})"
+        )
+    metadata = {k: json.dumps(v) for k, v in asdict(params).items()}
+    metadata["format"] = _FORMAT
+    metadata["format_version"] = _FORMAT_VERSION
+    with atomic_path(path) as tmp:
+        save_file({_TENSOR_KEY: arr}, str(tmp), metadata=metadata)
+
+
+def load_transform(path: str | os.PathLike[str]) -> tuple[np.ndarray, TransformParams]:
+    """Read a transform written by :func:`save_transform`; any inconsistency is a TransformError."""
+    target = Path(path)
+    if not target.is_file():
+        raise TransformError(f"{target}: no such transform file")
+    try:
+        with safe_open(str(target), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(target))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise TransformError(f"{target}: not a readable safetensors file ({exc})") from exc
+    if metadata.get("format") != _FORMAT:
+        raise TransformError(f"{target}: metadata does not mark a dispersion transform")
+    fields = ("small", "large", "scale", "input_size", "eta")
+    missing = [k for k in fields if k not in metadata]
+    if missing:
+        raise TransformError(f"{target}: metadata lacks {', '.join(missing)}")
+    try:
+        values = {k: json.loads(metadata[k]) for k in fields}
+    except json.JSONDecodeError as exc:
+        raise TransformError(f"{target}: malformed metadata ({exc})") from exc
+    params = TransformParams(**values)
+    if set(tensors) != {_TENSOR_KEY}:
+        raise TransformError(
+            f"{target}: expected one tensor {_TENSOR_KEY!r}, found {sorted(tensors)}"
+        )
+    arr = tensors[_TENSOR_KEY]
+    if arr.dtype != np.float64 or arr.shape != params.shape:
+        raise TransformError(
+            f"{target}: tensor is {arr.dtype} {arr.shape}, metadata implies float64 {params.shape}"
+        )
+    return arr, params

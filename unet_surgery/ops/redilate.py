@@ -1,0 +1,362 @@
+"""Re-dilated convolution (ScaleCrafter): run a pretrained conv with its kernel spread out.
+
+A conv trained at resolution H sees features at the wrong scale at resolution f*H.  Dilating
+its kernel by f (and the padding with it) restores the receptive field it was trained with.
+For a fractional f the input is resized so that an integer dilation ceil(f) can be used.
+
+Two layers of API:
+
+* :func:`redilated_conv` -- a pure function, ``conv`` + input + factor -> output;
+* :func:`redilate_` / :func:`restore_` -- an in-place *class swap* of an existing
+  ``nn.Conv2d``/``nn.Conv3d``: the module keeps its parameters (no copies, same state_dict
+  keys) and reads its :class:`ConvSetting` from a *factor source* on every forward, so a
+  schedule can change the factor from one UNet call to the next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unet_surgery.errors import TransformError
+
+__all__ = [
+    "ConvSetting",
+    "FactorSource",
+    "RedilatedConv2d",
+    "RedilatedConv3d",
+    "current_setting",
+    "is_redilated",
+    "redilate_",
+    "redilated_conv",
+    "restore_",
+]
+
+_ConvNd: TypeAlias = nn.Conv2d | nn.Conv3d
+
+
+@dataclass(frozen=True)
+class ConvSetting:
+    """What a re-dilated conv does on one forward.
+
+    ``factor`` is the dilation factor for the conv's own kernel (1 = the plain conv).
+    ``use_dispersed`` switches to the dispersed (e.g. 5x5) kernel attached by
+    :func:`redilate_`; that kernel already covers ``scale`` times the area, so it runs with
+    ``factor * dispersed_factor_scale`` (ScaleCrafter: f/2).
+    """
+
+    factor: float = 1.0
+    use_dispersed: bool = False
+
+    def __post_init__(self) -> None:
+        _check_factor(self.factor)
+
+
+FactorSource: TypeAlias = float | ConvSetting | Callable[[], "float | ConvSetting"]
+"""A constant factor/setting, or a zero-argument callable read on every forward."""
+
+
+def _check_factor(factor: object) -> float:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise TransformError(f"dilation factor must be a number, got {factor!r}")
+    value = float(factor)
+    if not math.isfinite(value) or value <= 0:
+        raise TransformError(f"dilation factor must be a finite number > 0, got {factor!r}")
+    return value
+
+
+OFF = ConvSetting(1.0, False)
+"""The plain conv."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional form
+# ---------------------------------------------------------------------------------------------
+
+
+def _numeric_padding(conv: _ConvNd) -> tuple[int, ...]:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0,) * len(conv.kernel_size)
+        # 'same' (stride 1 only, enforced by torch): symmetric only for odd effective kernels.
+        pads = []
+        for k, dil in zip(conv.kernel_size, conv.dilation, strict=True):
+            total = dil * (k - 1)
+            if total % 2:
+                raise TransformError(
+                    f"cannot re-dilate a padding='same' conv with even kernel {conv.kernel_size}"
+                )
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(conv.padding)
+
+
+_RESIZE_UPCAST: set[tuple[str, torch.dtype]] = set()
+
+
+def _bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (align_corners=False) of a 4-D tensor.
+
+    Half-precision bilinear is implemented on CPU in current torch; where a backend lacks it
+    we resize in float32 and cast back (remembered per device type and dtype).
+    """
+    key = (x.device.type, x.dtype)
+    if key not in _RESIZE_UPCAST:
+        try:
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        except (RuntimeError, NotImplementedError):
+            if x.dtype not in (torch.float16, torch.bfloat16):
+                raise
+            _RESIZE_UPCAST.add(key)
+    out = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+    return out.to(x.dtype)
+
+
+def _resize_frames(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize the last two dims; a 5-D (N, C, T, H, W) tensor is resized frame by frame."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.ndim == 4:
+        return _bilinear(x, size)
+    n, c, t, h, w = x.shape
+    frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+    frames = _bilinear(frames, size)
+    return frames.reshape(n, t, c, *size).permute(0, 2, 1, 3, 4)
+
+
+def _dilated_forward(
+    conv: _ConvNd, x: Tensor, d: int, weight: Tensor, bias: Tensor | None
+) -> Tensor:
+    """Run ``conv``'s op with spatial dilation and padding multiplied by ``d``.
+
+    The padding is ``d * (p + dil * (K - k) // 2)`` per spatial dim, with ``p``/``dil``/``k``
+    the conv's own padding, dilation and kernel size and ``K`` the kernel actually used, so a
+    larger (dispersed) kernel keeps the output size of the original conv.
+    """
+    spatial = len(conv.kernel_size) - 2  # 0 for Conv2d, 1 for Conv3d (leading temporal dim)
+    pads = list(_numeric_padding(conv))
+    dils = list(conv.dilation)
+    for i in range(spatial, len(pads)):
+        big, small = weight.shape[2 + i], conv.kernel_size[i]
+        if (big - small) % 2:
+            raise TransformError(
+                f"override kernel {tuple(weight.shape[2:])} and conv kernel {conv.kernel_size} "
+                "differ by an odd size; the extra taps cannot be centred"
+            )
+        pads[i] = d * (pads[i] + conv.dilation[i] * (big - small) // 2)
+        dils[i] = d * conv.dilation[i]
+    op = F.conv2d if x.ndim == 4 else F.conv3d
+    if conv.padding_mode != "zeros":
+        pad_arg: list[int] = []
+        for p in reversed(pads):
+            pad_arg += [p, p]
+        mode = conv.padding_mode
+        x = F.pad(x, pad_arg, mode=mode)
+        return op(x, weight, bias, conv.stride, 0, tuple(dils), conv.groups)
+    return op(x, weight, bias, conv.stride, tuple(pads), tuple(dils), conv.groups)
+
+
+def redilated_conv(
+    conv: _ConvNd,
+    x: Tensor,
+    factor: float,
+    *,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Apply ``conv`` to ``x`` with its spatial kernel re-dilated by ``factor``.
+
+    * factor 1 without overrides: exactly ``conv``'s own forward (bit-identical, no extra work);
+    * integer d: dilation and padding times d;
+    * fractional f (reference): d = ceil(f); resize ``x`` bilinearly to round(H*d/f) x
+      round(W*d/f), run the d-dilated conv, resize the result to (int(H/sh), int(W/sw)).
+
+    ``weight`` replaces the kernel (e.g. a dispersed 5x5 for a 3x3 conv) while keeping the
+    conv's stride, groups and padding rule; ``bias=None`` means the conv's own bias.  For an
+    ``nn.Conv3d`` only the two spatial dims are re-dilated and the resizes act per frame.
+    """
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        raise TransformError(
+            f"re-dilation needs an nn.Conv2d or nn.Conv3d, got {type(conv).__name__}"
+        )
+    f = _check_factor(factor)
+    if f == 1.0 and weight is None and bias is None:
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    if conv.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise TransformError(f"unsupported padding_mode {conv.padding_mode!r}")
+    w = conv.weight if weight is None else weight
+    b = conv.bias if bias is None else bias
+    if w.ndim != conv.weight.ndim or w.shape[:-2] != conv.weight.shape[:-2]:
+        raise TransformError(
+            f"override weight {tuple(w.shape)} must match the conv's {tuple(conv.weight.shape)} "
+            "in every dim but the last two"
+        )
+    if x.ndim != conv.weight.ndim:
+        raise TransformError(
+            f"{type(conv).__name__} expects a {conv.weight.ndim}-D batched input, got {x.ndim}-D"
+        )
+    d = math.ceil(f)
+    if d == f:
+        return _dilated_forward(conv, x, d, w, b)
+    h, wd = x.shape[-2:]
+    ratio = d / f
+    inner = _resize_frames(x, (round(h * ratio), round(wd * ratio)))
+    out = _dilated_forward(conv, inner, d, w, b)
+    sh, sw = conv.stride[-2:]
+    return _resize_frames(out, (int(h / sh), int(wd / sw)))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place class swap
+# ---------------------------------------------------------------------------------------------
+
+_SOURCE = "_redilate_source"
+_SCALE = "_redilate_dispersed_scale"
+_DISPERSED = "_redilate_dispersed_weight"  # a non-persistent buffer: moves with .to(), not saved
+
+
+def current_setting(conv: nn.Module) -> ConvSetting:
+    """The setting a re-dilated conv would use on its next forward (OFF for a plain conv)."""
+    if not is_redilated(conv):
+        return OFF
+    return _resolve(getattr(conv, _SOURCE))
+
+
+def _resolve(source: FactorSource) -> ConvSetting:
+    value = source() if callable(source) else source
+    if isinstance(value, ConvSetting):
+        return value
+    return ConvSetting(_check_factor(value))
+
+
+class _RedilatedMixin:
+    """Forward of a class-swapped conv; ``_redilate_base`` names the class to restore."""
+
+    _redilate_base: type[nn.Module]
+
+    def forward(self, input: Tensor) -> Tensor:
+        conv: Any = self
+        setting = _resolve(getattr(conv, _SOURCE))
+        if setting.use_dispersed:
+            weight = conv._buffers.get(_DISPERSED)
+            if weight is None:
+                raise TransformError(
+                    "factor source asked for the dispersed kernel but redilate_ was given none"
+                )
+            factor = setting.factor * getattr(conv, _SCALE)
+            return redilated_conv(conv, input, factor, weight=weight)
+        if setting.factor == 1.0:
+            return conv._conv_forward(input, conv.weight, conv.bias)
+        return redilated_conv(conv, input, setting.factor)
+
+
+class RedilatedConv2d(_RedilatedMixin, nn.Conv2d):
+    """An ``nn.Conv2d`` swapped in place by :func:`redilate_`; never constructed directly."""
+
+    _redilate_base = nn.Conv2d
+
+
+class RedilatedConv3d(_RedilatedMixin, nn.Conv3d):
+    """An ``nn.Conv3d`` swapped in place by :func:`redilate_` (spatial dims only)."""
+
+    _redilate_base = nn.Conv3d
+
+
+_SWAP_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: RedilatedConv2d,
+    nn.Conv3d: RedilatedConv3d,
+}
+
+
+def _swap_class_for(cls: type[nn.Module]) -> type[nn.Module]:
+    """The re-dilated counterpart of ``cls``, made once per subclass that keeps conv's forward."""
+    if cls in _SWAP_CLASSES:
+        return _SWAP_CLASSES[cls]
+    base = nn.Conv3d if issubclass(cls, nn.Conv3d) else nn.Conv2d
+    if cls.forward is not base.forward:
+        raise TransformError(
+            f"{cls.__name__} overrides forward(); re-dilating it would drop that behaviour"
+        )
+    mixin = RedilatedConv3d if base is nn.Conv3d else RedilatedConv2d
+    swapped = type(f"Redilated{cls.__name__}", (mixin, cls), {"_redilate_base": cls})
+    _SWAP_CLASSES[cls] = swapped
+    return swapped
+
+
+def is_redilated(conv: nn.Module) -> bool:
+    """Whether ``conv`` is currently class-swapped by :func:`redilate_`."""
+    return isinstance(conv, _RedilatedMixin)
+
+
+def redilate_(
+    conv: _ConvNd,
+    factor: FactorSource,
+    *,
+    dispersed_weight: Tensor | None = None,
+    dispersed_factor_scale: float = 0.5,
+    replace: bool = False,
+) -> _ConvNd:
+    """Swap ``conv``'s class in place so that it re-dilates by the factor ``factor`` yields.
+
+    ``factor`` is a number, a :class:`ConvSetting` or a zero-argument callable returning
+    either; it is read on every forward.  ``dispersed_weight`` (e.g. ``disperse_kernel(w3, R)``)
+    is attached as a non-persistent buffer -- it follows ``.to()`` but never enters the
+    state_dict -- and is used while the setting says ``use_dispersed``, with the factor
+    multiplied by ``dispersed_factor_scale`` (1/scale of the transform; ScaleCrafter: f/2).
+
+    Re-dilating an already re-dilated conv raises :class:`TransformError` unless
+    ``replace=True``, which updates the source (and dispersed kernel) in place.  Returns
+    ``conv`` itself.
+    """
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        raise TransformError(
+            f"re-dilation needs an nn.Conv2d or nn.Conv3d, got {type(conv).__name__}"
+        )
+    if not (callable(factor) or isinstance(factor, ConvSetting)):
+        _check_factor(factor)
+    _check_factor(dispersed_factor_scale)
+    if dispersed_weight is not None:
+        expected = conv.weight.shape[:-2]
+        if dispersed_weight.ndim != conv.weight.ndim or dispersed_weight.shape[:-2] != expected:
+            raise TransformError(
+                f"dispersed weight {tuple(dispersed_weight.shape)} does not fit conv weight "
+                f"{tuple(conv.weight.shape)}"
+            )
+    if is_redilated(conv):
+        if not replace:
+            raise TransformError(
+                "conv is already re-dilated; call restore_ first or pass replace=True"
+            )
+        _strip(conv)
+        swapped: type[nn.Module] = type(conv)
+    else:
+        swapped = _swap_class_for(type(conv))
+    conv.__class__ = swapped
+    object.__setattr__(conv, _SOURCE, factor)
+    object.__setattr__(conv, _SCALE, float(dispersed_factor_scale))
+    if dispersed_weight is not None:
+        conv.register_buffer(_DISPERSED, dispersed_weight.detach(), persistent=False)
+    return conv
+
+
+def _strip(conv: nn.Module) -> None:
+    """Delete every attribute :func:`redilate_` added."""
+    for name in (_SOURCE, _SCALE):
+        conv.__dict__.pop(name, None)
+    if _DISPERSED in conv._buffers:
+        delattr(conv, _DISPERSED)
+
+
+def restore_(conv: nn.Module) -> nn.Module:
+    """Undo :func:`redilate_`: original class back, added attributes gone.  Returns ``conv``."""
+    if not is_redilated(conv):
+        raise TransformError(f"{type(conv).__name__} is not re-dilated; nothing to restore")
+    _strip(conv)
+    conv.__class__ = type(conv)._redilate_base  # type: ignore[attr-defined]
+    return conv
