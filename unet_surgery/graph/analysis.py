@@ -13,6 +13,7 @@ Everything is derived from dataflow and shapes, never from layer names, so diffu
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import replace
 from collections.abc import Iterable
 from typing import Any
@@ -153,6 +154,31 @@ class _GraphFacts:
         return False
 
 
+_ALIASES = {
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.clone.default,
+    aten.contiguous.default,
+}
+
+
+def _unalias(node: fx.Node) -> fx.Node:
+    """Skip same-shape no-op nodes (``x.float()`` on fp32 and the like) to the real producer.
+
+    Tracing re-binds a tensor to the last op that returned it, so a skip saved before such an
+    op appears to come from the consumer's module.
+    """
+    while node.op == "call_function" and node.target in _ALIASES:
+        parent = node.args[0]
+        if not isinstance(parent, fx.Node) or _shape(parent) != _shape(node):
+            break
+        node = parent
+    return node
+
+
 def _projection_source(node: fx.Node, limit: int = 64) -> fx.Node | None:
     """Walk back from an attention operand to the tensor its q/k/v projection was applied to."""
     current = node
@@ -186,8 +212,19 @@ def _score_operands(core: fx.Node) -> tuple[fx.Node, fx.Node] | None:
             else:
                 q, k = current.args[0], current.args[1]
             return q, k  # type: ignore[return-value]
+        if current.target is operator.getitem:
+            current = current.args[0]
+            continue
+        operands = [a for a in current.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+        if _is_higher_order(current) and len(operands) == 2:
+            # q @ k^T inside a wrapped region (e.g. LDM's autocast-disabled block).
+            return operands[0], operands[1]
         current = current.args[0]
     return None
+
+
+def _is_higher_order(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.HigherOrderOperator)
 
 
 def _attention_cores(nodes: Iterable[fx.Node]) -> list[fx.Node]:
@@ -316,7 +353,7 @@ def analyse_graph(captured: CapturedGraph, model: nn.Module, spec: ProbeSpec) ->
             continue
         if dim not in (1, 1 - len(shapes[0])):  # type: ignore[arg-type]
             continue
-        a, b = tensors
+        a, b = (_unalias(t) for t in tensors)
         if facts.is_ancestor(a, b):
             skip, hidden, skip_first = a, b, True
         elif facts.is_ancestor(b, a):

@@ -36,8 +36,9 @@ class CapturedGraph:
 
 
 def _largest_multiple(size: int) -> int:
+    # The free symbol's example value must be >= 2: export specialises sizes 0 and 1.
     m = SPATIAL_MULTIPLE
-    while m > 1 and size % m:
+    while m > 1 and (size % m or size // m < 2):
         m //= 2
     return m
 
