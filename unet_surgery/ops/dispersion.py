@@ -149,9 +149,12 @@ def _linear_system(params: TransformParams) -> tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=64)
 def _solve(params: TransformParams) -> np.ndarray:
     lhs, rhs = _linear_system(params)
-    # Minimum-norm least squares: identical to the normal equations when A has full column
-    # rank (every published setting); well defined when outer taps never meet the input.
-    solution, _, _, _ = scipy.linalg.lstsq(lhs, rhs, lapack_driver="gelsd")
+    # Minimum-norm least squares by SVD: identical to the normal equations when A has full
+    # column rank (every published setting), and still the optimum when it does not (outer
+    # taps of a kernel wider than the upsampled input never meet it and get 0).  The SVD
+    # driver matters: scipy's default 'gelsd' returned a non-stationary point on
+    # rank-deficient systems such as (3, 7, 2, 2, 0.3); 'gelss' does not.
+    solution, _, _, _ = scipy.linalg.lstsq(lhs, rhs, lapack_driver="gelss")
     solution = np.ascontiguousarray(solution, dtype=np.float64)
     solution.setflags(write=False)
     return solution
