@@ -1,0 +1,35 @@
+"""``unet-surgery inspect MODEL``: print the UNet map of a preset, folder or checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from unet_surgery.graph import map_unet
+from unet_surgery.loading import describe, resolve_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="print the layer map of a UNet",
+        description="Map a UNet (preset name, diffusers UNet or pipeline folder, or a single-file "
+        "checkpoint) and print its levels, stages, attention roles and skip connections.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="preset name (see --list), folder or checkpoint file")
+    parser.add_argument("--json", action="store_true", help="print the full map as JSON")
+    parser.add_argument("--layers", action="store_true", help="list every conv and attention op")
+    parser.add_argument("--method", choices=("auto", "export", "probe"), default="auto",
+                        help="how to capture the model (default: export, falling back to hooks)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    resolved = resolve_model(args.model, device="meta")
+    unet_map = map_unet(resolved.model, method=args.method)
+    if args.json:
+        print(json.dumps({"source": describe(resolved), **unet_map.to_dict()}, indent=2))
+    else:
+        print(f"source: {resolved.description}")
+        print(unet_map.table(layers=args.layers))
+    return 0
