@@ -1,0 +1,592 @@
+"""Architecture presets: the real UNet configs as data, buildable without weights.
+
+Mapping and patching code needs the exact module tree of the published UNets, but nobody
+can download multi-gigabyte checkpoints in a test. So each preset ships the hub's
+``config.json`` (under ``unet_surgery/architectures/``) and can be built
+
+* full-size on the ``meta`` device: the true module tree and parameter shapes, no memory;
+* tiny with real random weights: same levels, block types, ``layers_per_block`` and attention
+  layout, small widths; fast enough for numerical tests on a CPU.
+
+Random weights alone are a trap: both UNet families zero-initialise output layers (LDM
+``out.2``, resblock ``out_layers.3``, transformer ``proj_out``; diffusers temporal convs and
+motion-module ``proj_out``), which makes whole branches vanish and comparisons pass
+trivially. :func:`randomize_zero_init_` undoes that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from unet_surgery.errors import PresetError
+
+PRESETS: tuple[str, ...] = (
+    "sd15",
+    "sd21",
+    "sdxl",
+    "animatediff",
+    "modelscope_t2v",
+    "svd",
+    "ldm_sd15",
+    "ldm_sd21",
+)
+SIZES: tuple[str, ...] = ("full", "tiny")
+
+_DIFFUSERS_HINT = "install the diffusers extra: pip install 'unet-surgery[diffusers]'"
+_LDM_HINT = "pip install --no-deps stable-diffusion-sdkit einops omegaconf (and pillow)"
+_LDM_CLASS = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+
+# Frames a tiny video example uses by default: odd and > 1 so batch/frame mix-ups show.
+_TINY_FRAMES = 3
+# Pixel size of tiny examples: 8x8 latents suit every preset's down-sampling depth; SVD
+# stays landscape so height/width swaps fail loudly.
+_TINY_RESOLUTION: dict[str, tuple[int, int]] = {"svd": (64, 128)}
+_TINY_DEFAULT_RESOLUTION = (64, 64)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a preset is, beyond its config: how to feed it and what it should count.
+
+    ``in_channels`` is what the UNet's ``conv_in`` takes (8 for SVD: noisy latents plus the
+    conditioning image latents), ``latent_channels`` what the VAE produces and the UNet
+    predicts.
+    """
+
+    name: str
+    family: str  # "diffusers" or "ldm"
+    model_class: str
+    description: str
+    source: str  # Hugging Face repo (and subfolder) the config comes from
+    config_file: str
+    base_height: int
+    base_width: int
+    vae_scale_factor: int
+    is_video: bool
+    num_frames: int | None
+    latent_channels: int
+    in_channels: int
+    out_channels: int
+    cross_attention_dim: int
+    levels: int
+    full_param_count: int
+    adapter_config_file: str | None = None
+
+    @property
+    def base_resolution(self) -> tuple[int, int]:
+        """(height, width) in pixels the model was trained at."""
+        return (self.base_height, self.base_width)
+
+    @property
+    def base_latent_size(self) -> tuple[int, int]:
+        """(height, width) of the latents at the base resolution."""
+        return (self.base_height // self.vae_scale_factor, self.base_width // self.vae_scale_factor)
+
+
+# Everything that is not in config.json. Parameter counts were computed by building each
+# config with the installed diffusers / sdkit and match the published checkpoints
+# (SD1.5 859,520,964; SD2.1 865,910,724; SDXL 2,567,463,684; see docs/presets.md).
+_META: dict[str, dict[str, Any]] = {
+    "sd15": dict(
+        family="diffusers",
+        model_class="UNet2DConditionModel",
+        description="Stable Diffusion 1.5 UNet (CLIP ViT-L/14 text, 768-d context).",
+        source="runwayml/stable-diffusion-v1-5 (unet/config.json)",
+        config_file="sd15.json",
+        base_height=512,
+        base_width=512,
+        num_frames=None,
+        full_param_count=859_520_964,
+    ),
+    "sd21": dict(
+        family="diffusers",
+        model_class="UNet2DConditionModel",
+        description="Stable Diffusion 2.1 base 512 UNet (OpenCLIP ViT-H, linear projections).",
+        source="stabilityai/stable-diffusion-2-1-base (unet/config.json)",
+        config_file="sd21.json",
+        base_height=512,
+        base_width=512,
+        num_frames=None,
+        full_param_count=865_910_724,
+    ),
+    "sdxl": dict(
+        family="diffusers",
+        model_class="UNet2DConditionModel",
+        description="SDXL base 1.0 UNet (3 levels, 2048-d context, text_time added conditioning).",
+        source="stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json)",
+        config_file="sdxl.json",
+        base_height=1024,
+        base_width=1024,
+        num_frames=None,
+        full_param_count=2_567_463_684,
+    ),
+    "animatediff": dict(
+        family="diffusers",
+        model_class="UNetMotionModel",
+        description="AnimateDiff: SD1.5 UNet + motion adapter v1-5-2 via UNetMotionModel.from_unet2d.",
+        source="runwayml/stable-diffusion-v1-5 (unet) + guoyww/animatediff-motion-adapter-v1-5-2",
+        config_file="sd15.json",
+        adapter_config_file="animatediff_motion_adapter.json",
+        base_height=512,
+        base_width=512,
+        num_frames=16,
+        full_param_count=1_312_730_244,
+    ),
+    "modelscope_t2v": dict(
+        family="diffusers",
+        model_class="UNet3DConditionModel",
+        description="ModelScope text-to-video 1.7B UNet3DConditionModel (trained at 256x256).",
+        source="damo-vilab/text-to-video-ms-1.7b (unet/config.json)",
+        config_file="modelscope_t2v.json",
+        base_height=256,
+        base_width=256,
+        num_frames=16,
+        full_param_count=1_411_233_860,
+    ),
+    "svd": dict(
+        family="diffusers",
+        model_class="UNetSpatioTemporalConditionModel",
+        description="Stable Video Diffusion img2vid UNet (8 input channels, image conditioning).",
+        source="stabilityai/stable-video-diffusion-img2vid (unet/config.json; -xt differs "
+        "only in num_frames=25)",
+        config_file="svd.json",
+        base_height=576,
+        base_width=1024,
+        num_frames=14,
+        full_param_count=1_524_623_082,
+    ),
+    "ldm_sd15": dict(
+        family="ldm",
+        model_class="UNetModel",
+        description="Original CompVis LDM UNetModel with SD1.5's architecture (v1-inference.yaml).",
+        source="CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml",
+        config_file="ldm_sd15.json",
+        base_height=512,
+        base_width=512,
+        num_frames=None,
+        full_param_count=859_520_964,
+    ),
+    "ldm_sd21": dict(
+        family="ldm",
+        model_class="UNetModel",
+        description="Original LDM UNetModel with SD2.1-base's architecture (v2-inference.yaml).",
+        source="Stability-AI/stablediffusion configs/stable-diffusion/v2-inference.yaml",
+        config_file="ldm_sd21.json",
+        base_height=512,
+        base_width=512,
+        num_frames=None,
+        full_param_count=865_910_724,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- lookup
+
+
+def list_presets() -> list[str]:
+    """Names accepted by :func:`build_unet` and friends, in a stable order."""
+    return list(PRESETS)
+
+
+def _closest(key: str) -> str | None:
+    """Best difflib match; ties (sd16 is as close to sd21 as to sd15) go to the longer prefix."""
+    candidates = difflib.get_close_matches(key, PRESETS, n=len(PRESETS), cutoff=0.4)
+    if not candidates:
+        return None
+
+    def score(candidate: str) -> tuple[float, int]:
+        ratio = difflib.SequenceMatcher(None, key, candidate).ratio()
+        prefix = next(
+            (i for i, (a, b) in enumerate(zip(key, candidate, strict=False)) if a != b),
+            min(len(key), len(candidate)),
+        )
+        return (ratio, prefix)
+
+    return max(candidates, key=score)
+
+
+def _check_name(name: str) -> str:
+    """Return the canonical name or raise a PresetError that helps fix the typo."""
+    if not isinstance(name, str):
+        raise PresetError(f"preset name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key in _META:
+        return key
+    close = _closest(key)
+    hint = f" Did you mean {close!r}?" if close else ""
+    raise PresetError(f"unknown preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}")
+
+
+def _check_size(size: str) -> str:
+    if size not in SIZES:
+        raise PresetError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    return size
+
+
+@cache
+def _read_json(filename: str) -> dict[str, Any]:
+    """Read one packaged architecture file (cached; callers get deep copies)."""
+    try:
+        text = resources.files("unet_surgery.architectures").joinpath(filename).read_text("utf-8")
+        data = json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PresetError(f"cannot read architecture file {filename!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PresetError(f"architecture file {filename!r} must hold a JSON object")
+    return data
+
+
+def _tiny_overrides(key: str) -> dict[str, Any]:
+    table = _read_json("tiny.json")
+    if key not in table:
+        raise PresetError(f"tiny.json has no entry for {key!r}")
+    return copy.deepcopy(table[key])
+
+
+def preset_config(name: str, *, size: str = "full") -> dict[str, Any]:
+    """The stored config of a preset (a deep copy, safe to edit).
+
+    Diffusers presets give the hub's ``config.json`` dict; ``animatediff`` gives
+    ``{"unet": ..., "motion_adapter": ...}`` because it is built from two configs; LDM presets
+    give ``{"target": ..., "params": ...}`` like the original YAML. ``size="tiny"`` applies the
+    tiny overrides from ``tiny.json``.
+    """
+    key = _check_name(name)
+    _check_size(size)
+    meta = _META[key]
+    cfg = copy.deepcopy(_read_json(meta["config_file"]))
+    if meta["family"] == "ldm":
+        if size == "tiny":
+            cfg["params"].update(_tiny_overrides(key))
+        return cfg
+    if size == "tiny":
+        cfg.update(_tiny_overrides(key))
+    if meta.get("adapter_config_file") is None:
+        return cfg
+    adapter = copy.deepcopy(_read_json(meta["adapter_config_file"]))
+    if size == "tiny":
+        adapter.update(_tiny_overrides("animatediff_motion_adapter"))
+    return {"unet": cfg, "motion_adapter": adapter}
+
+
+@cache
+def get_preset(name: str) -> Preset:
+    """The :class:`Preset` record of ``name``, with shape facts read from its config."""
+    key = _check_name(name)
+    meta = dict(_META[key])
+    cfg = preset_config(key)
+    if meta["family"] == "ldm":
+        params = cfg["params"]
+        derived = dict(
+            in_channels=params["in_channels"],
+            out_channels=params["out_channels"],
+            cross_attention_dim=params["context_dim"],
+            levels=len(params["channel_mult"]),
+        )
+    else:
+        unet_cfg = cfg.get("unet", cfg)
+        derived = dict(
+            in_channels=unet_cfg["in_channels"],
+            out_channels=unet_cfg["out_channels"],
+            cross_attention_dim=unet_cfg["cross_attention_dim"],
+            levels=len(unet_cfg["block_out_channels"]),
+        )
+    return Preset(
+        name=key,
+        vae_scale_factor=8,
+        is_video=meta["num_frames"] is not None,
+        latent_channels=derived["out_channels"],
+        **derived,
+        **meta,
+    )
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _import_diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise PresetError(
+            f"diffusers presets need the diffusers package; {_DIFFUSERS_HINT}"
+        ) from exc
+    return diffusers
+
+
+def _import_ldm_unet() -> type[nn.Module]:
+    try:
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise PresetError(
+            f"LDM presets need the original CompVis ldm package (missing: {missing}); {_LDM_HINT}"
+        ) from exc
+    return UNetModel
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warnings (e.g. from_unet2d's dtype cast notice) during a build."""
+    try:
+        from diffusers.utils import logging as dlogging
+    except ImportError:
+        yield
+        return
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def _strip_private(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _construct(key: str, size: str) -> nn.Module:
+    """Instantiate the preset's module on whatever device/RNG context is active."""
+    meta = _META[key]
+    cfg = preset_config(key, size=size)
+    if meta["family"] == "ldm":
+        if cfg.get("target") != _LDM_CLASS:
+            raise PresetError(f"{meta['config_file']}: unsupported target {cfg.get('target')!r}")
+        return _import_ldm_unet()(**cfg["params"])
+    diffusers = _import_diffusers()
+    with _quiet_diffusers():
+        if key == "animatediff":
+            unet = diffusers.UNet2DConditionModel.from_config(_strip_private(cfg["unet"]))
+            adapter = diffusers.MotionAdapter.from_config(_strip_private(cfg["motion_adapter"]))
+            return diffusers.UNetMotionModel.from_unet2d(unet, adapter)
+        cls = getattr(diffusers, meta["model_class"])
+        return cls.from_config(_strip_private(cfg))
+
+
+def build_unet(
+    name: str,
+    *,
+    size: str = "full",
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> nn.Module:
+    """Build a preset's UNet.
+
+    On ``meta`` nothing is allocated (full SDXL builds in well under a second). On a real
+    device the model is initialised on the CPU under ``torch.manual_seed(seed)`` (the caller's
+    RNG state is left untouched), zero-initialised parameters are re-randomised, and only then
+    is it moved: so the same ``seed`` gives bit-identical weights on every device.
+    The model is tagged with ``unet_surgery_preset`` and ``unet_surgery_size`` so
+    :func:`example_inputs` can be handed the model itself.
+    """
+    key = _check_name(name)
+    _check_size(size)
+    target = torch.device(device)
+    is_ldm = _META[key]["family"] == "ldm"
+    if is_ldm and target.type != "meta" and dtype != torch.float32:
+        raise PresetError(
+            f"{key}: the LDM UNetModel only runs with float32 weights (its GroupNorm32 upcasts "
+            "activations and the timestep embedding is float32); build in float32 and use "
+            f"torch.autocast for reduced precision instead of dtype={dtype}"
+        )
+    if target.type == "meta":
+        with torch.device("meta"):
+            model = _construct(key, size)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device("cpu"):
+                model = _construct(key, size)
+        randomize_zero_init_(model, seed, include_constant=True)
+    with _quiet_diffusers():
+        model = model.to(device=target, dtype=dtype)
+    if is_ldm:
+        # UNetModel.forward casts activations to this attribute, fixed to fp32/fp16 at init.
+        model.dtype = dtype
+    model.eval()
+    model.unet_surgery_preset = key
+    model.unet_surgery_size = size
+    return model
+
+
+@torch.no_grad()
+def randomize_zero_init_(
+    model: nn.Module, seed: int = 0, *, std: float = 0.02, include_constant: bool = False
+) -> list[str]:
+    """Give every all-zero parameter small random values; return the names touched.
+
+    Zero-initialised output convs/projections make residual branches exact no-ops, so a
+    broken patch that skips or mangles them still "matches" the reference. Norm biases and
+    similar legitimately start at zero too; randomising them is intended (they are trained
+    away from zero in real checkpoints anyway). With ``include_constant`` parameters whose
+    elements are all equal but non-zero (norm weights of ones, SVD's scalar mix factors) get a
+    relative jitter of ``std`` so swapped norms are also caught. Deterministic in ``seed`` and
+    the parameter order; meta parameters are skipped.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed + 0x5EED)
+    touched: list[str] = []
+    for pname, param in model.named_parameters():
+        if param.device.type == "meta" or param.numel() == 0:
+            continue
+        flat = param.detach()
+        noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+        if not bool(flat.any()):
+            param.copy_((noise * std).to(param.dtype))
+            touched.append(pname)
+        elif include_constant and bool((flat == flat.reshape(-1)[0]).all()):
+            base = flat.float().cpu()
+            param.copy_((base + noise * std * base.abs()).to(param.dtype))
+            touched.append(pname)
+    return touched
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _resolve_target(target: str | Preset | nn.Module, size: str | None) -> tuple[Preset, str]:
+    """Accept a preset name, a Preset, or a model tagged by build_unet."""
+    if isinstance(target, nn.Module):
+        key = getattr(target, "unet_surgery_preset", None)
+        if key is None:
+            raise PresetError(
+                f"{type(target).__name__} was not built by build_unet; pass the preset name instead"
+            )
+        return get_preset(key), _check_size(size or getattr(target, "unet_surgery_size", "full"))
+    if isinstance(target, Preset):
+        return target, _check_size(size or "full")
+    return get_preset(target), _check_size(size or "full")
+
+
+def _randn(
+    shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    if device.type == "meta":
+        return torch.empty(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def example_inputs(
+    target: str | Preset | nn.Module,
+    *,
+    batch: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    size: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Keyword arguments for one forward call: ``model(**example_inputs(...))``.
+
+    ``height``/``width`` are pixels (default: the base resolution for full size, 64x64 for tiny
+    or 64x128 for tiny SVD); latents are 1/8 of that. Each video UNet wants its own layout:
+
+    * ``UNetMotionModel``: sample (B, C, F, h, w) and encoder_hidden_states already repeated
+      per frame, (B*F, tokens, dim) -- it does not repeat them itself;
+    * ``UNet3DConditionModel``: sample (B, C, F, h, w), encoder_hidden_states (B, tokens, dim);
+    * ``UNetSpatioTemporalConditionModel``: sample (B, F, C, h, w), encoder_hidden_states
+      (B, 1, dim) (one CLIP image embedding), added_time_ids (B, 3) = fps, motion bucket,
+      noise augmentation.
+
+    LDM ``UNetModel`` takes ``x``, ``timesteps`` and ``context``. On ``meta`` tensors are
+    empty; otherwise they are drawn from ``seed``.
+    """
+    preset, size = _resolve_target(target, size)
+    if batch < 1:
+        raise PresetError(f"batch must be >= 1, got {batch}")
+    cfg = preset_config(preset.name, size=size)
+    if size == "full":
+        default_hw = preset.base_resolution
+        default_frames = preset.num_frames
+    else:
+        default_hw = _TINY_RESOLUTION.get(preset.name, _TINY_DEFAULT_RESOLUTION)
+        default_frames = _TINY_FRAMES
+    h_px = default_hw[0] if height is None else height
+    w_px = default_hw[1] if width is None else width
+    vsf = preset.vae_scale_factor
+    if h_px <= 0 or w_px <= 0 or h_px % vsf or w_px % vsf:
+        raise PresetError(
+            f"height and width must be positive multiples of {vsf}, got {h_px}x{w_px}"
+        )
+    h, w = h_px // vsf, w_px // vsf
+    frames = default_frames if num_frames is None else num_frames
+    if preset.is_video and (frames is None or frames < 1):
+        raise PresetError(f"num_frames must be >= 1, got {frames}")
+
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    timestep = torch.full((batch,), 999, dtype=torch.long, device=dev)
+
+    if preset.family == "ldm":
+        params = cfg["params"]
+        return {
+            "x": _randn((batch, params["in_channels"], h, w), gen, dev, dtype),
+            "timesteps": timestep,
+            "context": _randn((batch, 77, params["context_dim"]), gen, dev, dtype),
+        }
+
+    unet_cfg = cfg.get("unet", cfg)
+    in_ch, ctx_dim = unet_cfg["in_channels"], unet_cfg["cross_attention_dim"]
+    name = preset.name
+    if name == "svd":
+        time_ids = torch.tensor([6.0, 127.0, 0.02]).repeat(batch, 1)
+        return {
+            "sample": _randn((batch, frames, in_ch, h, w), gen, dev, dtype),
+            "timestep": timestep,
+            "encoder_hidden_states": _randn((batch, 1, ctx_dim), gen, dev, dtype),
+            "added_time_ids": time_ids.to(device=dev, dtype=dtype),
+        }
+    if name == "modelscope_t2v":
+        return {
+            "sample": _randn((batch, in_ch, frames, h, w), gen, dev, dtype),
+            "timestep": timestep,
+            "encoder_hidden_states": _randn((batch, 77, ctx_dim), gen, dev, dtype),
+        }
+    if name == "animatediff":
+        return {
+            "sample": _randn((batch, in_ch, frames, h, w), gen, dev, dtype),
+            "timestep": timestep,
+            "encoder_hidden_states": _randn((batch * frames, 77, ctx_dim), gen, dev, dtype),
+        }
+    inputs: dict[str, Any] = {
+        "sample": _randn((batch, in_ch, h, w), gen, dev, dtype),
+        "timestep": timestep,
+        "encoder_hidden_states": _randn((batch, 77, ctx_dim), gen, dev, dtype),
+    }
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        n_ids = 6  # original size, crop top-left, target size
+        text_dim = (
+            unet_cfg["projection_class_embeddings_input_dim"]
+            - n_ids * unet_cfg["addition_time_embed_dim"]
+        )
+        time_ids = torch.tensor([h_px, w_px, 0, 0, h_px, w_px], dtype=torch.float32)
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": _randn((batch, text_dim), gen, dev, dtype),
+            "time_ids": time_ids.repeat(batch, 1).to(device=dev, dtype=dtype),
+        }
+    return inputs
+
+
+def expected_output_shape(
+    target: str | Preset | nn.Module, inputs: dict[str, Any]
+) -> tuple[int, ...]:
+    """Shape the UNet's prediction must have for ``inputs`` from :func:`example_inputs`."""
+    preset, _ = _resolve_target(target, None)
+    sample = inputs["x"] if preset.family == "ldm" else inputs["sample"]
+    shape = list(sample.shape)
+    channel_dim = 2 if preset.name == "svd" else 1
+    shape[channel_dim] = preset.out_channels
+    return tuple(shape)
