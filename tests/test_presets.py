@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import time
 
 import pytest
@@ -310,3 +311,12 @@ def test_preset_config_returns_copies() -> None:
     cfg["block_out_channels"].append(1)
     assert preset_config("sd15")["block_out_channels"] == [320, 640, 1280, 1280]
     assert preset_config("SD15")["_class_name"] == "UNet2DConditionModel"
+
+
+def test_missing_optional_packages_raise_preset_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(PresetError, match=r"unet-surgery\[diffusers\]"):
+        build_unet("sd15")
+    monkeypatch.setitem(sys.modules, "ldm.modules.diffusionmodules.openaimodel", None)
+    with pytest.raises(PresetError, match="--no-deps stable-diffusion-sdkit"):
+        build_unet("ldm_sd15")
