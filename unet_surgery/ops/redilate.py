@@ -16,6 +16,7 @@ Two layers of API:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -63,7 +64,7 @@ FactorSource: TypeAlias = float | ConvSetting | Callable[[], "float | ConvSettin
 
 
 def _check_factor(factor: object) -> float:
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
         raise TransformError(f"dilation factor must be a number, got {factor!r}")
     value = float(factor)
     if not math.isfinite(value) or value <= 0:

@@ -10,6 +10,7 @@ is stored in steps of ``steps`` and rescaled for another step count.  A factor o
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ class FactorSchedule:
     progressive: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)):
+        if isinstance(self.factor, bool) or not isinstance(self.factor, numbers.Real):
             raise TransformError(f"factor must be a number, got {self.factor!r}")
         if not math.isfinite(self.factor) or self.factor <= 0:
             raise TransformError(f"factor must be finite and > 0, got {self.factor}")
@@ -76,7 +77,7 @@ class FactorSchedule:
             raise TransformError(f"steps must be a positive integer, got {self.steps!r}")
         if self.tau is not None and (
             isinstance(self.tau, bool)
-            or not isinstance(self.tau, (int, float))
+            or not isinstance(self.tau, numbers.Real)
             or not math.isfinite(self.tau)
             or self.tau < 0
         ):
