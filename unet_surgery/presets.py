@@ -280,10 +280,13 @@ def preset_config(name: str, *, size: str = "full") -> dict[str, Any]:
     return {"unet": cfg, "motion_adapter": adapter}
 
 
-@cache
 def get_preset(name: str) -> Preset:
     """The :class:`Preset` record of ``name``, with shape facts read from its config."""
-    key = _check_name(name)
+    return _get_preset(_check_name(name))
+
+
+@cache
+def _get_preset(key: str) -> Preset:
     meta = dict(_META[key])
     cfg = preset_config(key)
     if meta["family"] == "ldm":
