@@ -88,8 +88,10 @@ def _check_jitter(jitter: object) -> float:
     if isinstance(jitter, bool) or not isinstance(jitter, numbers.Real):
         raise TransformError(f"jitter must be a number, got {jitter!r}")
     value = float(jitter)
-    if not (0.0 <= value < 0.5):
-        raise TransformError(f"jitter must be a window fraction in [0, 0.5), got {jitter!r}")
+    # Up to 1/4, neighbouring windows (half a window apart) can never pull apart far enough to
+    # leave a token uncovered: stride + 2 * reach <= window.
+    if not (0.0 <= value <= 0.25):
+        raise TransformError(f"jitter must be a window fraction in [0, 0.25], got {jitter!r}")
     return value
 
 
