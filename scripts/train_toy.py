@@ -1,0 +1,174 @@
+"""Train the toy class-conditional pixel diffusion model shipped in ``unet_surgery/toy/weights``.
+
+Reproducible: one seed drives the initial weights, the data stream, the timesteps, the noise and
+the label dropout. Saves EMA weights only (fp32), atomically, plus ``toy_config.json`` holding
+everything ``load_toy`` and the metrics need. Periodic checkpoints go to the same files, so an
+interrupted run still leaves a loadable model.
+
+    python scripts/train_toy.py --steps 360            # ~30 min on 2 busy CPU cores
+    python scripts/train_toy.py --steps 20 --out /tmp/toy_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from unet_surgery.io import atomic_path, atomic_write_text
+from unet_surgery.toy.data import NUM_CLASSES, make_batch
+from unet_surgery.toy.metrics import DEFAULT_METRIC_PARAMS
+from unet_surgery.toy.model import (
+    CONFIG_NAME,
+    DEFAULT_UNET_CONFIG,
+    WEIGHTS_NAME,
+    build_toy,
+    default_scheduler_config,
+    make_ddpm_scheduler,
+    toy_metadata,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "unet_surgery" / "toy" / "weights"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=360)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor")
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--p-uncond", type=float, default=0.12, help="label dropout for CFG")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
+    )
+    p.add_argument(
+        "--max-minutes", type=float, default=None, help="stop early (and save) after this long"
+    )
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` (few steps: decay helps EMA)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    floor = args.min_lr_ratio
+    return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """EMA with the usual warm-up ``min(decay, (1+s)/(10+s))`` so early weights fade quickly."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(pm, 1 - d)
+
+
+def save(ema: torch.nn.Module, out: Path, config: dict) -> None:
+    """Write EMA weights and config atomically (temp file + os.replace)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in ema.state_dict().items()}
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "dtype": "float32", "ema": "true"})
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        os.chmod(out / name, 0o644)  # mkstemp creates 0600; these are package data
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_toy(DEFAULT_UNET_CONFIG, NUM_CLASSES)
+    model.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    scheduler = make_ddpm_scheduler(default_scheduler_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    data_gen = torch.Generator().manual_seed(args.seed)
+    noise_gen = torch.Generator().manual_seed(args.seed + 1)
+    print(f"params {n_params / 1e6:.2f}M, steps {args.steps}, batch {args.batch_size}", flush=True)
+
+    config = {
+        "unet": DEFAULT_UNET_CONFIG,
+        "num_classes": NUM_CLASSES,
+        "empty_class": NUM_CLASSES,
+        **toy_metadata(),
+        "label": "shape",
+        "scheduler": default_scheduler_config(),
+        "metrics": DEFAULT_METRIC_PARAMS,
+        "num_parameters": n_params,
+        "training": {},
+    }
+
+    t0 = time.perf_counter()
+    smooth: float | None = None
+    for step in range(args.steps):
+        images, labels = make_batch(args.batch_size, data_gen)
+        b = images.shape[0]
+        drop = torch.rand(b, generator=noise_gen) < args.p_uncond
+        labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=noise_gen)
+        noise = torch.randn(images.shape, generator=noise_gen)
+        noisy = scheduler.add_noise(images, noise, t)
+
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = F.mse_loss(model(noisy, t, labels), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        ema_update(ema, model, step, args.ema_decay)
+
+        value = loss.item()
+        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            elapsed = time.perf_counter() - t0
+            print(
+                f"step {done:5d} loss {value:.4f} smooth {smooth:.4f} "
+                f"lr {lr_at(step, args):.2e} {elapsed / done:.2f}s/step elapsed {elapsed:.0f}s",
+                flush=True,
+            )
+        out_of_time = (
+            args.max_minutes is not None and time.perf_counter() - t0 > 60 * args.max_minutes
+        )
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
+            config["training"] = {
+                **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "out": None,
+                "steps_done": done,
+                "final_loss_smoothed": round(smooth, 5),
+                "wall_time_s": round(time.perf_counter() - t0, 1),
+                "ema_weights": True,
+                "command": "python scripts/train_toy.py " + " ".join(argv or []),
+            }
+            save(ema, args.out, config)
+        if out_of_time:
+            print(f"time budget reached after {done} steps", flush=True)
+            break
+    print(f"saved {args.out / WEIGHTS_NAME} after {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

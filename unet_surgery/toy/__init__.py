@@ -1,0 +1,49 @@
+"""A small class-conditional pixel diffusion model, trained here, to test UNet surgery on a CPU.
+
+No pretrained Stable Diffusion weights are available offline, so the project ships this model:
+32x32 RGB images of one filled shape, a three-level diffusers ``UNet2DConditionModel`` with
+cross-attention on a class token, DDIM sampling with classifier-free guidance, and an object-count
+metric that measures repetition when sampling above the training resolution.
+"""
+
+from unet_surgery.toy.data import COLOUR_NAMES, IMAGE_SIZE, NUM_CLASSES, SHAPES, make_batch
+from unet_surgery.toy.metrics import (
+    DEFAULT_METRIC_PARAMS,
+    ImageStats,
+    analyse_image,
+    analyse_images,
+    foreground_mask,
+    summarise,
+)
+from unet_surgery.toy.model import (
+    ToyDiffusion,
+    build_toy,
+    load_toy,
+    load_toy_config,
+    make_ddim_scheduler,
+    make_ddpm_scheduler,
+)
+from unet_surgery.toy.sampling import ddim_timesteps, initial_noise, sample
+
+__all__ = [
+    "COLOUR_NAMES",
+    "DEFAULT_METRIC_PARAMS",
+    "IMAGE_SIZE",
+    "NUM_CLASSES",
+    "SHAPES",
+    "ImageStats",
+    "ToyDiffusion",
+    "analyse_image",
+    "analyse_images",
+    "build_toy",
+    "ddim_timesteps",
+    "foreground_mask",
+    "initial_noise",
+    "load_toy",
+    "load_toy_config",
+    "make_batch",
+    "make_ddim_scheduler",
+    "make_ddpm_scheduler",
+    "sample",
+    "summarise",
+]

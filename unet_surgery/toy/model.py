@@ -1,0 +1,151 @@
+"""The toy class-conditional pixel-space diffusion model and its loader.
+
+It is a real diffusers ``UNet2DConditionModel`` (three levels, cross-attention in the two deeper
+ones) so that every UNet patch the project applies to Stable Diffusion can be applied, measured
+and tested on it on a CPU. Conditioning is a single learned token per class, fed through the
+UNet's cross-attention exactly like a one-token text prompt; the last class index is the "empty"
+prompt used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from unet_surgery.toy.data import COLOUR_NAMES, IMAGE_SIZE, SHAPES, SIZE_RANGE
+
+__all__ = [
+    "DEFAULT_UNET_CONFIG",
+    "ToyDiffusion",
+    "build_toy",
+    "default_scheduler_config",
+    "load_toy",
+    "load_toy_config",
+    "make_ddim_scheduler",
+    "make_ddpm_scheduler",
+]
+
+WEIGHTS_PACKAGE = "unet_surgery.toy.weights"
+WEIGHTS_NAME = "toy_unet.safetensors"
+CONFIG_NAME = "toy_config.json"
+
+DEFAULT_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 128],
+    "layers_per_block": 1,
+    "cross_attention_dim": 128,
+    "attention_head_dim": 4,
+    "norm_num_groups": 16,
+}
+"""UNet config; ``attention_head_dim`` is, as in SD 1.x configs, the number of heads."""
+
+
+def default_scheduler_config() -> dict[str, Any]:
+    """Noise schedule shared by training (DDPM) and sampling (DDIM).
+
+    The cosine schedule keeps enough signal at high ``t`` for 32x32 images, where SD's scaled-linear
+    schedule destroys small images too early and wastes most timesteps.
+    """
+    return {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
+
+
+class ToyDiffusion(nn.Module):
+    """A UNet plus a learned class-token table (``num_classes + 1`` rows; the last is "empty")."""
+
+    def __init__(self, unet_config: dict[str, Any], num_classes: int) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.num_classes = num_classes
+        self.scheduler_config = default_scheduler_config()
+        self.config: dict[str, Any] = {}
+        self.unet = UNet2DConditionModel(**unet_config)
+        self.class_embedding = nn.Embedding(num_classes + 1, unet_config["cross_attention_dim"])
+        nn.init.normal_(self.class_embedding.weight, std=1.0)
+
+    @property
+    def empty_class(self) -> int:
+        """Index of the unconditional ("empty prompt") token used for classifier-free guidance."""
+        return self.num_classes
+
+    def encode(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class labels ``(B,)`` -> encoder hidden states ``(B, 1, D)`` for cross-attention."""
+        return self.class_embedding(labels.to(self.class_embedding.weight.device)).unsqueeze(1)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Predicted noise for ``sample`` at ``timestep`` given class ``labels``."""
+        return self.unet(sample, timestep, encoder_hidden_states=self.encode(labels)).sample
+
+
+def build_toy(
+    unet_config: dict[str, Any] | None = None, num_classes: int = len(SHAPES)
+) -> ToyDiffusion:
+    """Fresh, randomly initialised toy model (use ``torch.manual_seed`` first for reproducibility)."""
+    return ToyDiffusion(dict(unet_config or DEFAULT_UNET_CONFIG), num_classes)
+
+
+def make_ddpm_scheduler(config: dict[str, Any] | None = None):
+    """Training scheduler (adds noise at integer timesteps)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**(config or default_scheduler_config()))
+
+
+def make_ddim_scheduler(config: dict[str, Any] | None = None):
+    """Deterministic DDIM sampler over the training schedule.
+
+    "trailing" spacing starts at t = 999 (pure noise, as in training) and the last step lands on
+    alpha = 1, so a few steps still begin from noise and end on a clean image.
+    """
+    from diffusers import DDIMScheduler
+
+    cfg = dict(config or default_scheduler_config())
+    return DDIMScheduler(**cfg, set_alpha_to_one=True, timestep_spacing="trailing")
+
+
+def load_toy_config() -> dict[str, Any]:
+    """The shipped ``toy_config.json`` (UNet config, classes, schedule, training and metric params)."""
+    text = resources.files(WEIGHTS_PACKAGE).joinpath(CONFIG_NAME).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def load_toy(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ToyDiffusion:
+    """The shipped, trained toy model in ``eval()`` mode; reads package files only, no network."""
+    from safetensors.torch import load
+
+    config = load_toy_config()
+    with torch.device("meta"):
+        toy = ToyDiffusion(config["unet"], config["num_classes"])
+    blob = resources.files(WEIGHTS_PACKAGE).joinpath(WEIGHTS_NAME).read_bytes()
+    state = {k: v.to(torch.float32) for k, v in load(blob).items()}
+    toy.load_state_dict(state, strict=True, assign=True)
+    toy.scheduler_config = dict(config["scheduler"])
+    toy.config = config
+    return toy.to(device=device, dtype=dtype).eval()
+
+
+def toy_metadata() -> dict[str, Any]:
+    """Data description stored in the config, so the shipped model documents what it was taught."""
+    return {
+        "class_names": list(SHAPES),
+        "colour_names": list(COLOUR_NAMES),
+        "image_size": IMAGE_SIZE,
+        "size_range": list(SIZE_RANGE),
+    }

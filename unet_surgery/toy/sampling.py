@@ -1,0 +1,86 @@
+"""Deterministic DDIM sampling with classifier-free guidance for the toy model.
+
+The loop is written out (rather than a diffusers pipeline) so that any UNet, including a patched
+one, can be passed in, and so that the two guidance branches travel in ONE UNet call per step as a
+``[uncond, cond]`` batch of ``2B``: guidance wrappers that split that batch rely on the order.
+Initial noise comes from one generator per seed, so sample ``i`` with seed ``s`` is the same image
+whether it is drawn alone or inside a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from unet_surgery.toy.model import ToyDiffusion, make_ddim_scheduler
+
+__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "ddim_timesteps", "initial_noise", "sample"]
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 3.0
+
+
+def ddim_timesteps(steps: int = DEFAULT_STEPS, scheduler_config: dict[str, Any] | None = None):
+    """The DDIM timesteps :func:`sample` visits (descending), e.g. for step-dependent schedules."""
+    scheduler = make_ddim_scheduler(scheduler_config)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.clone()
+
+
+def initial_noise(seeds: Sequence[int], height: int, width: int, channels: int = 3) -> torch.Tensor:
+    """Standard-normal ``(len(seeds), C, H, W)`` noise; row ``i`` depends only on ``seeds[i]``."""
+    rows = [
+        torch.randn((channels, height, width), generator=torch.Generator().manual_seed(int(s)))
+        for s in seeds
+    ]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def sample(
+    toy: ToyDiffusion,
+    labels: torch.Tensor | Sequence[int],
+    *,
+    seeds: Sequence[int],
+    height: int = 32,
+    width: int = 32,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    unet: nn.Module | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Generate images in [-1, 1], shape ``(B, 3, height, width)``, on the toy model's device.
+
+    ``unet`` replaces ``toy.unet`` (e.g. a patched copy); it is called as
+    ``unet(x, t, encoder_hidden_states=...)`` with a ``[uncond, cond]`` batch of ``2B``.
+    ``callback(step_index, timestep)`` runs before each UNet call (hooks for step schedules).
+    ``height`` and ``width`` must be multiples of 4 (two 2x downsamplings in the UNet).
+    """
+    if height % 4 or width % 4:
+        raise ValueError(f"height and width must be multiples of 4, got {height}x{width}")
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(seeds) != labels.numel():
+        raise ValueError(f"{len(seeds)} seeds for {labels.numel()} labels")
+    unet = toy.unet if unet is None else unet
+    weight = toy.class_embedding.weight
+    device, dtype = weight.device, weight.dtype
+
+    scheduler = make_ddim_scheduler(getattr(toy, "scheduler_config", None))
+    scheduler.set_timesteps(steps)
+    b = labels.numel()
+    cond = toy.encode(labels.to(device))
+    uncond = toy.encode(torch.full((b,), toy.empty_class, dtype=torch.long, device=device))
+    context = torch.cat([uncond, cond]).to(dtype)
+
+    x = initial_noise(seeds, height, width).to(device=device, dtype=dtype)
+    for i, t in enumerate(scheduler.timesteps):
+        if callback is not None:
+            callback(i, int(t))
+        eps = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+        eps_uncond, eps_cond = eps.chunk(2)
+        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x.clamp(-1, 1)

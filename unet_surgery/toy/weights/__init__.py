@@ -1,0 +1,1 @@
+"""Shipped toy-model weights and config (package data, read via importlib.resources)."""
