@@ -1,6 +1,7 @@
 """unet-surgery: make pretrained diffusion UNets generate far above their training resolution.
 
-Map any UNet (:func:`map_unet`), apply declarative recipes, export the patched model.
+Map any UNet (:func:`map_unet`), apply declarative recipes (:func:`apply`), export the patched
+model.
 """
 
 from __future__ import annotations
@@ -16,14 +17,28 @@ from unet_surgery.errors import (
     SurgeryError,
     TransformError,
 )
+from unet_surgery.graph import UNetMap, map_unet
+from unet_surgery.patching.patch import Patch, apply, current_patch, remove
+from unet_surgery.recipes import Recipe, list_recipes, load_recipe
+from unet_surgery.recipes.auto import auto_recipe
 
 __all__ = [
     "CheckpointError",
     "MappingError",
+    "Patch",
     "PresetError",
+    "Recipe",
     "RecipeError",
     "SelectionError",
     "SurgeryError",
     "TransformError",
+    "UNetMap",
     "__version__",
+    "apply",
+    "auto_recipe",
+    "current_patch",
+    "list_recipes",
+    "load_recipe",
+    "map_unet",
+    "remove",
 ]

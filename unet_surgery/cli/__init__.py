@@ -12,6 +12,8 @@ from unet_surgery.errors import SurgeryError
 # Each module defines ``register(subparsers)`` which adds its parser and sets ``func``.
 SUBCOMMAND_MODULES = (
     "unet_surgery.cli.inspect_cmd",
+    "unet_surgery.cli.recipes_cmd",
+    "unet_surgery.cli.apply_cmd",
     "unet_surgery.cli.disperse_cmd",
 )
 
@@ -39,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurgeryError as exc:
         print(f"unet-surgery {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `unet-surgery recipes list | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"unet-surgery {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,122 @@
+"""Shipped recipes: every one loads and round-trips; the ScaleCrafter ones are the published
+tables, and applying them selects exactly the published layers that exist."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import preset_map
+from unet_surgery import apply, auto_recipe, list_recipes, load_recipe
+from unet_surgery.patching.plan import make_plan
+from unet_surgery.presets import build_unet
+from unet_surgery.recipes import parse_recipe, to_data
+from unet_surgery.recipes.library import dump_recipe
+
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "scalecrafter"
+SCALECRAFTER = sorted(n for n in list_recipes() if n.startswith("scalecrafter-"))
+
+
+def published_config(name: str) -> dict:
+    _, model, res, *rest = name.split("-")
+    base = {"sd15": "sd1.5", "sd21": "sd2.1", "sdxl": "sdxl"}[model]
+    stem = f"{base}_{res}" + ("_disperse" if rest else "")
+    return yaml.safe_load((REFERENCE / "configs" / f"{stem}.yaml").read_text())
+
+
+def published_table(rel: str | None) -> dict[str, float]:
+    if not rel:
+        return {}
+    rows = (REFERENCE / rel).read_text().split()
+    return {p: float(f) for p, f in (row.split(":") for row in rows)}
+
+
+def test_every_published_config_with_dilation_is_shipped() -> None:
+    configs = [p.stem for p in (REFERENCE / "configs").glob("*.yaml") if p.stem != "sdxl_vanilla"]
+    assert len(SCALECRAFTER) == len(configs) + sum(c.endswith("_disperse") for c in configs) == 18
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_shipped_recipe_round_trips(name: str) -> None:
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert parse_recipe(to_data(recipe)) == recipe
+    assert parse_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+@pytest.mark.parametrize("name", SCALECRAFTER)
+def test_scalecrafter_recipe_is_the_published_config(name: str) -> None:
+    cfg, recipe = published_config(name), load_recipe(name)
+    passes = {type(p).type: p for p in recipe.passes}
+    dilate = passes["redilate"]
+    assert dilate.factors == published_table(cfg["dilate_settings"])
+    assert (dilate.schedule.tau, dilate.schedule.steps, dilate.schedule.progressive) == (
+        cfg["dilate_tau"], cfg["num_inference_steps"], cfg["progressive"]
+    )
+    ndcfg = published_table(cfg.get("ndcfg_dilate_settings"))
+    if ndcfg:
+        assert passes["noise_damped_cfg"].factors == ndcfg
+        assert passes["noise_damped_cfg"].schedule.tau == cfg["ndcfg_tau"]
+    else:
+        assert "noise_damped_cfg" not in passes
+    if cfg.get("disperse_settings"):
+        listed = (REFERENCE / cfg["disperse_settings"]).read_text().split()
+        assert list(passes["disperse"].select.paths) == listed
+        expected_tau = cfg["inflate_tau"] if not name.endswith("-active") else cfg["dilate_tau"]
+        assert passes["disperse"].schedule.tau == expected_tau
+    assert recipe.target_resolutions == ((cfg["latent_height"] * 8, cfg["latent_width"] * 8),)
+
+
+@pytest.mark.parametrize("name", SCALECRAFTER)
+def test_applying_selects_exactly_the_published_layers_that_exist(name: str) -> None:
+    recipe = load_recipe(name)
+    model_name = recipe.model
+    unet_map = preset_map(model_name)
+    model = build_unet(model_name, device="meta")
+    table = next(p for p in recipe.passes if type(p).type == "redilate").factors
+    existing = set(unet_map.paths())
+    with apply(model, recipe, unet_map=unet_map) as patch:
+        redilated = {path: p.redilate.factor for path, p in patch.plan.convs.items() if p.redilate}
+        assert redilated == {p: f for p, f in table.items() if p in existing}
+        reported = {m.path for m in patch.plan.missing}
+        listed = set(table)
+        for p in recipe.passes:
+            listed |= set(getattr(p, "factors", {})) | set(p.select.paths or ())
+        assert reported == listed - existing
+        if model_name == "sdxl":
+            assert "down_blocks.3.resnets.0.conv1" in reported  # named by the SDXL tables
+            assert "missing in model, skipped" in patch.report()
+        else:
+            assert not reported
+
+
+@pytest.mark.parametrize(("ldm", "diffusers"), [("ldm_sd15", "sd15"), ("ldm_sd21", "sd21")])
+@pytest.mark.parametrize("target", [(1024, 1024), (2048, 2048), (1024, 2048), (768, 1280)])
+def test_auto_recipe_selects_the_same_layers_on_ldm_and_diffusers(ldm, diffusers, target) -> None:
+    plans = []
+    for name in (ldm, diffusers):
+        unet_map = preset_map(name)
+        recipe = auto_recipe(unet_map, base=512, target=target)
+        plan = make_plan(recipe, unet_map)
+        plans.append(Counter(
+            (p.record.level, p.record.stage, p.record.kernel, p.record.stride, p.redilate.factor)
+            for p in plan.convs.values()
+        ))
+    assert plans[0] == plans[1]
+    assert sum(plans[0].values()) > 0
+
+
+def test_auto_recipe_reproduces_the_published_sd15_4x_factors() -> None:
+    unet_map = preset_map("sd15")
+    plan = make_plan(auto_recipe(unet_map, base=512, target=2048), unet_map)
+    published = published_table("assets/dilate_settings/sd1.5_2048x2048.txt")
+    auto = {path: p.redilate.factor for path, p in plan.convs.items()}
+    # Same factors wherever both dilate; the published table also dilates the finest level's
+    # upsampler conv (input at level 0), which the level rule leaves alone.
+    common = set(auto) & set(published)
+    assert {p: auto[p] for p in common} == {p: published[p] for p in common}
+    assert set(published) - set(auto) == {"up_blocks.2.upsamplers.0.conv"}
+    assert set(auto) - set(published) == set()

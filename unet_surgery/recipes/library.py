@@ -1,0 +1,100 @@
+"""Shipped recipes (``recipes/`` in the repository, ``unet_surgery/_recipes`` in the wheel) and
+loading of recipe files. Loading never runs code: YAML is read with ``yaml.safe_load``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unet_surgery.errors import RecipeError
+from unet_surgery.recipes.schema import Recipe, parse_recipe, to_data
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@cache
+def recipes_dir() -> Path:
+    """Where the shipped recipes are: inside the installed wheel, or the source checkout."""
+    packaged = Path(str(resources.files("unet_surgery"))) / "_recipes"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _shipped() -> dict[str, Path]:
+    root = recipes_dir()
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix in RECIPE_SUFFIXES and path.is_file():
+            found[path.stem] = path
+    return found
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes."""
+    return sorted(_shipped())
+
+
+def read_document(path: Path) -> Any:
+    """Parse a YAML or JSON file into plain data (no code execution, no custom tags)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise RecipeError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+
+
+def load_recipe(source: Recipe | str | Path | dict[str, Any]) -> Recipe:
+    """A :class:`Recipe` from a recipe, a shipped name, a file path or a parsed document."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return parse_recipe(source)
+    if not isinstance(source, (str, Path)):
+        raise RecipeError(f"expected a recipe, a name, a path or a mapping, got {type(source).__name__}")
+    path = Path(source)
+    if path.suffix in RECIPE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            return parse_recipe(read_document(path))
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+    shipped = _shipped()
+    if str(source) not in shipped:
+        import difflib
+
+        close = difflib.get_close_matches(str(source), list(shipped), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See `unet-surgery recipes list`."
+        raise RecipeError(f"unknown recipe {str(source)!r}.{hint}")
+    return load_recipe(shipped[str(source)])
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Block style for mappings (one table entry a line), flow style for short scalar lists."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(v, (dict, list)) for v in data) and len(data) <= 4
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+_RecipeDumper.add_representer(tuple, _represent_list)
+
+
+def dump_recipe(recipe: Recipe | dict[str, Any]) -> str:
+    """A recipe as readable YAML (``load_recipe`` of the text gives the recipe back)."""
+    data = to_data(recipe) if isinstance(recipe, Recipe) else recipe
+    return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False, width=100)

@@ -1,0 +1,94 @@
+"""What the current UNet call is: timestep, step index and latent size, for per-step rewrites.
+
+A patched model must work inside any unmodified sampling loop, so rewritten layers cannot be
+told the step by the caller. Instead a forward pre-hook on the UNet records each call's
+timestep and latent size in a :class:`UNetCallTracker`; layers read it when they run. The step
+index comes from the sampler's timestep list when one is known (``set_timesteps``, done by
+pipeline integration) and is otherwise inferred from the sequence of calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from unet_surgery.ops.schedules import step_index
+
+# Names the timestep and latent take in the forwards we support (diffusers, LDM).
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+_SAMPLE_NAMES = ("sample", "x")
+
+
+@dataclass
+class UNetCall:
+    """One forward of the UNet as the rewritten layers see it."""
+
+    timestep: float | None
+    latent_hw: tuple[int, int]
+    batch: int
+    step: int | None  # 0-based index into the sampler's timesteps, when known
+
+
+@dataclass
+class UNetCallTracker:
+    """Records each UNet call; shared by every rewrite of one patch."""
+
+    num_train_timesteps: int = 1000
+    timesteps: list[float] | None = None
+    current: UNetCall | None = None
+    _seen: list[float] = field(default_factory=list)
+    _signature: inspect.Signature | None = None
+
+    def set_timesteps(self, timesteps: Sequence[float] | torch.Tensor | None) -> None:
+        """Tell the tracker the sampler's timestep list, so steps are exact indices into it."""
+        self.timesteps = None if timesteps is None else [float(t) for t in torch.as_tensor(timesteps).flatten()]
+        self._seen.clear()
+
+    def reset(self) -> None:
+        self.current = None
+        self._seen.clear()
+
+    def step_of(self, timestep: float) -> int:
+        if self.timesteps:
+            return step_index(timestep, self.timesteps)
+        # No list known: count distinct timesteps in call order (a new run starts when t rises).
+        if self._seen and timestep > self._seen[-1]:
+            self._seen.clear()
+        if not self._seen or timestep != self._seen[-1]:
+            self._seen.append(timestep)
+        return len(self._seen) - 1
+
+    def record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._signature is None:
+            self._signature = inspect.signature(module.forward)
+        try:
+            bound = self._signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = dict(kwargs)
+        sample = next((bound[n] for n in _SAMPLE_NAMES if isinstance(bound.get(n), torch.Tensor)), None)
+        if sample is None:
+            sample = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        t_value = next((bound[n] for n in _TIMESTEP_NAMES if n in bound and bound[n] is not None), None)
+        timestep = _scalar(t_value)
+        hw = (int(sample.shape[-2]), int(sample.shape[-1])) if sample is not None else (0, 0)
+        batch = int(sample.shape[0]) if sample is not None else 0
+        step = self.step_of(timestep) if timestep is not None else None
+        self.current = UNetCall(timestep=timestep, latent_hw=hw, batch=batch, step=step)
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.record(module, args, kwargs)
+        return None
+
+
+def _scalar(value: Any) -> float | None:
+    if value is None:
+        return None
+    t = torch.as_tensor(value).detach().flatten()
+    if t.numel() == 0:
+        return None
+    return float(t[0].to("cpu", torch.float64)) if t.device.type != "meta" else None
