@@ -207,9 +207,10 @@ def _local_attention(
         padded = F.pad(padded, (0, 0, reach[1], reach[1], reach[0], reach[0]))
     padded = padded.reshape(b, hp * wp, c)
     if chunk_size is None:
-        # Stack no more tokens per call than the global attention takes: memory stays bounded
-        # by what the layer needs anyway, and the calls stay few (2x area: 2, 4x area: 3).
-        chunk_size = max(1, n // per)
+        # At most half the global call's tokens per call: the local branch then peaks below the
+        # global call it sits beside (measured: benchmarks/bench_scale_fusion.py), and the
+        # calls stay few (4x area: 9 windows in 5 calls; 16x area: 49 in 7).
+        chunk_size = max(1, n // (2 * per))
     total = tokens.new_zeros(b, hp * wp, c)
     for first in range(0, num, chunk_size):
         idx = index[first : first + chunk_size]
@@ -257,20 +258,30 @@ def _subgrid_attention(attend: Attend, tokens: Tensor, grid: HW, stride: HW) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def _gaussian_1d(kernel_size: int, sigma: float, like: Tensor) -> Tensor:
+def _gaussian_1d(kernel_size: int, sigma: float) -> list[float]:
     x = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    return (g / g.sum()).to(like.device, like.dtype)
+    return (g / g.sum()).tolist()
 
 
-def _blur_dim(x: Tensor, dim: int, kernel: Tensor) -> Tensor:
-    """Zero-padded 1-D 'same' convolution of ``x`` along ``dim`` (a separable Gaussian pass)."""
-    moved = x.movedim(dim, -1)
-    shape = moved.shape
-    flat = moved.reshape(-1, 1, shape[-1])
-    k = kernel.numel()
-    out = F.conv1d(flat, kernel.view(1, 1, k), padding=k // 2)
-    return out.reshape(shape).movedim(-1, dim)
+def _blur_dim(x: Tensor, dim: int, kernel: list[float]) -> Tensor:
+    """Zero-padded 1-D 'same' convolution of ``x`` along ``dim`` (a separable Gaussian pass).
+
+    Written as k shifted multiply-adds rather than ``conv1d``: the token tensors are long in
+    every dim, and conv1d over millions of short rows is an order of magnitude slower and
+    allocates im2col buffers.
+    """
+    half = len(kernel) // 2
+    size = x.shape[dim]
+    out = x * kernel[half]
+    for t, weight in enumerate(kernel):
+        d = t - half
+        if d == 0 or abs(d) >= size:
+            continue
+        # out[i] += g[t] * x[i + d] wherever i + d is inside; outside it is zero padding.
+        dst = out.narrow(dim, max(0, -d), size - abs(d))
+        dst.add_(x.narrow(dim, max(0, d), size - abs(d)), alpha=weight)
+    return out
 
 
 def gaussian_blur(
@@ -288,7 +299,7 @@ def gaussian_blur(
     if kernel_size <= 1:
         return x
     b, n, c = x.shape
-    kernel = _gaussian_1d(kernel_size, sigma, x)
+    kernel = _gaussian_1d(kernel_size, sigma)
     grid = x.reshape(b, grid_hw[0], grid_hw[1], c)
     dims = {"published": (2, 3), "volumetric": (1, 2, 3), "spatial": (1, 2)}[blur]
     for dim in dims:
@@ -322,7 +333,7 @@ def scale_fusion(
     ``jitter`` (a window fraction, published 1/8) shifts every window by a random amount drawn
     from ``generator`` (CPU; None = torch's global RNG) with the input zero-padded by that
     range.  ``scale`` overrides ``s = grid / window`` for the blur size and fast-mode strides.
-    ``chunk_size`` caps windows per ``attend`` call (default: as many as fit in the token
+    ``chunk_size`` caps windows per ``attend`` call (default: as many as fit in half the token
     count of the global call).
     """
     if hidden_states.ndim != 3:
