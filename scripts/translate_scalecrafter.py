@@ -47,7 +47,7 @@ def read_list(root: Path, rel: str | None) -> list[str]:
 def translate(config_path: Path, root: Path) -> list[tuple[str, str]]:
     cfg = yaml.safe_load(config_path.read_text())
     stem = config_path.stem  # e.g. sd1.5_2048x2048_disperse
-    base_key, res, *rest = stem.split("_")
+    base_key, res, *_rest = stem.split("_")
     if base_key not in BASES or not cfg.get("dilate_settings"):
         return []
     preset, base = BASES[base_key]

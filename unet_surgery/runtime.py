@@ -32,6 +32,9 @@ class UNetCall:
     latent_hw: tuple[int, int]
     batch: int
     step: int | None  # 0-based index into the sampler's timesteps, when known
+    # Consecutive slices of the batch that run different branches: ((rows, branch), ...).
+    # Set by noise-damped guidance; None means the whole batch runs the main branch.
+    groups: tuple[tuple[int, str], ...] | None = None
 
 
 @dataclass

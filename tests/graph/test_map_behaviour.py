@@ -67,7 +67,7 @@ def test_a_module_that_is_not_a_unet_is_refused() -> None:
         map_unet(ConvStack(), inputs={"sample": torch.zeros(1, 4, 32, 32)})
     with pytest.raises(MappingError, match="don't know how to call ConvStack"):
         map_unet(ConvStack())
-    with pytest.raises(MappingError, match="expected a torch.nn.Module"):
+    with pytest.raises(MappingError, match=r"expected a torch\.nn\.Module"):
         map_unet("sd15")  # type: ignore[arg-type]
 
 
@@ -129,7 +129,7 @@ def test_inspect_recognises_a_single_file_ldm_checkpoint(tmp_path, capsys) -> No
     ],
 )
 def test_inspect_bad_input_is_one_error_line(capsys, argv, expected) -> None:
-    code, out, err = cli(capsys, *argv)
+    code, _out, err = cli(capsys, *argv)
     assert code == 2
     assert expected in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -120,3 +120,10 @@ def test_auto_recipe_reproduces_the_published_sd15_4x_factors() -> None:
     assert {p: auto[p] for p in common} == {p: published[p] for p in common}
     assert set(published) - set(auto) == {"up_blocks.2.upsamplers.0.conv"}
     assert set(auto) - set(published) == set()
+
+
+def test_recipe_reference_page_is_generated_from_the_schema() -> None:
+    from unet_surgery.recipes.reference import schema_reference
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
+    assert page.read_text() == schema_reference(), "run: python -m unet_surgery.recipes.reference > docs/recipe-reference.md"

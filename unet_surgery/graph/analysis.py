@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import sympy
@@ -317,10 +317,7 @@ def analyse_graph(captured: CapturedGraph, model: nn.Module, spec: ProbeSpec) ->
         if path in attentions:
             continue
         q_src, k_src = (_projection_source(o) for o in operands)
-        if q_src is None or k_src is None:
-            kind = None
-        else:
-            kind = "self" if q_src is k_src else "cross"
+        kind = None if q_src is None or k_src is None else "self" if q_src is k_src else "cross"
         q_shape = _shape(q_src) if q_src is not None else None
         level = facts.level.get(q_src) if q_src is not None else None
         axis = None

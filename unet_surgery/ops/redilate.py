@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from unet_surgery.errors import TransformError
 
 __all__ = [
+    "BatchSplit",
     "ConvSetting",
     "FactorSource",
     "RedilatedConv2d",
@@ -59,7 +60,7 @@ class ConvSetting:
         _check_factor(self.factor)
 
 
-FactorSource: TypeAlias = float | ConvSetting | Callable[[], "float | ConvSetting"]
+FactorSource: TypeAlias = float | ConvSetting | Callable[[], "float | ConvSetting | BatchSplit"]
 """A constant factor/setting, or a zero-argument callable read on every forward."""
 
 
@@ -231,9 +232,26 @@ def current_setting(conv: nn.Module) -> ConvSetting:
 
 def _resolve(source: FactorSource) -> ConvSetting:
     value = source() if callable(source) else source
+    if isinstance(value, BatchSplit):  # report the first slice's setting
+        return value.parts[0][1]
     if isinstance(value, ConvSetting):
         return value
     return ConvSetting(_check_factor(value))
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """Different settings for consecutive slices of one batch (noise-damped guidance).
+
+    ``parts`` are ``(rows, setting)`` in units of the model's batch; a conv whose input batch
+    is ``k`` times larger (video UNets fold frames into the batch) scales the slices by ``k``.
+    """
+
+    parts: tuple[tuple[int, ConvSetting], ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts or any(rows < 1 for rows, _ in self.parts):
+            raise TransformError(f"BatchSplit needs positive row counts, got {self.parts!r}")
 
 
 class _RedilatedMixin:
@@ -243,18 +261,37 @@ class _RedilatedMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         conv: Any = self
-        setting = _resolve(getattr(conv, _SOURCE))
-        if setting.use_dispersed:
-            weight = conv._buffers.get(_DISPERSED)
-            if weight is None:
-                raise TransformError(
-                    "factor source asked for the dispersed kernel but redilate_ was given none"
-                )
-            factor = setting.factor * getattr(conv, _SCALE)
-            return redilated_conv(conv, input, factor, weight=weight)
-        if setting.factor == 1.0:
-            return conv._conv_forward(input, conv.weight, conv.bias)
-        return redilated_conv(conv, input, setting.factor)
+        value = getattr(conv, _SOURCE)
+        value = value() if callable(value) else value
+        if isinstance(value, BatchSplit):
+            return _split_forward(conv, input, value)
+        return _setting_forward(conv, input, _resolve(value))
+
+
+def _setting_forward(conv: Any, input: Tensor, setting: ConvSetting) -> Tensor:
+    if setting.use_dispersed:
+        weight = conv._buffers.get(_DISPERSED)
+        if weight is None:
+            raise TransformError(
+                "factor source asked for the dispersed kernel but redilate_ was given none"
+            )
+        factor = setting.factor * getattr(conv, _SCALE)
+        return redilated_conv(conv, input, factor, weight=weight)
+    if setting.factor == 1.0:
+        return conv._conv_forward(input, conv.weight, conv.bias)
+    return redilated_conv(conv, input, setting.factor)
+
+
+def _split_forward(conv: Any, input: Tensor, split: BatchSplit) -> Tensor:
+    settings = [s for _, s in split.parts]
+    if all(s == settings[0] for s in settings):
+        return _setting_forward(conv, input, settings[0])
+    total = sum(rows for rows, _ in split.parts)
+    if input.shape[0] % total:
+        raise TransformError(f"batch of {input.shape[0]} does not split into {total} model rows")
+    k = input.shape[0] // total
+    chunks = input.split([rows * k for rows, _ in split.parts])
+    return torch.cat([_setting_forward(conv, c, s) for c, s in zip(chunks, settings, strict=True)])
 
 
 class RedilatedConv2d(_RedilatedMixin, nn.Conv2d):

@@ -9,9 +9,7 @@ any unmodified sampling loop. ``remove()`` restores the model bit for bit.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,20 +18,13 @@ from torch import nn
 from unet_surgery.errors import SurgeryError
 from unet_surgery.graph import UNetMap, map_unet
 from unet_surgery.ops.dispersion import disperse_kernel, dispersion_transform
-from unet_surgery.ops.redilate import ConvSetting, is_redilated, redilate_, restore_
+from unet_surgery.ops.redilate import BatchSplit, ConvSetting, is_redilated, redilate_, restore_
 from unet_surgery.patching.plan import AUTO, ConvPlan, FactorPlan, Plan, auto_factor, make_plan
 from unet_surgery.recipes.schema import Recipe
 from unet_surgery.runtime import UNetCall, UNetCallTracker
 
 PATCH_ATTR = "_unet_surgery_patch"
 MAIN, DAMPED = "main", "damped"
-
-
-@dataclass
-class _Branch:
-    """Which factor table the next UNet call uses (noise-damped guidance switches it)."""
-
-    name: str = MAIN
 
 
 class Patch:
@@ -45,9 +36,9 @@ class Patch:
         self.unet_map = unet_map
         self.plan = plan
         self.tracker = tracker
-        self.branch = _Branch()
         self._modules: list[nn.Module] = []
         self._hook: Any = None
+        self.guidance: Any = None
         self.active = False
 
     # --- schedule -----------------------------------------------------------------------
@@ -80,15 +71,21 @@ class Patch:
     def active_now(self, schedule: Any, call: UNetCall | None) -> bool:
         return self.factor_now(FactorPlan(2.0, schedule), call) != 1.0
 
-    def conv_setting(self, conv_plan: ConvPlan) -> ConvSetting:
-        call = self.tracker.current
-        fp = conv_plan.damped if self.branch.name == DAMPED else conv_plan.redilate
+    def branch_setting(self, conv_plan: ConvPlan, branch: str, call: UNetCall | None) -> ConvSetting:
+        """A conv's setting in the main branch or the damped (noise-damped guidance) branch."""
+        fp = conv_plan.damped if branch == DAMPED else conv_plan.redilate
         factor = self.factor_now(fp, call)
         use_dispersed = False
-        if conv_plan.disperse is not None and factor != 1.0 and self.branch.name == MAIN:
+        if conv_plan.disperse is not None and factor != 1.0 and branch == MAIN:
             transform, schedule = conv_plan.disperse
             use_dispersed = self.active_now(schedule, call) and factor / transform.scale >= 1.0
         return ConvSetting(factor=factor, use_dispersed=use_dispersed)
+
+    def conv_setting(self, conv_plan: ConvPlan) -> ConvSetting | BatchSplit:
+        call = self.tracker.current
+        if call is not None and call.groups:
+            return BatchSplit(tuple((rows, self.branch_setting(conv_plan, branch, call)) for rows, branch in call.groups))
+        return self.branch_setting(conv_plan, MAIN, call)
 
     # --- install / remove ---------------------------------------------------------------
     def _install(self) -> None:
@@ -117,7 +114,24 @@ class Patch:
             self._uninstall()
             raise
 
+    def enable_noise_damped_cfg(self) -> None:
+        """Turn the pipeline's [uncond, cond] guidance into noise-damped guidance.
+
+        Only for callers whose UNet batches are ``[uncond, cond]`` halves (diffusers
+        pipelines with classifier-free guidance); :func:`apply_to_pipeline` does it for you.
+        """
+        from unet_surgery.patching.guidance import NoiseDampedGuidance
+
+        if self.guidance is None:
+            self.guidance = NoiseDampedGuidance(self)
+        self.guidance.enable()
+
+    def disable_noise_damped_cfg(self) -> None:
+        if self.guidance is not None:
+            self.guidance.disable()
+
     def _uninstall(self) -> None:
+        self.disable_noise_damped_cfg()
         for module in reversed(self._modules):
             if is_redilated(module):
                 restore_(module)
@@ -157,17 +171,8 @@ class Patch:
             lines.append(f"  missing in model, skipped: passes[{m.pass_index}] {m.path}{close}")
         return "\n".join(lines)
 
-    @contextlib.contextmanager
-    def use_branch(self, name: str) -> Iterator[None]:
-        previous = self.branch.name
-        self.branch.name = name
-        try:
-            yield
-        finally:
-            self.branch.name = previous
 
-
-def _setting_source(patch: Patch, conv_plan: ConvPlan) -> Callable[[], ConvSetting]:
+def _setting_source(patch: Patch, conv_plan: ConvPlan) -> Callable[[], ConvSetting | BatchSplit]:
     return lambda: patch.conv_setting(conv_plan)
 
 

@@ -134,8 +134,10 @@ class ScaleFusionPass:
 
     type: ClassVar[str] = "scale_fusion"
     select: Selector = doc("attention ops to fuse (spatial self-attention only)")
-    blur: Literal["published", "spatial"] = doc(
-        "published: 3-D Gaussian over (h, w, channel); spatial: over (h, w) only", default="published"
+    blur: Literal["published", "volumetric", "spatial"] = doc(
+        "published: what the official code computes, a 2-D Gaussian over (w, channel) per token row; "
+        "volumetric: 3-D over (h, w, channel); spatial: over (h, w) only",
+        default="published",
     )
     jitter: bool = doc("shift each window by up to 1/8 window (seeded)", default=True)
     seed: int = doc("seed of the window jitter", default=0)
@@ -211,7 +213,7 @@ def _parse_level(value: Any, path: str) -> LevelRange:
     _fail(path, f"expected int or range, got {_describe(value)}")
 
 
-def _parse(tp: Any, value: Any, path: str) -> Any:  # noqa: C901 - one branch per type form
+def _parse(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is LevelRange:
