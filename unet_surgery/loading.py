@@ -159,10 +159,7 @@ def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedMo
             model = cls.from_config(config)
         model = model.to("meta")
     else:
-        try:
-            model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=weights[0].suffix == ".safetensors").to(device)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: diffusers could not load the weights ({_brief(exc)})") from exc
+        model = load_unet(path, device=device)
     model.eval()
     return ResolvedModel(model, "diffusers-folder", f"{class_name} from {path}")
 
@@ -171,7 +168,8 @@ def _from_single_file(path: Path, device: str | torch.device) -> ResolvedModel:
     shapes = read_tensor_shapes(path)
     layout, preset = detect_architecture(shapes)
     if str(torch.device(device)) != "meta":
-        raise CheckpointError("loading single-file weights onto a real device is done by load_checkpoint (not yet available)")
+        model = load_unet(path, device=device)
+        return ResolvedModel(model, "single-file", f"{preset} ({layout} layout) from {path}", preset)
     model = build_unet(preset, size="full", device="meta")
     return ResolvedModel(model, "single-file", f"{preset} ({layout} layout) from {path}", preset)
 
@@ -183,3 +181,314 @@ def _brief(exc: BaseException) -> str:
 
 def describe(resolved: ResolvedModel) -> dict[str, Any]:
     return {"kind": resolved.kind, "description": resolved.description, "preset": resolved.preset}
+
+
+# ----------------------------------------------------------------------------- real weights
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+# Presets a single-file LDM/diffusers checkpoint can be (their diffusers twins), in the order tried.
+SINGLE_FILE_PRESETS = ("sd15", "sd21", "sdxl")
+_RESNET_RENAMES = (
+    ("in_layers.0.", "norm1."),
+    ("in_layers.2.", "conv1."),
+    ("emb_layers.1.", "time_emb_proj."),
+    ("out_layers.0.", "norm2."),
+    ("out_layers.3.", "conv2."),
+    ("skip_connection.", "conv_shortcut."),
+)
+_TOP_RENAMES = (
+    ("time_embed.0.", "time_embedding.linear_1."),
+    ("time_embed.2.", "time_embedding.linear_2."),
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
+    ("input_blocks.0.0.", "conv_in."),
+    ("out.0.", "conv_norm_out."),
+    ("out.2.", "conv_out."),
+)
+
+
+def _resnet(rest: str) -> str:
+    for old, new in _RESNET_RENAMES:
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
+
+
+def ldm_to_diffusers_key(key: str, layers_per_block: int) -> str:
+    """The diffusers ``UNet2DConditionModel`` name of one LDM ``UNetModel`` key.
+
+    The LDM UNet numbers its blocks flatly: ``input_blocks[1 + i*(L+1) + j]`` is layer ``j`` of
+    level ``i`` (``[resnet, attention]``) and ``j == L`` the level's downsampler;
+    ``output_blocks[i*(L+1) + j]`` is ``[resnet, attention?, upsampler?]``. Unknown keys are
+    returned unchanged (the caller's exact key-set check then names them).
+    """
+    for old, new in _TOP_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    parts = key.split(".", 3)
+    if len(parts) < 3:
+        return key
+    L = layers_per_block
+    if parts[0] == "input_blocks" and len(parts) == 4:
+        k, s, rest = int(parts[1]), int(parts[2]), parts[3]
+        i, j = divmod(k - 1, L + 1)
+        if j == L:
+            return f"down_blocks.{i}.downsamplers.0.conv." + rest.removeprefix("op.")
+        if s == 0:
+            return f"down_blocks.{i}.resnets.{j}.{_resnet(rest)}"
+        return f"down_blocks.{i}.attentions.{j}.{rest}"
+    if parts[0] == "middle_block":
+        s, rest = int(parts[1]), ".".join(parts[2:])
+        if s == 1:
+            return f"mid_block.attentions.0.{rest}"
+        return f"mid_block.resnets.{s // 2}.{_resnet(rest)}"
+    if parts[0] == "output_blocks" and len(parts) == 4:
+        k, s, rest = int(parts[1]), int(parts[2]), parts[3]
+        i, j = divmod(k, L + 1)
+        if s == 0:
+            return f"up_blocks.{i}.resnets.{j}.{_resnet(rest)}"
+        if rest.startswith("conv."):  # Upsample (slot 1 on attention-free levels, else 2)
+            return f"up_blocks.{i}.upsamplers.0.{rest}"
+        return f"up_blocks.{i}.attentions.{j}.{rest}"
+    return key
+
+
+def convert_ldm_unet(state: Mapping[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """LDM UNet weights (``model.diffusion_model.`` prefix optional) renamed to diffusers keys.
+
+    Only the UNet's keys are taken (a full SD checkpoint also holds the VAE, text encoder and
+    EMA copies). Renaming only: tensors are shared, not copied.
+    """
+    if any(k.startswith(LDM_PREFIX) for k in state):
+        state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
+    return {ldm_to_diffusers_key(k, layers_per_block): v for k, v in state.items()}
+
+
+def _fit_shapes(state: dict[str, Any], expected: Mapping[str, torch.Size], where: str) -> dict[str, Any]:
+    """Check ``state`` names exactly the model's tensors with the right shapes.
+
+    The one tolerated difference is a 1x1 conv stored for a linear projection (or the
+    reverse: SD2 checkpoints exist in both forms); those are reshaped, which is exact.
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{where}: weights do not fit the architecture: {', '.join(detail)}")
+    out = {}
+    for key, value in state.items():
+        want = tuple(expected[key])
+        have = tuple(value.shape)
+        if have != want:
+            if have[:2] == want[:2] and all(d == 1 for d in have[2:] + want[2:]):
+                value = value.reshape(want)
+            else:
+                raise CheckpointError(f"{where}: {key} has shape {have}, the architecture needs {want}")
+        out[key] = value
+    return out
+
+
+def _diffusers_class(class_name: str, where: str) -> type[nn.Module]:
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise CheckpointError("loading diffusers weights needs diffusers: pip install 'unet-surgery[diffusers]'") from exc
+    cls = getattr(diffusers, str(class_name), None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(f"{where}: _class_name {class_name!r} is not a diffusers model class")
+    return cls
+
+
+ALIGNMENT = 64
+
+
+def _aligned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy tensors whose data is not 64-byte aligned (safetensors packs them at any offset).
+
+    CPU kernels pick vectorised paths by alignment, so an unaligned weight gives results
+    that differ in the last bits from the same weight freshly allocated: loading would not
+    be bit-exact. Copies are made one at a time (the originals are released as we go).
+    """
+    out = {}
+    for key in list(state):
+        value = state.pop(key)
+        out[key] = value if value.data_ptr() % ALIGNMENT == 0 else value.clone()
+    return out
+
+
+def _build_with_weights(
+    build: Any, state: dict[str, torch.Tensor], where: str, device: str | torch.device, dtype: torch.dtype | None
+) -> nn.Module:
+    """Build on ``meta`` and adopt the tensors (no random init, no copy); fall back to a real build.
+
+    ``assign=True`` keeps the checkpoint's dtype, so half-precision files give a
+    half-precision model unless ``dtype`` says otherwise.
+    """
+    with torch.device("meta"):
+        model = build()
+    state = _fit_shapes(state, {k: v.shape for k, v in model.state_dict().items()}, where)
+    state = _aligned(state)
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in model.buffers()):  # non-persistent buffers need a real build
+        with torch.device("cpu"):
+            model = build()
+        model.load_state_dict(state, strict=True)
+    model = model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _folder_weights(folder: Path) -> list[Path]:
+    """The weight files of a diffusers model folder: the plain set, else the fp16 variant.
+
+    Sharded sets are listed by their ``*.index.json``; a set is taken whole or not at all.
+    """
+    for variant in ("", ".fp16"):
+        for ext in (".safetensors", ".bin"):
+            single = folder / f"{DIFFUSERS_WEIGHTS}{variant}{ext}"
+            index = folder / f"{DIFFUSERS_WEIGHTS}{variant}{ext}.index.json"
+            if single.is_file():
+                return [single]
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise CheckpointError(f"{index} is not a valid shard index ({_brief(exc)})") from exc
+                shards = [folder / name for name in sorted(set(weight_map.values()))]
+                absent = [s.name for s in shards if not s.is_file()]
+                if absent:
+                    raise CheckpointError(f"{index} lists shard(s) that are missing: {', '.join(absent)}")
+                return shards
+    others = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(others) == 1:
+        return others
+    raise CheckpointError(
+        f"{folder}: no {DIFFUSERS_WEIGHTS}[.fp16].safetensors (or shard index) found"
+        + (f"; ambiguous weight files: {', '.join(p.name for p in others)}" if others else "")
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} is not a diffusers UNet folder: config.json is missing")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object")
+    return config
+
+
+def match_preset(class_name: str, config: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(preset, size) whose shipped config ``config`` agrees with, so inputs can be made for it."""
+    from unet_surgery.presets import preset_config
+
+    canon = json.loads(json.dumps(dict(config), default=list))
+    for size in ("full", "tiny"):
+        for name in PRESETS:
+            preset = get_preset(name)
+            if preset.family != "diffusers" or preset.model_class != class_name:
+                continue
+            ref = preset_config(name, size=size)
+            ref = json.loads(json.dumps(ref.get("unet", ref)))
+            common = [k for k in ref if not k.startswith("_") and k in canon]
+            if "block_out_channels" in common and all(ref[k] == canon[k] for k in common):
+                return name, size
+    return None
+
+
+def _tag(model: nn.Module, match: tuple[str, str] | None) -> nn.Module:
+    if match is not None:
+        model.unet_surgery_preset, model.unet_surgery_size = match
+    return model
+
+
+def _load_folder(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> nn.Module:
+    if (folder / "unet" / "config.json").is_file():
+        folder = folder / "unet"  # a whole pipeline folder
+    config = _read_config(folder)
+    class_name = str(config.get("_class_name"))
+    cls = _diffusers_class(class_name, str(folder / "config.json"))
+    state: dict[str, torch.Tensor] = {}
+    for file in _folder_weights(folder):
+        state.update(load_state_dict(file, device=device))
+    public = {k: v for k, v in config.items() if not k.startswith("_")}
+    from unet_surgery.presets import _quiet_diffusers
+
+    with _quiet_diffusers():
+        model = _build_with_weights(lambda: cls.from_config(public), state, str(folder), device, dtype)
+    return _tag(model, match_preset(class_name, config))
+
+
+def _single_file_candidates(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str]]:
+    """Presets to try, the detected full-size one first, then every other (tiny included)."""
+    try:
+        first = [(detect_architecture(shapes)[1], "full")]
+    except CheckpointError:
+        first = []
+    rest = [(n, s) for s in ("full", "tiny") for n in SINGLE_FILE_PRESETS if (n, s) not in first]
+    return first + rest
+
+
+def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype | None, config: Mapping[str, Any] | None) -> nn.Module:
+    from unet_surgery.presets import _quiet_diffusers, preset_config
+
+    shapes = read_tensor_shapes(path)
+    ldm = any(k.startswith((LDM_PREFIX, "input_blocks.")) for k in shapes)
+    if not ldm and not ("conv_in.weight" in shapes and any(k.startswith("down_blocks.") for k in shapes)):
+        detect_architecture(shapes)  # raises the unknown-layout error
+    state = load_state_dict(path, device=device)
+    if config is not None:
+        candidates: list[tuple[dict[str, Any], tuple[str, str] | None]] = [(dict(config), None)]
+    else:
+        candidates = [(preset_config(n, size=s), (n, s)) for n, s in _single_file_candidates(shapes)]
+    errors = []
+    for cfg, match in candidates:
+        public = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        cls = _diffusers_class(str(cfg.get("_class_name", "UNet2DConditionModel")), str(path))
+        renamed = convert_ldm_unet(state, int(public.get("layers_per_block", 2))) if ldm else state
+        try:
+            with _quiet_diffusers():
+                model = _build_with_weights(lambda cls=cls, public=public: cls.from_config(public), renamed, str(path), device, dtype)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        return _tag(model, match)
+    raise CheckpointError(
+        f"{path}: {'LDM' if ldm else 'diffusers'}-layout UNet weights fit no shipped architecture "
+        f"(tried {len(candidates)}; first mismatch: {errors[0].split(': ', 1)[-1]})"
+    )
+
+
+def load_unet(
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """A UNet with its real weights, from a folder or a single file, without a network.
+
+    * a diffusers UNet folder (``config.json`` + ``diffusion_pytorch_model[.fp16].safetensors``,
+      sharded sets with their index, or ``.bin`` read weights-only) or a pipeline folder
+      (its ``unet/``);
+    * a single file in LDM layout (``model.diffusion_model.*``, as SD1.5/SD2.1/SDXL are
+      published) or diffusers layout: the architecture is recognised from keys and shapes
+      among the shipped configs (tiny test sizes included), or given as a diffusers ``config``.
+      LDM weights are renamed to diffusers keys, exactly (every key and shape is checked).
+
+    ``dtype=None`` keeps the stored precision (fp16 files give an fp16 model). The model is
+    built on ``meta`` and adopts the loaded tensors, so nothing is initialised twice. Models
+    that match a preset are tagged so :func:`unet_surgery.presets.example_inputs` accepts them.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return _load_folder(path, device, dtype)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return _load_single_file(path, device, dtype, config)

@@ -1,0 +1,198 @@
+"""The surgery adapter: a small folder that re-creates a patch on the base model it was made for.
+
+Only what the surgery adds is stored: the recipe (``recipe.yaml``), the dispersed kernels and
+their dispersion transforms ``R`` keyed by layer path (``adapter.safetensors``), and
+``adapter.json`` with the format version, recipe name, model class, the layers patched and a
+:func:`~unet_surgery.export.fingerprint.fingerprint` of the base weights. Sharing an adapter
+is sharing a few megabytes (or kilobytes: a re-dilation-only recipe stores no tensors) instead
+of a multi-gigabyte checkpoint. Loading re-applies the recipe and checks that the kernels it
+recomputes equal the stored ones, so a different base, a different library version that
+disperses differently, or a corrupted file is caught rather than silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unet_surgery.errors import CheckpointError, SurgeryError
+from unet_surgery.export.fingerprint import fingerprint
+from unet_surgery.export.staging import staged_folder
+from unet_surgery.graph import UNetMap
+from unet_surgery.ops.dispersion import dispersion_transform
+from unet_surgery.ops.redilate import _DISPERSED
+from unet_surgery.patching.patch import Patch, apply
+
+ADAPTER_FORMAT = "unet-surgery-adapter"
+ADAPTER_VERSION = 1
+RECIPE_FILE, TENSORS_FILE, META_FILE = "recipe.yaml", "adapter.safetensors", "adapter.json"
+KERNEL_SUFFIX, TRANSFORM_SUFFIX = ".dispersed_weight", ".dispersion_R"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_dtype(model: nn.Module) -> str:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
+def adapter_tensors(patch: Patch) -> dict[str, torch.Tensor]:
+    """What the surgery adds to the model: per dispersed layer, its kernel and its ``R``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, plan in patch.plan.convs.items():
+        if plan.disperse is None:
+            continue
+        conv = patch.model.get_submodule(path)
+        kernel = conv._buffers.get(_DISPERSED)
+        if kernel is None:
+            raise SurgeryError(f"{path} is planned as dispersed but carries no dispersed kernel")
+        t, _ = plan.disperse
+        R = dispersion_transform(t.small, t.large, t.scale, t.input_size, t.eta)
+        tensors[path + KERNEL_SUFFIX] = kernel.detach().to("cpu").contiguous()
+        tensors[path + TRANSFORM_SUFFIX] = torch.tensor(R, dtype=torch.float64)
+    return tensors
+
+
+def write_adapter_files(patch: Patch, folder: Path) -> dict[str, Any]:
+    """Write the three adapter files into ``folder`` (``adapter.json`` last); return its data."""
+    from safetensors.torch import save_file
+
+    from unet_surgery import __version__
+    from unet_surgery.recipes.library import dump_recipe
+
+    if not patch.active:
+        raise SurgeryError("the patch has been removed; apply it again before saving")
+    (folder / RECIPE_FILE).write_text(dump_recipe(patch.recipe), encoding="utf-8")
+    save_file(adapter_tensors(patch), str(folder / TENSORS_FILE), metadata={"format": "pt", "recipe": patch.recipe.name})
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_VERSION,
+        "recipe": patch.recipe.name,
+        "model_class": type(patch.model).__name__,
+        "fingerprint": fingerprint(patch.model),
+        "dtype": _weights_dtype(patch.model),
+        "num_train_timesteps": patch.tracker.num_train_timesteps,
+        "layers": {"convs": sorted(patch.plan.convs), "attentions": sorted(patch.plan.attentions)},
+        "files": {name: _sha256(folder / name) for name in (RECIPE_FILE, TENSORS_FILE)},
+        "created_by": f"unet-surgery {__version__}",
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def save_patch(patch: Patch, directory: str | Path) -> Path:
+    """Save ``patch`` as an adapter folder (atomically: all files or none). Returns the folder."""
+    directory = Path(directory)
+    with staged_folder(directory) as stage:
+        write_adapter_files(patch, stage)
+    return directory
+
+
+def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
+    """``adapter.json``, validated, with every file it lists checked against its sha256."""
+    directory = Path(directory)
+    meta_file = directory / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{directory} is not a surgery adapter: {META_FILE} is missing")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_file} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{meta_file} is not a {ADAPTER_FORMAT} file")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > ADAPTER_VERSION:
+        raise CheckpointError(f"{meta_file}: adapter format version {version!r} is newer than this unet-surgery reads ({ADAPTER_VERSION})")
+    for name, expected in dict(meta.get("files", {})).items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{file} is corrupt or truncated (its sha256 differs from {META_FILE})")
+    return meta
+
+
+def _check_kernels(patch: Patch, stored: dict[str, torch.Tensor], where: Path) -> None:
+    """The kernels the recipe recomputes on this base must be the stored ones."""
+    expected = {p for p, plan in patch.plan.convs.items() if plan.disperse is not None}
+    have = {k.removesuffix(KERNEL_SUFFIX) for k in stored if k.endswith(KERNEL_SUFFIX)}
+    if have != expected:
+        odd = sorted(have ^ expected)
+        raise CheckpointError(f"{where}: stored dispersed kernels do not match the recipe's layers (e.g. {odd[0]})")
+    for path in sorted(expected):
+        kernel = patch.model.get_submodule(path)._buffers[_DISPERSED]
+        ref = stored[path + KERNEL_SUFFIX].to(kernel.device)
+        if ref.shape != kernel.shape:
+            raise CheckpointError(f"{where}: stored kernel of {path} has shape {tuple(ref.shape)}, recomputed {tuple(kernel.shape)}")
+        if ref.dtype == kernel.dtype:
+            same = torch.equal(ref, kernel)
+        else:  # a base loaded at another precision: equal up to that precision's rounding
+            eps = max(torch.finfo(ref.dtype).eps, torch.finfo(kernel.dtype).eps)
+            scale = float(ref.abs().max().float()) or 1.0
+            same = float((ref.float() - kernel.float()).abs().max()) <= 16 * eps * scale
+        if not same:
+            raise CheckpointError(f"{where}: the dispersed kernel of {path} recomputed on this model differs from the stored one")
+
+
+def load_patch(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    unet_map: UNetMap | None = None,
+    verify_fingerprint: bool = True,
+) -> Patch:
+    """Re-apply the adapter in ``directory`` to ``model`` (in place) and return the :class:`Patch`.
+
+    Refuses, with :class:`CheckpointError`, a model of another class, base weights whose
+    fingerprint differs (``verify_fingerprint=False`` applies the recipe anyway, without the
+    kernel check), corrupt files, or a recipe that now selects other layers.
+    """
+    from safetensors.torch import load_file
+
+    from unet_surgery.recipes.library import load_recipe
+
+    directory = Path(directory)
+    meta = read_adapter_meta(directory)
+    if meta.get("model_class") != type(model).__name__:
+        raise CheckpointError(f"{directory}: adapter is for a {meta.get('model_class')}, not a {type(model).__name__}")
+    if verify_fingerprint:
+        actual = fingerprint(model)
+        if actual != meta.get("fingerprint"):
+            raise CheckpointError(
+                f"{directory}: this model's weights are not the base the adapter was made for "
+                f"(fingerprint {actual[:19]}... != {str(meta.get('fingerprint'))[:19]}...)"
+            )
+    recipe = load_recipe(directory / RECIPE_FILE)
+    try:
+        stored = load_file(str(directory / TENSORS_FILE))
+    except Exception as exc:
+        raise CheckpointError(f"{directory / TENSORS_FILE} is not a valid safetensors file ({exc})") from exc
+    layers = meta.get("layers", {})
+    keep = set(layers.get("convs", [])) | set(layers.get("attentions", []))
+    patch = apply(
+        model,
+        recipe,
+        unet_map=unet_map,
+        filter_fn=lambda path, op: path in keep,
+        num_train_timesteps=int(meta.get("num_train_timesteps", 1000)),
+    )
+    try:
+        if sorted(patch.plan.convs) != layers.get("convs") or sorted(patch.plan.attentions) != layers.get("attentions"):
+            raise CheckpointError(f"{directory}: the recipe selects other layers on this model than when it was saved")
+        if verify_fingerprint:
+            _check_kernels(patch, stored, directory)
+    except BaseException:
+        patch.remove()
+        raise
+    return patch
