@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "unet_surgery.cli.recipes_cmd",
     "unet_surgery.cli.apply_cmd",
     "unet_surgery.cli.disperse_cmd",
+    "unet_surgery.cli.export_cmd",
 )
 
 

@@ -1,9 +1,14 @@
-"""``unet-surgery apply --recipe R MODEL``: apply a recipe and print what changed."""
+"""``unet-surgery apply --recipe R [--out DIR] MODEL``: apply a recipe and print what changed.
+
+With ``--out`` the checkpoint's real weights are loaded and the patched model is written as a
+patched diffusers folder (``unet_surgery.load_patched`` reloads it in one call).
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from unet_surgery.cli.export_cmd import add_weights_arguments, load_weights
 from unet_surgery.loading import resolve_model
 from unet_surgery.patching.patch import apply
 
@@ -17,10 +22,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", metavar="MODEL", help="preset name, diffusers folder or checkpoint file")
     parser.add_argument("--recipe", "-r", required=True, help="shipped recipe name or recipe file")
+    parser.add_argument("--out", "-o", metavar="DIR", default=None,
+                        help="write the patched model as a diffusers folder with its adapter "
+                        "(MODEL must then be a checkpoint file or folder)")
+    add_weights_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        from unet_surgery.export import save_patched_pretrained
+
+        patch = apply(load_weights(args.model, args.dtype), args.recipe)
+        print(patch.report())
+        save_patched_pretrained(patch, args.out, show_progress=not args.quiet)
+        print(f"wrote patched diffusers folder {args.out}")
+        return 0
     resolved = resolve_model(args.model, device="meta")
     patch = apply(resolved.model, args.recipe)
     print(f"source: {resolved.description}")

@@ -1,0 +1,87 @@
+"""``unet-surgery export --format adapter|diffusers|pt2 --recipe R -o OUT MODEL``.
+
+Loads MODEL with its real weights (a diffusers folder, a pipeline folder or a single-file
+checkpoint), applies the recipe and writes one export format (see docs/export.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unet_surgery.errors import CheckpointError, SurgeryError
+
+FORMATS = ("adapter", "diffusers", "pt2")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="cast the weights on load (default: keep the stored precision)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def load_weights(spec: str, dtype: str | None) -> nn.Module:
+    """MODEL with real weights; a preset name is refused (presets have no trained weights)."""
+    from unet_surgery.loading import load_unet
+    from unet_surgery.presets import PRESETS
+
+    if not Path(spec).exists():
+        if spec in PRESETS:
+            raise CheckpointError(f"{spec!r} is a preset (an architecture without weights); give a checkpoint file or folder")
+        raise CheckpointError(f"checkpoint not found: {spec}")
+    return load_unet(spec, dtype=DTYPES[dtype] if dtype else None)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise SurgeryError(f"--resolution must look like HEIGHTxWIDTH (e.g. 2048x2048), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="apply a recipe to a checkpoint and export the patched model",
+        description="Load MODEL's weights, apply the recipe and write an adapter (recipe + "
+        "dispersed kernels + base fingerprint), a patched diffusers folder, or one frozen "
+        "torch.export program per schedule phase (.pt2) with a manifest.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="diffusers UNet/pipeline folder or single-file checkpoint")
+    parser.add_argument("--format", "-f", choices=FORMATS, required=True, help="what to write")
+    parser.add_argument("--recipe", "-r", required=True, help="shipped recipe name or recipe file")
+    parser.add_argument("--out", "-o", required=True, metavar="OUT", help="output folder")
+    parser.add_argument("--resolution", metavar="HxW", default=None,
+                        help="pt2: pixel resolution (default: the recipe's first target)")
+    parser.add_argument("--steps", type=int, default=50, help="pt2: sampling steps (default 50)")
+    parser.add_argument("--batch", type=int, default=1, help="pt2: batch size frozen into the programs")
+    parser.add_argument("--frames", type=int, default=None, help="pt2: frames, for video UNets")
+    add_weights_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from unet_surgery.export import save_patch, save_patched_pretrained
+    from unet_surgery.export.pt2 import export_pt2
+    from unet_surgery.patching.patch import apply
+
+    resolution = parse_resolution(args.resolution) if args.resolution else None
+    model = load_weights(args.model, args.dtype)
+    patch = apply(model, args.recipe)
+    print(patch.report())
+    show = not args.quiet
+    if args.format == "adapter":
+        save_patch(patch, args.out)
+    elif args.format == "diffusers":
+        save_patched_pretrained(patch, args.out, show_progress=show)
+    else:
+        height, width = resolution or patch.recipe.target_resolutions[0]
+        export_pt2(patch, args.out, height=height, width=width, num_steps=args.steps, batch=args.batch,
+                   num_frames=args.frames, show_progress=show)
+    print(f"wrote {args.format} export to {args.out}")
+    return 0

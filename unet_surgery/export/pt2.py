@@ -1,0 +1,241 @@
+"""Frozen ``torch.export`` programs of a patched model, one per schedule phase.
+
+A patched model changes behaviour with the step, which a static graph cannot; but it changes
+only between a few phases (:mod:`unet_surgery.export.phases`). Each phase is exported with
+its settings frozen to constants at a fixed resolution and batch, and saved as
+``phase_{k}.pt2`` beside a ``manifest.json`` that maps every step (and its timestep) to a
+phase. :class:`Pt2Runner` loads the folder and is a drop-in ``unet(sample, t, ehs)`` for a
+sampling loop with those timesteps: no unet-surgery code runs inside the programs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unet_surgery.errors import CheckpointError, SurgeryError
+from unet_surgery.export.phases import PhaseSettings, default_timesteps, enumerate_phases, frozen
+from unet_surgery.export.progress import progress
+from unet_surgery.export.staging import staged_folder
+from unet_surgery.patching.patch import Patch
+
+PT2_FORMAT = "unet-surgery-pt2"
+PT2_VERSION = 1
+MANIFEST = "manifest.json"
+_EXTRA = ("added_cond_kwargs", "added_time_ids")
+_LDM_NAMES = {"x": "sample", "timesteps": "timestep", "context": "encoder_hidden_states"}
+
+
+class UNetForward(nn.Module):
+    """``unet.forward`` as a tensor-in, tensor-out module.
+
+    Calls ``forward`` directly, bypassing the UNet's own hooks: the patch's call tracker reads
+    the timestep as a Python number (untraceable), and in a frozen phase nothing reads it.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self._return_dict = "return_dict" in inspect.signature(unet.forward).parameters
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        added_time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self._return_dict:  # LDM UNetModel: forward(x, timesteps, context)
+            return self.unet.forward(sample, timestep, encoder_hidden_states)
+        extra: dict[str, Any] = {"return_dict": False}
+        if added_cond_kwargs is not None:
+            extra["added_cond_kwargs"] = added_cond_kwargs
+        if added_time_ids is not None:
+            extra["added_time_ids"] = added_time_ids
+        return self.unet.forward(sample, timestep, encoder_hidden_states, **extra)[0]
+
+
+def canonical_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Inputs under :class:`UNetForward`'s names (LDM ``x``/``timesteps``/``context`` renamed)."""
+    out = {_LDM_NAMES.get(k, k): v for k, v in inputs.items()}
+    unknown = set(out) - {"sample", "timestep", "encoder_hidden_states", *_EXTRA}
+    if unknown or not {"sample", "timestep", "encoder_hidden_states"} <= set(out):
+        raise SurgeryError(f"pt2 export takes sample, timestep, encoder_hidden_states[, {', '.join(_EXTRA)}], got {sorted(inputs)}")
+    return out
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def default_inputs(model: nn.Module, height: int, width: int, *, batch: int = 1, num_frames: int | None = None) -> dict[str, Any]:
+    """Example inputs at ``height`` x ``width`` pixels for a preset-shaped model."""
+    from unet_surgery.presets import example_inputs
+
+    if getattr(model, "unet_surgery_preset", None) is None:
+        raise SurgeryError(
+            f"no example inputs known for this {type(model).__name__} (it matches no preset); "
+            "pass inputs= with one forward's keyword arguments"
+        )
+    device = next(model.parameters()).device
+    return example_inputs(model, batch=batch, height=height, width=width, num_frames=num_frames, device=device, dtype=_model_dtype(model))
+
+
+def _describe_inputs(inputs: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if isinstance(value, Mapping):
+            out.update(_describe_inputs(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            out[prefix + key] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    return out
+
+
+def _check_freezable(settings: PhaseSettings, k: int) -> None:
+    for path, fusion in settings.attentions:
+        if fusion is not None and fusion.active and fusion.jitter:
+            raise SurgeryError(
+                f"phase {k}: {path} uses jittered scale fusion, whose random window offsets "
+                "cannot be frozen into a static program; export a recipe with jitter: false"
+            )
+
+
+def export_phase(patch: Patch, settings: PhaseSettings, inputs: Mapping[str, Any]) -> torch.export.ExportedProgram:
+    """The patched model with ``settings`` frozen, exported for ``inputs``' shapes."""
+    with frozen(patch, settings), torch.no_grad():
+        return torch.export.export(UNetForward(patch.model), args=(), kwargs=dict(inputs), strict=False)
+
+
+def export_pt2(
+    patch: Patch,
+    directory: str | Path,
+    *,
+    height: int,
+    width: int,
+    num_steps: int,
+    timesteps: Sequence[float] | None = None,
+    batch: int = 1,
+    num_frames: int | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    show_progress: bool = False,
+) -> Path:
+    """Write one ``phase_{k}.pt2`` per distinct phase of a ``num_steps`` run and the manifest.
+
+    ``height``/``width`` are pixels (latents are 1/vae_scale_factor of that); ``timesteps``
+    is the sampler's list (default: :func:`default_timesteps`); ``inputs`` overrides the
+    example forward arguments (their shapes and dtypes are frozen into the programs).
+    """
+    model = patch.model
+    if not patch.active:
+        raise SurgeryError("the patch has been removed; apply it again before exporting")
+    ts = [float(t) for t in (timesteps if timesteps is not None else default_timesteps(num_steps, patch.tracker.num_train_timesteps))]
+    if len(ts) != num_steps:
+        raise SurgeryError(f"{len(ts)} timesteps given for {num_steps} steps")
+    example = canonical_inputs(inputs if inputs is not None else default_inputs(model, height, width, batch=batch, num_frames=num_frames))
+    latent_hw = (int(example["sample"].shape[-2]), int(example["sample"].shape[-1]))
+    phases, table = enumerate_phases(patch, ts, latent_hw, int(example["sample"].shape[0]))
+    for k, settings in enumerate(phases):
+        _check_freezable(settings, k)
+    directory = Path(directory)
+    with staged_folder(directory) as stage, progress(len(phases), "pt2 phases", show_progress) as bar:
+        for k, settings in enumerate(phases):
+            program = export_phase(patch, settings, example)
+            with (stage / f"phase_{k}.pt2").open("wb") as f:
+                torch.export.save(program, f)
+            bar.update()
+        manifest = {
+            "format": PT2_FORMAT,
+            "version": PT2_VERSION,
+            "recipe": patch.recipe.name,
+            "model_class": type(model).__name__,
+            "resolution": [height, width],
+            "latent_hw": list(latent_hw),
+            "batch": int(example["sample"].shape[0]),
+            "dtype": str(_model_dtype(model)).removeprefix("torch."),
+            "num_steps": num_steps,
+            "timesteps": ts,
+            "step_phase": table,
+            "phases": [
+                {"file": f"phase_{k}.pt2", "steps": [i for i, p in enumerate(table) if p == k], "changed": s.summary()}
+                for k, s in enumerate(phases)
+            ],
+            "inputs": _describe_inputs(example),
+        }
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+class Pt2Runner:
+    """Run an exported folder as a UNet: picks the phase of each call from its timestep.
+
+    ``runner(sample, timestep, encoder_hidden_states, **extra)`` returns the prediction
+    tensor. The step is the index of the nearest timestep in the manifest's list (pass
+    ``step=`` to choose it directly). Programs are loaded on first use and kept.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        file = self.directory / MANIFEST
+        if not file.is_file():
+            raise CheckpointError(f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
+        try:
+            manifest = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{file} is not valid JSON ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != PT2_FORMAT:
+            raise CheckpointError(f"{file} is not a {PT2_FORMAT} manifest")
+        if int(manifest.get("version", 0)) > PT2_VERSION:
+            raise CheckpointError(f"{file}: version {manifest.get('version')} is newer than this unet-surgery reads")
+        self.manifest = manifest
+        self.timesteps: list[float] = [float(t) for t in manifest["timesteps"]]
+        self.step_phase: list[int] = [int(k) for k in manifest["step_phase"]]
+        self._programs: dict[int, nn.Module] = {}
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.manifest["phases"])
+
+    def step_of(self, timestep: float | torch.Tensor) -> int:
+        from unet_surgery.ops.schedules import step_index
+
+        return step_index(timestep, self.timesteps)
+
+    def program(self, phase: int) -> nn.Module:
+        """The runnable module of one phase (loaded from ``phase_{k}.pt2`` on first use)."""
+        if phase not in self._programs:
+            path = self.directory / self.manifest["phases"][phase]["file"]
+            try:
+                self._programs[phase] = torch.export.load(str(path)).module()
+            except Exception as exc:
+                raise CheckpointError(f"{path} is not a loadable torch.export program ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from exc
+        return self._programs[phase]
+
+    def _timestep(self, timestep: Any, device: torch.device) -> torch.Tensor:
+        spec = self.manifest["inputs"]["timestep"]
+        t = torch.as_tensor(timestep, device=device).to(getattr(torch, spec["dtype"])).reshape(-1)
+        shape = tuple(spec["shape"])
+        return t.reshape(()) if not shape else t.expand(shape).contiguous()
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        step: int | None = None,
+        **extra: Any,
+    ) -> torch.Tensor:
+        if step is None:
+            step = self.step_of(timestep)
+        if not 0 <= step < len(self.step_phase):
+            raise SurgeryError(f"step {step} is outside the exported run of {len(self.step_phase)} steps")
+        module = self.program(self.step_phase[step])
+        kwargs = {k: v for k, v in extra.items() if v is not None}
+        return module(sample=sample, timestep=self._timestep(timestep, sample.device), encoder_hidden_states=encoder_hidden_states, **kwargs)
