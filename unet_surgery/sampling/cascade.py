@@ -1,0 +1,350 @@
+"""FreeScale's tailored self-cascade sampler, around a small denoise callback.
+
+Stage 1 is a plain generation at the first size. Every later stage upsamples the previous
+result (decode, bicubic resize, encode; or a direct resize for pixel-space models), noises it
+to every timestep of the schedule with one noise tensor, restarts at ``restart_step`` and,
+before each later denoising step at timestep ``t``, pulls the latents towards the noised
+upsampled image:
+
+    c = (0.5 * (1 + cos(pi * (T - t) / T))) ** s        latents = latents * (1 - c) + x_t * c
+
+with ``s = cosine_scale``, or per pixel ``s = mask * cosine_scale + (1 - mask) * cosine_scale_bg``
+when a detail mask is given (region-aware detail control). The early, noisy steps are thus
+anchored to the upsampled layout and the late steps free to add detail.
+
+The sampler knows nothing about prompts or UNet signatures: a :data:`Denoiser` gets the
+scheduler-scaled model input, the timestep and the :class:`CascadeStage` and returns the
+(guided) model output. :func:`cfg_denoiser` builds one for a bare UNet; ``pipelines`` builds one
+from an SD or SDXL pipeline. Restrained dilation and scale fusion come from the recipe's passes
+applied to the UNet (``factor: auto`` follows the stage size); the sampler only tells the patch
+the timesteps of each stage.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unet_surgery.errors import RecipeError, SurgeryError
+from unet_surgery.recipes.schema import Recipe, SamplingSpec
+
+
+@dataclass(frozen=True)
+class CascadeStage:
+    """One stage of the cascade, as the denoise callback sees it."""
+
+    index: int
+    height: int  # pixels
+    width: int
+    latent_hw: tuple[int, int]
+    restart_step: int  # 0 for the first stage
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, CascadeStage], torch.Tensor]
+
+
+@dataclass
+class CascadeOutput:
+    """The final latents and each stage's result (``stage_latents[-1] is latents``)."""
+
+    latents: torch.Tensor
+    stage_latents: list[torch.Tensor] = field(default_factory=list)
+    images: Any = None  # filled by the pipeline front end when an image output is asked for
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def sampling_spec(source: Recipe | SamplingSpec) -> SamplingSpec:
+    """The sampling section of a recipe, validated (a hand-built spec skips the parser)."""
+    spec = source.sampling if isinstance(source, Recipe) else source
+    if spec is None:
+        name = source.name if isinstance(source, Recipe) else "?"
+        raise RecipeError(f"recipe {name!r} has no sampling section (stages, steps, restart_step, ...)")
+    if not isinstance(spec, SamplingSpec):
+        raise RecipeError(f"expected a Recipe or SamplingSpec, got {type(spec).__name__}")
+    if not spec.stages:
+        raise RecipeError("sampling.stages: at least one stage is required")
+    for i, (h, w) in enumerate(spec.stages):
+        if h <= 0 or w <= 0:
+            raise RecipeError(f"sampling.stages[{i}]: sizes must be positive, got {[h, w]}")
+    for i, (a, b) in enumerate(zip(spec.stages, spec.stages[1:], strict=False)):
+        if b[0] < a[0] or b[1] < a[1]:
+            raise RecipeError(f"sampling.stages[{i + 1}]: stages must not shrink: {list(a)} -> {list(b)}")
+    if spec.steps < 1:
+        raise RecipeError(f"sampling.steps: must be >= 1, got {spec.steps}")
+    restart = restart_step_of(spec)
+    if not 0 <= restart < spec.steps:
+        raise RecipeError(
+            f"sampling.restart_step: must be in [0, {spec.steps}) (a step of the {spec.steps}-step "
+            f"schedule), got {restart}"
+        )
+    for name in ("cosine_scale", "cosine_scale_bg"):
+        value = getattr(spec, name)
+        if not math.isfinite(value) or value < 0:
+            raise RecipeError(f"sampling.{name}: must be a finite number >= 0, got {value}")
+    return spec
+
+
+def restart_step_of(spec: SamplingSpec) -> int:
+    """The restart step: the spec's, else FreeScale's default int(0.3 * steps)."""
+    return spec.restart_step if spec.restart_step is not None else int(0.3 * spec.steps)
+
+
+def _as_mask(mask: Any, batch: int, final_hw: tuple[int, int]) -> torch.Tensor:
+    """A detail mask as a (1 or B, 1, H, W) float tensor in [0, 1], or a clear error."""
+    m = torch.as_tensor(mask)
+    if m.dtype == torch.bool:
+        m = m.float()
+    if not m.is_floating_point():
+        raise SurgeryError(f"mask must hold floats in [0, 1], got dtype {m.dtype}")
+    if m.dim() == 2:
+        m = m[None, None]
+    elif m.dim() == 3:
+        m = m[:, None] if m.shape[0] != 1 or batch == 1 else m[None]
+        if m.shape[1] != 1:
+            m = m.transpose(0, 1)
+    elif m.dim() != 4:
+        raise SurgeryError(f"mask must be (H, W), (1, H, W) or (B, 1, H, W), got shape {tuple(m.shape)}")
+    if m.shape[1] != 1:
+        raise SurgeryError(f"mask must have one channel, got shape {tuple(m.shape)}")
+    if m.shape[0] not in (1, batch):
+        raise SurgeryError(f"mask batch {m.shape[0]} does not match the batch {batch} (use 1 or {batch})")
+    if m.shape[-2] < 1 or m.shape[-1] < 1:
+        raise SurgeryError(f"mask is empty: shape {tuple(m.shape)}")
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
+        raise SurgeryError(f"mask values must lie in [0, 1], got [{float(m.min()):g}, {float(m.max()):g}]")
+    aspect, want = m.shape[-1] / m.shape[-2], final_hw[1] / final_hw[0]
+    if abs(aspect / want - 1) > 0.02:
+        raise SurgeryError(
+            f"mask of {m.shape[-2]}x{m.shape[-1]} does not fit the {final_hw[0]}x{final_hw[1]} output "
+            "(aspect ratios differ); give a mask of the output's shape"
+        )
+    return m
+
+
+def cosine_blend_factor(t: torch.Tensor | float, num_train_timesteps: int, exponent: Any) -> Any:
+    """c = (0.5 * (1 + cos(pi * (T - t) / T))) ** exponent; ``exponent`` may be a per-pixel map."""
+    base = 0.5 * (1 + math.cos(math.pi * (num_train_timesteps - float(t)) / num_train_timesteps))
+    if isinstance(exponent, torch.Tensor):
+        return torch.pow(torch.as_tensor(base, dtype=torch.float64), exponent.double())
+    return base**exponent
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int) -> Iterator[Any]:
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm comes with diffusers; without it, no bar
+            pass
+        else:
+            yield from tqdm(iterable, desc=desc, total=total)
+            return
+    yield from iterable
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Noise drawn on the generator's device (reproducible across devices), then moved."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _step_kwargs(scheduler: Any, generator: torch.Generator | None) -> dict[str, Any]:
+    params = inspect.signature(scheduler.step).parameters
+    return {"generator": generator} if "generator" in params else {}
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (scaled for the UNet) to an image in [-1, 1]."""
+    cfg = vae.config
+    z = latents.to(_module_dtype(vae)) / cfg.scaling_factor
+    if getattr(cfg, "shift_factor", None):
+        z = z + cfg.shift_factor
+    out = vae.decode(z, return_dict=False)[0]
+    return out
+
+
+def vae_encode(vae: nn.Module, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """An image to UNet latents by sampling the posterior (as FreeScale does)."""
+    cfg = vae.config
+    posterior = vae.encode(image.to(_module_dtype(vae))).latent_dist
+    z = posterior.sample(generator=generator)
+    if getattr(cfg, "shift_factor", None):
+        z = z - cfg.shift_factor
+    return z * cfg.scaling_factor
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def self_cascade(
+    denoise: Denoiser,
+    scheduler: Any,
+    sampling: Recipe | SamplingSpec,
+    *,
+    latent_channels: int,
+    batch_size: int = 1,
+    vae: nn.Module | None = None,
+    vae_scale_factor: int | None = None,
+    mask: Any = None,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    patch: Any = None,
+    progress: bool = True,
+) -> CascadeOutput:
+    """Run the self-cascade and return the latents of every stage.
+
+    ``denoise(model_input, t, stage)`` returns the model output the scheduler expects (noise
+    for epsilon models), guidance included. ``vae=None`` skips the VAE: stages resize the
+    samples directly (pixel-space models) and ``vae_scale_factor`` defaults to the recipe's
+    (1 for a bare SamplingSpec). ``latents`` is the
+    stage-1 starting noise (else drawn from ``generator``); ``device``/``dtype`` default to
+    those of ``latents``, then of the VAE, then CPU float32. ``patch`` (a :class:`Patch`) is
+    told each stage's timesteps; a pipeline patched with ``apply_to_pipeline`` is told anyway.
+    """
+    spec = sampling_spec(sampling)
+    if vae_scale_factor is None:
+        if vae is None:  # sizes of a latent model without its VAE: the recipe says how to scale
+            vae_scale_factor = sampling.vae_scale_factor if isinstance(sampling, Recipe) else 1
+        else:
+            vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    for i, (h, w) in enumerate(spec.stages):
+        if h % vae_scale_factor or w % vae_scale_factor:
+            raise RecipeError(
+                f"sampling.stages[{i}]: {h}x{w} is not a multiple of the VAE scale factor {vae_scale_factor}"
+            )
+    if latents is not None:
+        device = latents.device if device is None else device
+        dtype = latents.dtype if dtype is None else dtype
+    elif vae is not None:
+        param = next(vae.parameters())
+        device = param.device if device is None else device
+        dtype = param.dtype if dtype is None else dtype
+    device = torch.device(device if device is not None else "cpu")
+    dtype = dtype if dtype is not None else torch.float32
+    T = int(scheduler.config.num_train_timesteps)
+    steps = spec.steps
+    restart = restart_step_of(spec)
+    order = int(getattr(scheduler, "order", 1))
+    final_hw = spec.stages[-1]
+    mask_t = None if mask is None else _as_mask(mask, batch_size, final_hw).to(device)
+    step_kwargs = _step_kwargs(scheduler, generator)
+
+    def set_timesteps() -> torch.Tensor:
+        scheduler.set_timesteps(steps, device=device)
+        if patch is not None:
+            patch.set_timesteps(scheduler.timesteps)
+        return scheduler.timesteps
+
+    def run(x: torch.Tensor, stage: CascadeStage, start: int, anchors: list[torch.Tensor] | None,
+            exponent: Any) -> torch.Tensor:
+        timesteps = scheduler.timesteps
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        desc = f"stage {stage.index + 1}/{len(spec.stages)} {stage.height}x{stage.width}"
+        todo = range(start, len(timesteps))
+        for i in _progress(todo, progress, desc, len(todo)):
+            t = timesteps[i]
+            first_order = getattr(scheduler, "state_in_first_order", True)
+            if anchors is not None and first_order:
+                c = cosine_blend_factor(t, T, exponent)
+                c = c.to(device=device, dtype=x.dtype) if isinstance(c, torch.Tensor) else c
+                x = x * (1 - c) + anchors[i] * c
+            model_input = scheduler.scale_model_input(x, t)
+            out = denoise(model_input, t, stage)
+            x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+        return x
+
+    results: list[torch.Tensor] = []
+    with torch.no_grad():
+        # --- stage 1: plain generation
+        h, w = spec.stages[0]
+        hw = (h // vae_scale_factor, w // vae_scale_factor)
+        set_timesteps()
+        shape = (batch_size, latent_channels, *hw)
+        if latents is None:
+            x = _randn(shape, generator, device, dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise SurgeryError(f"latents must have shape {shape} for stage 1, got {tuple(latents.shape)}")
+            x = latents.to(device=device, dtype=dtype)
+        x = x * scheduler.init_noise_sigma
+        x = run(x, CascadeStage(0, h, w, hw, 0), 0, None, None)
+        results.append(x)
+
+        # --- later stages: upsample, re-noise, restart with the cosine blend
+        for index, (h, w) in enumerate(spec.stages[1:], start=1):
+            hw = (h // vae_scale_factor, w // vae_scale_factor)
+            if vae is None:
+                x0 = F.interpolate(x, size=hw, mode="bicubic")
+            else:
+                image = vae_decode(vae, x)
+                image = F.interpolate(image, size=(h, w), mode="bicubic")
+                x0 = vae_encode(vae, image, generator).to(dtype)
+            timesteps = set_timesteps()
+            noise = _randn(tuple(x0.shape), generator, device, dtype)
+            # add_noise looks t up in the schedule only while no begin index is set
+            anchors = [scheduler.add_noise(x0, noise, t.reshape(1)) for t in timesteps]
+            if mask_t is None:
+                exponent: Any = spec.cosine_scale
+            else:
+                m = F.interpolate(mask_t.to(torch.float64), size=hw, mode="nearest")
+                exponent = m * spec.cosine_scale + (1 - m) * spec.cosine_scale_bg
+            start = restart * order
+            x = anchors[start]
+            x = run(x, CascadeStage(index, h, w, hw, restart), start, anchors, exponent)
+            results.append(x)
+    return CascadeOutput(latents=results[-1], stage_latents=results)
+
+
+def cfg_denoiser(
+    unet: nn.Module,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    *,
+    guidance_scale: float = 7.5,
+    added_cond_kwargs: dict[str, torch.Tensor] | Callable[[CascadeStage], dict[str, torch.Tensor]] | None = None,
+    **unet_kwargs: Any,
+) -> Denoiser:
+    """A denoiser for a bare diffusers UNet with classifier-free guidance.
+
+    The batch is ``[uncond, cond]`` like diffusers pipelines build it, so a patch with
+    noise-damped guidance enabled sees what it expects. ``added_cond_kwargs`` (SDXL) are
+    batched like the UNet input (``[uncond, cond]`` rows when guiding), or a function of the
+    stage that returns them; ``uncond=None`` or ``guidance_scale <= 1`` runs without guidance.
+    """
+    use_cfg = uncond is not None and guidance_scale > 1
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, stage: CascadeStage) -> torch.Tensor:
+        extra = added_cond_kwargs(stage) if callable(added_cond_kwargs) else added_cond_kwargs
+        if use_cfg:
+            model_input = torch.cat([x, x])
+            context = torch.cat([uncond, cond])
+        else:
+            model_input, context = x, cond
+        kwargs = dict(unet_kwargs)
+        if extra is not None:
+            kwargs["added_cond_kwargs"] = extra
+        out = unet(model_input, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        if not use_cfg:
+            return out
+        out_u, out_c = out.chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    return denoise

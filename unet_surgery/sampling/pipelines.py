@@ -1,0 +1,351 @@
+"""Recipes on whole diffusers pipelines: ``apply_to_pipeline(pipe, recipe)`` and the cascade front end.
+
+A :class:`~unet_surgery.Patch` on ``pipe.unet`` already works inside the pipeline's own loop;
+what the pipeline knows and the UNet does not is the sampler's timestep list and whether the
+batch is ``[uncond, cond]``. :func:`apply_to_pipeline` adds exactly that, reversibly:
+
+* ``scheduler.set_timesteps`` is wrapped (signature kept, diffusers inspects it) so every call
+  forwards ``scheduler.timesteps`` to ``patch.set_timesteps``: steps are exact indices for
+  any scheduler (DDIM, Karras sigmas, SVD's continuous timesteps, img2img's partial schedules);
+* the pipeline's prompt/image encoder is wrapped to read the ``do_classifier_free_guidance``
+  flag it is given, and noise-damped guidance is switched on for a call only when that call
+  batches ``[uncond, cond]``; every supported pipeline was checked to batch in that order.
+
+:meth:`PipelinePatch.remove` undoes all of it: the pipeline then computes bit for bit what
+it computed before.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+from unet_surgery.errors import RecipeError, SurgeryError
+from unet_surgery.graph import UNetMap
+from unet_surgery.patching.patch import Patch, apply, current_patch
+from unet_surgery.recipes.schema import NoiseDampedCFGPass, Recipe, SamplingSpec
+from unet_surgery.sampling.cascade import CascadeOutput, CascadeStage, self_cascade
+
+# Supported pipeline class -> the method that receives the pipeline's CFG decision.
+# All of them batch the UNet input as [uncond, cond] under CFG (negative embeddings first;
+# SVD: zero image embedding and zero image latents first).
+SUPPORTED_PIPELINES: dict[str, str] = {
+    "StableDiffusionPipeline": "encode_prompt",
+    "StableDiffusionImg2ImgPipeline": "encode_prompt",
+    "StableDiffusionControlNetPipeline": "encode_prompt",
+    "StableDiffusionXLPipeline": "encode_prompt",
+    "StableDiffusionXLImg2ImgPipeline": "encode_prompt",
+    "StableDiffusionXLControlNetPipeline": "encode_prompt",
+    "AnimateDiffPipeline": "encode_prompt",
+    "TextToVideoSDPipeline": "encode_prompt",
+    "StableVideoDiffusionPipeline": "_encode_image",
+}
+CASCADE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def _supported_class(pipe: Any, names: tuple[str, ...] | list[str]) -> str:
+    """The pipeline's class name if it is one of ``names`` (the diffusers class itself)."""
+    name = type(pipe).__name__
+    try:
+        import diffusers
+    except ImportError as exc:  # pragma: no cover - a pipeline cannot exist without diffusers
+        raise SurgeryError("pipeline integration needs diffusers") from exc
+    if name in names and type(pipe) is getattr(diffusers, name, None):
+        return name
+    raise SurgeryError(
+        f"{type(pipe).__module__}.{name} is not supported; supported pipelines: {', '.join(names)}. "
+        "For another sampling loop use unet_surgery.apply(pipe.unet, recipe) and call "
+        "patch.set_timesteps(...) yourself"
+    )
+
+
+def _expand_lists(value: Any, rows: int) -> Any:
+    """[u, c] -> [u, u, c] for tensors inside lists/tuples (ControlNet residuals, IP-adapter
+    embeddings), which the guidance pre-hook leaves alone. A tensor already expanded has
+    3 * rows rows, never a multiple of 2 * rows, so this cannot expand twice."""
+    if isinstance(value, (list, tuple)):
+        items = [_expand_lists(v, rows) for v in value]
+        return type(value)(items) if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: _expand_lists(v, rows) if isinstance(v, (list, tuple, dict)) else v for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] % (2 * rows) == 0:
+        half = value.shape[0] // 2
+        return torch.cat([value[:half], value[:half], value[half:]])
+    return value
+
+
+class PipelinePatch:
+    """A recipe applied to a pipeline; :meth:`remove` (or ``with``) undoes everything."""
+
+    def __init__(self, pipe: Any, patch: Patch, encoder_name: str):
+        self.pipe = pipe
+        self.patch = patch
+        self.scheduler = pipe.scheduler
+        self.noise_damped = any(isinstance(p, NoiseDampedCFGPass) for p in patch.recipe.passes) and any(
+            c.damped is not None for c in patch.plan.convs.values()
+        )
+        self.cfg: bool | None = None  # the last CFG decision the pipeline announced
+        self._encoder_name = encoder_name
+        self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
+        self._list_hook: Any = None
+        self._guard: Any = None
+        self.active = False
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.patch.recipe
+
+    # --- wrapping -------------------------------------------------------------------------
+    def _wrap(self, obj: Any, name: str, make: Any) -> None:
+        previous = obj.__dict__.get(name, _MISSING)
+        original = getattr(obj, name)
+        wrapper = functools.wraps(original)(make(original))
+        object.__setattr__(obj, name, wrapper)
+        self._saved.append((obj, name, previous))
+
+    def _install(self) -> None:
+        def set_timesteps(original: Any) -> Any:
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                result = original(*args, **kwargs)
+                self._after_set_timesteps()
+                return result
+
+            return wrapped
+
+        self._wrap(self.scheduler, "set_timesteps", set_timesteps)
+        if self.noise_damped:
+            def encoder(original: Any) -> Any:
+                signature = inspect.signature(original)
+
+                def wrapped(*args: Any, **kwargs: Any) -> Any:
+                    try:
+                        bound = signature.bind(*args, **kwargs)
+                        bound.apply_defaults()
+                        flag = bound.arguments.get("do_classifier_free_guidance")
+                    except TypeError:
+                        flag = None
+                    if flag is not None:
+                        self.cfg = bool(flag)
+                    return original(*args, **kwargs)
+
+                return wrapped
+
+            self._wrap(self.pipe, self._encoder_name, encoder)
+        self._guard = self.patch.model.register_forward_pre_hook(self._check_scheduler)
+        self.active = True
+
+    def _check_scheduler(self, module: Any, args: Any) -> None:
+        if self.pipe.scheduler is not self.scheduler:
+            raise SurgeryError(
+                "pipe.scheduler was replaced after apply_to_pipeline, so the patch no longer sees "
+                "the timesteps; remove the patch and apply it again after changing the scheduler"
+            )
+
+    def _after_set_timesteps(self) -> None:
+        self.patch.set_timesteps(self.scheduler.timesteps)
+        if not self.noise_damped:
+            return
+        cfg = self.cfg
+        if cfg is None:  # no encoder call seen: ask the pipeline (SD-family property)
+            try:
+                cfg = bool(self.pipe.do_classifier_free_guidance)
+            except (AttributeError, TypeError):
+                cfg = False
+        self._set_guidance(cfg)
+
+    def _set_guidance(self, on: bool) -> None:
+        if self._list_hook is not None:
+            self._list_hook.remove()
+            self._list_hook = None
+        if not on:
+            self.patch.disable_noise_damped_cfg()
+            return
+        self.patch.enable_noise_damped_cfg()
+        # registered after the guidance pre-hook, so it sees the expanded call
+        self._list_hook = self.patch.model.register_forward_pre_hook(self._expand_residuals, with_kwargs=True)
+
+    def _expand_residuals(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = self.patch.tracker.current
+        if call is None or not call.groups:
+            return None
+        rows = call.groups[0][0]
+        return tuple(_expand_lists(a, rows) if isinstance(a, (list, tuple)) else a for a in args), {
+            k: _expand_lists(v, rows) if isinstance(v, (list, tuple, dict)) else v for k, v in kwargs.items()
+        }
+
+    # --- removal --------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore the UNet, the scheduler and the pipeline. Removing twice is a no-op."""
+        if not self.active:
+            return
+        self.active = False
+        for hook in (self._list_hook, self._guard):
+            if hook is not None:
+                hook.remove()
+        self._list_hook = self._guard = None
+        for obj, name, previous in reversed(self._saved):
+            if previous is _MISSING:
+                object.__delattr__(obj, name)
+            else:
+                object.__setattr__(obj, name, previous)
+        self._saved.clear()
+        self.patch.remove()
+
+    def __enter__(self) -> PipelinePatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def report(self) -> str:
+        return self.patch.report()
+
+
+_MISSING = object()
+
+
+def apply_to_pipeline(
+    pipe: Any, recipe: Recipe | str | dict[str, Any], *, unet_map: UNetMap | None = None
+) -> PipelinePatch:
+    """Apply ``recipe`` to ``pipe.unet`` and connect it to the pipeline's sampler.
+
+    Raises :class:`SurgeryError` for an unsupported pipeline type (the message lists the
+    supported ones) or an already patched UNet. ``unet_map`` skips mapping the UNet.
+    """
+    encoder = SUPPORTED_PIPELINES[_supported_class(pipe, list(SUPPORTED_PIPELINES))]
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "scheduler", None) is None:
+        raise SurgeryError(f"{type(pipe).__name__} has no unet or no scheduler to patch")
+    num_train = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
+    patch = apply(pipe.unet, recipe, unet_map=unet_map, num_train_timesteps=num_train)
+    pipeline_patch = PipelinePatch(pipe, patch, encoder)
+    try:
+        pipeline_patch._install()
+    except BaseException:
+        pipeline_patch.active = True
+        pipeline_patch.remove()
+        raise
+    return pipeline_patch
+
+
+# ----------------------------------------------------------------------------- cascade front end
+
+
+def self_cascade_sample(
+    pipe: Any,
+    recipe: Recipe | str | dict[str, Any],
+    *,
+    prompt: str | list[str] | None = None,
+    negative_prompt: str | list[str] | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 7.5,
+    sampling: SamplingSpec | None = None,
+    mask: Any = None,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+    unet_map: UNetMap | None = None,
+    output_type: str = "latent",
+    progress: bool = True,
+) -> CascadeOutput:
+    """FreeScale generation with an SD or SDXL pipeline: recipe passes + self-cascade.
+
+    The recipe is applied for the run (and removed after) unless ``pipe.unet`` already carries
+    a patch. Conditioning comes from the pipeline's ``encode_prompt`` (prompts or ready-made
+    embeddings); SDXL's size conditioning is the first stage's size for every stage, as in the
+    official code. ``sampling`` overrides the recipe's sampling section. With ``output_type``
+    other than ``"latent"`` the final latents are decoded into ``CascadeOutput.images``.
+    """
+    from unet_surgery.recipes.library import load_recipe
+
+    name = _supported_class(pipe, CASCADE_PIPELINES)
+    recipe = load_recipe(recipe)
+    spec = sampling if sampling is not None else recipe.sampling
+    if spec is None:
+        raise RecipeError(f"recipe {recipe.name!r} has no sampling section; pass sampling=SamplingSpec(...)")
+    unet = pipe.unet
+    device = getattr(pipe, "_execution_device", None) or unet.device
+    dtype = unet.dtype
+    owned: PipelinePatch | None = None
+    patch = current_patch(unet)
+    if patch is None:
+        owned = apply_to_pipeline(pipe, recipe, unet_map=unet_map)
+        patch = owned.patch
+    try:
+        denoise = _pipeline_denoiser(
+            pipe, name, device, dtype, spec.stages[0], guidance_scale, prompt, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+        )
+        batch = denoise.batch  # type: ignore[attr-defined]
+        vae = getattr(pipe, "vae", None)
+        out = self_cascade(
+            denoise, pipe.scheduler, spec, latent_channels=unet.config.in_channels, batch_size=batch,
+            vae=vae, vae_scale_factor=getattr(pipe, "vae_scale_factor", None) if vae is not None else recipe.vae_scale_factor,
+            mask=mask, generator=generator, latents=latents, device=device, dtype=dtype, patch=patch,
+            progress=progress,
+        )
+        if output_type != "latent" and vae is not None:
+            from unet_surgery.sampling.cascade import vae_decode
+
+            with torch.no_grad():
+                image = vae_decode(vae, out.latents)
+            out.images = pipe.image_processor.postprocess(image, output_type=output_type)
+        return out
+    finally:
+        if owned is not None:
+            owned.remove()
+
+
+def _pipeline_denoiser(
+    pipe: Any, name: str, device: torch.device, dtype: torch.dtype, first_stage: tuple[int, int],
+    guidance_scale: float, prompt: Any, negative_prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any,
+    pooled: Any, negative_pooled: Any,
+) -> Any:
+    """Encode the prompt once with the pipeline and return a [uncond, cond] CFG denoiser."""
+    cfg = guidance_scale > 1
+    with torch.no_grad():
+        if name == "StableDiffusionXLPipeline":
+            cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+            )
+            if pipe.text_encoder_2 is None:
+                projection_dim = int(pooled.shape[-1])
+            else:
+                projection_dim = pipe.text_encoder_2.config.projection_dim
+            time_ids = pipe._get_add_time_ids(
+                tuple(first_stage), (0, 0), tuple(first_stage), dtype=cond.dtype,
+                text_encoder_projection_dim=projection_dim,
+            ).to(device).repeat(cond.shape[0], 1)
+            if cfg:
+                added = {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
+            else:
+                added = {"text_embeds": pooled, "time_ids": time_ids}
+        else:
+            cond, uncond = pipe.encode_prompt(
+                prompt, device, 1, cfg, negative_prompt, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+            )
+            added = None
+    context = torch.cat([uncond, cond]) if cfg else cond
+    unet = pipe.unet
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, stage: CascadeStage) -> torch.Tensor:
+        model_input = torch.cat([x, x]) if cfg else x
+        kwargs: dict[str, Any] = {"encoder_hidden_states": context, "return_dict": False}
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
+        out = unet(model_input, t, **kwargs)[0]
+        if not cfg:
+            return out
+        out_u, out_c = out.chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    denoise.batch = int(cond.shape[0])  # type: ignore[attr-defined]
+    return denoise
