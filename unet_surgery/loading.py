@@ -396,7 +396,8 @@ def match_preset(class_name: str, config: Mapping[str, Any]) -> tuple[str, str] 
                 continue
             ref = preset_config(name, size=size)
             ref = json.loads(json.dumps(ref.get("unet", ref)))
-            common = [k for k in ref if not k.startswith("_") and k in canon]
+            # Block type names differ between a UNet and its motion twin; widths decide.
+            common = [k for k in ref if not k.startswith("_") and "block_type" not in k and k in canon]
             if "block_out_channels" in common and all(ref[k] == canon[k] for k in common):
                 return name, size
     return None
