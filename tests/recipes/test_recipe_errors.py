@@ -22,7 +22,7 @@ VALID = {
     "passes": [
         {"type": "redilate", "select": {"kernel": 3, "level": "1..", "stage": ["down", "mid"]}, "factor": 2,
          "schedule": {"tau": 30, "steps": 50}},
-        {"type": "disperse", "select": {"paths": ["down_blocks.1.resnets.0.conv1"]}},
+        {"type": "disperse", "select": {"paths": ["down_blocks.1.resnets.0.conv1"]}, "transform": {"large": 5}},
         {"type": "noise_damped_cfg", "select": {}, "factors": {"mid_block.resnets.0.conv1": 2}},
         {"type": "scale_fusion", "select": {"op": "attention", "kind": "self"}, "blur": "spatial"},
     ],
@@ -88,7 +88,7 @@ def _paths(node, prefix=()):
 
 
 ALL_PATHS = [p for p in _paths(VALID) if p]
-FIELD = re.compile(r"^[A-Za-z_][\w]*(\[\d+\])?(\.[\w.\-*]+|\[\d+\])*: |^(a recipe|expected)")
+FIELD = re.compile(r"^([A-Za-z_]\w*)?(\[\d+\]|\[.+\]|\.[\w.\-*]+)*: |^(a recipe|expected)")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

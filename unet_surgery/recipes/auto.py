@@ -10,11 +10,16 @@ mapper understands, LDM layouts included:
   the full-resolution level, is left alone, as in every published SD1.5 table;
 * for ``s < 3`` every such level uses ``s``; for ``s >= 3`` the factor grows with depth,
   ``min(s, level + 1)`` (2, 3, 4 for SD1.5 at 4x);
+* an upsampler's conv (the first up-path conv after a 2x upsampling, found in the map as an
+  up-stage conv one level finer than the conv before it) takes the factor of the level it
+  upsamples from, as in the published tables;
 * schedule: up to 2.5x, re-dilate for the first 30 of 50 steps at a fixed factor; above,
   the first 35 steps with the progressive rule (the published settings).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import UNetMap
@@ -75,8 +80,37 @@ def auto_recipe(
         )
         # k x k only: 1x1 convs have no receptive field to restore.
         kernels = sorted({k for c in unet_map.convs for k in c.spatial_kernel if k > 1})
-        selector = Selector(**{**selector.__dict__, "kernel": tuple(kernels)})
+        selector = replace(selector, kernel=tuple(kernels))
         passes.append(RedilatePass(select=selector, factor=f, schedule=schedule))
+    upsampler_factors = {}
+    previous = None
+    for conv in unet_map.convs:
+        if (
+            previous is not None
+            and conv.stage == "up"
+            and conv.axis == "spatial"
+            and max(conv.spatial_kernel) > 1
+            and conv.level is not None
+            and previous.level is not None
+            and conv.level < previous.level
+            and previous.level in factors
+        ):
+            upsampler_factors[conv.path] = factors[previous.level]
+        if conv.axis == "spatial" and max(conv.spatial_kernel) > 1:
+            previous = conv
+    if upsampler_factors:
+        # Listed by path, and kept out of the level passes so each conv has one factor.
+        passes = [
+            RedilatePass(
+                select=replace(p.select, exclude=Selector(paths=tuple(upsampler_factors))),
+                factor=p.factor,
+                schedule=p.schedule,
+            )
+            for p in passes
+        ]
+        passes.append(
+            RedilatePass(select=Selector(paths=tuple(upsampler_factors)), factors=upsampler_factors, schedule=schedule)
+        )
     h, w = target_hw
     return Recipe(
         name=name or f"auto-{unet_map.model_class}-{h}x{w}",

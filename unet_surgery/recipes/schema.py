@@ -239,12 +239,11 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
         return value
     if origin is tuple:
         if args and args[-1] is Ellipsis:
-            items = value if isinstance(value, (list, tuple)) else [value]
-            if isinstance(value, (dict, str)) and args[0] is not str:
+            if isinstance(value, dict):
                 _fail(path, f"expected a list of {_type_name(args[0])}, got {_describe(value)}")
-            if isinstance(value, str) and args[0] is str:
-                items = [value]
-            return tuple(_parse(args[0], v, f"{path}[{i}]") for i, v in enumerate(items))
+            if not isinstance(value, (list, tuple)):  # a single value stands for a list of one
+                return (_parse(args[0], value, path),)
+            return tuple(_parse(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             _fail(path, f"expected a list of {len(args)} values, got {_describe(value)}")
         return tuple(_parse(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
@@ -290,7 +289,9 @@ def _parse_dataclass(cls: type, value: Any, path: str) -> Any:
     allowed = set(fields) | ({"type"} if "type" in hints else set())
     unknown = [k for k in value if k not in allowed]
     if unknown:
-        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        key = unknown[0]
+        plain = isinstance(key, str) and key.isidentifier()
+        where = (f"{path}.{key}" if path else key) if plain else f"{path}[{key!r}]"
         _fail(where, f"unknown field (expected one of {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
@@ -306,7 +307,7 @@ def _parse_pass(value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         _fail(path, f"expected a mapping with a type, got {_describe(value)}")
     kind = value.get("type")
-    if kind not in PASS_TYPES:
+    if not isinstance(kind, str) or kind not in PASS_TYPES:
         _fail(f"{path}.type", f"expected one of {', '.join(PASS_TYPES)}, got {_describe(kind)}")
     return _parse_dataclass(PASS_TYPES[kind], value, path)
 
