@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from unet_surgery.toy import NUM_CLASSES, analyse_images, load_toy, sample, summarise
-from unet_surgery.toy.sampling import DEFAULT_GUIDANCE
+from unet_surgery.toy.sampling import DEFAULT_ETA, DEFAULT_GUIDANCE
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int, counts: list[int] | None = None) -> None:
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="0 = deterministic DDIM")
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="samples per UNet call (memory)")
     p.add_argument("--cols", type=int, default=8)
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             width=args.size,
             steps=args.steps,
             guidance_scale=args.guidance,
+            eta=args.eta,
         )
         for i in range(0, args.n, args.batch)
     ]
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         "size": args.size,
         "steps": args.steps,
         "guidance": args.guidance,
+        "eta": args.eta,
         **summarise(stats),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="directory with a toy_unet.safetensors to continue from (stage-2 training)",
+    )
     return p.parse_args(argv)
 
 
@@ -96,6 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_toy(DEFAULT_UNET_CONFIG, NUM_CLASSES)
+    stages: list[dict] = []
+    if args.init_from is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(args.init_from / WEIGHTS_NAME)), strict=True)
+        previous = json.loads((args.init_from / CONFIG_NAME).read_text(encoding="utf-8"))
+        stages = [*previous.get("training_stages", []), previous["training"]]
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
@@ -116,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": DEFAULT_METRIC_PARAMS,
         "num_parameters": n_params,
         "training": {},
+        "training_stages": stages,
     }
 
     t0 = time.perf_counter()
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             config["training"] = {
                 **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "out": None,
+                "init_from": None if args.init_from is None else str(args.init_from),
                 "steps_done": done,
                 "final_loss_smoothed": round(smooth, 5),
                 "wall_time_s": round(time.perf_counter() - t0, 1),

@@ -110,11 +110,15 @@ def make_ddim_scheduler(config: dict[str, Any] | None = None):
     """Deterministic DDIM sampler over the training schedule.
 
     "trailing" spacing starts at t = 999 (pure noise, as in training) and the last step lands on
-    alpha = 1, so a few steps still begin from noise and end on a clean image.
+    alpha = 1, so a few steps still begin from noise and end on a clean image. The cosine
+    schedule's alpha_bar(999) is ~1e-9, so the x0 estimate there divides by ~3e-5: as in the
+    original pixel-space DDPM, x0 is clipped to the data range [-1, 1] (``clip_sample``), which
+    keeps the first steps from amplifying the eps error into saturated noise.
     """
     from diffusers import DDIMScheduler
 
     cfg = dict(config or default_scheduler_config())
+    cfg.update(clip_sample=True, clip_sample_range=1.0)
     return DDIMScheduler(**cfg, set_alpha_to_one=True, timestep_spacing="trailing")
 
 

@@ -1,10 +1,10 @@
-"""Deterministic DDIM sampling with classifier-free guidance for the toy model.
+"""Seeded DDIM sampling with classifier-free guidance for the toy model.
 
 The loop is written out (rather than a diffusers pipeline) so that any UNet, including a patched
 one, can be passed in, and so that the two guidance branches travel in ONE UNet call per step as a
 ``[uncond, cond]`` batch of ``2B``: guidance wrappers that split that batch rely on the order.
-Initial noise comes from one generator per seed, so sample ``i`` with seed ``s`` is the same image
-whether it is drawn alone or inside a batch.
+All noise (initial, and per step for eta > 0) comes from one generator per seed, so sample ``i``
+with seed ``s`` is the same image whether it is drawn alone or inside a batch.
 """
 
 from __future__ import annotations
@@ -17,10 +17,20 @@ from torch import nn
 
 from unet_surgery.toy.model import ToyDiffusion, make_ddim_scheduler
 
-__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "ddim_timesteps", "initial_noise", "sample"]
+__all__ = [
+    "DEFAULT_ETA",
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_STEPS",
+    "ddim_timesteps",
+    "initial_noise",
+    "sample",
+]
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 3.0
+DEFAULT_ETA = 1.0
+"""Stochastic DDIM by default: with eta = 0 the small model's noisy x0 guesses at high t are baked
+into the image and samples end grainy; fresh per-seed noise each step washes those errors out."""
 
 
 def ddim_timesteps(steps: int = DEFAULT_STEPS, scheduler_config: dict[str, Any] | None = None):
@@ -51,12 +61,14 @@ def sample(
     guidance_scale: float = DEFAULT_GUIDANCE,
     unet: nn.Module | None = None,
     callback: Callable[[int, int], None] | None = None,
+    eta: float = DEFAULT_ETA,
 ) -> torch.Tensor:
     """Generate images in [-1, 1], shape ``(B, 3, height, width)``, on the toy model's device.
 
     ``unet`` replaces ``toy.unet`` (e.g. a patched copy); it is called as
     ``unet(x, t, encoder_hidden_states=...)`` with a ``[uncond, cond]`` batch of ``2B``.
     ``callback(step_index, timestep)`` runs before each UNet call (hooks for step schedules).
+    ``eta`` > 0 adds DDIM's stochastic term (1 = DDPM-like ancestral sampling), still per-seed.
     ``height`` and ``width`` must be multiples of 4 (two 2x downsamplings in the UNet).
     """
     if height % 4 or width % 4:
@@ -75,12 +87,25 @@ def sample(
     uncond = toy.encode(torch.full((b,), toy.empty_class, dtype=torch.long, device=device))
     context = torch.cat([uncond, cond]).to(dtype)
 
-    x = initial_noise(seeds, height, width).to(device=device, dtype=dtype)
+    # One generator per seed: the initial noise (and, with eta > 0, every step's fresh noise) of
+    # sample i depends on seeds[i] only, never on its batch neighbours.
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    shape = (3, height, width)
+
+    def per_seed_noise() -> torch.Tensor:
+        rows = [torch.randn(shape, generator=g) for g in generators]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+    x = per_seed_noise()
     for i, t in enumerate(scheduler.timesteps):
         if callback is not None:
             callback(i, int(t))
         eps = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
         eps_uncond, eps_cond = eps.chunk(2)
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x).prev_sample
+        if eta > 0:
+            step = scheduler.step(eps, t, x, eta=eta, variance_noise=per_seed_noise())
+        else:
+            step = scheduler.step(eps, t, x)
+        x = step.prev_sample
     return x.clamp(-1, 1)
