@@ -17,7 +17,9 @@ from unet_surgery.errors import (
     SurgeryError,
     TransformError,
 )
+from unet_surgery.export import load_patch, load_patched, save_patch
 from unet_surgery.graph import UNetMap, map_unet
+from unet_surgery.loading import load_unet
 from unet_surgery.patching.patch import Patch, apply, current_patch, remove
 from unet_surgery.recipes import Recipe, list_recipes, load_recipe
 from unet_surgery.recipes.auto import auto_recipe
@@ -38,7 +40,11 @@ __all__ = [
     "auto_recipe",
     "current_patch",
     "list_recipes",
+    "load_patch",
+    "load_patched",
     "load_recipe",
+    "load_unet",
     "map_unet",
     "remove",
+    "save_patch",
 ]
