@@ -107,16 +107,17 @@ def _as_mask(mask: Any, batch: int, final_hw: tuple[int, int]) -> torch.Tensor:
         raise SurgeryError(f"mask must hold floats in [0, 1], got dtype {m.dtype}")
     if m.dim() == 2:
         m = m[None, None]
-    elif m.dim() == 3:
-        m = m[:, None] if m.shape[0] != 1 or batch == 1 else m[None]
-        if m.shape[1] != 1:
-            m = m.transpose(0, 1)
+    elif m.dim() == 3:  # (N, H, W): one mask per sample, or one for all
+        m = m[:, None]
     elif m.dim() != 4:
         raise SurgeryError(f"mask must be (H, W), (1, H, W) or (B, 1, H, W), got shape {tuple(m.shape)}")
     if m.shape[1] != 1:
         raise SurgeryError(f"mask must have one channel, got shape {tuple(m.shape)}")
     if m.shape[0] not in (1, batch):
-        raise SurgeryError(f"mask batch {m.shape[0]} does not match the batch {batch} (use 1 or {batch})")
+        raise SurgeryError(
+            f"mask batch {m.shape[0]} does not match the batch {batch} (use 1 or {batch}); "
+            "masks are (H, W), (N, H, W) or (N, 1, H, W)"
+        )
     if m.shape[-2] < 1 or m.shape[-1] < 1:
         raise SurgeryError(f"mask is empty: shape {tuple(m.shape)}")
     if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:

@@ -62,10 +62,17 @@ def _supported_class(pipe: Any, names: tuple[str, ...] | list[str]) -> str:
     )
 
 
+def _guidance_expands_lists() -> bool:
+    """Whether the guidance pre-hook already expands tensors inside lists (then no shim)."""
+    from unet_surgery.patching.guidance import _expand
+
+    probe = _expand([torch.zeros(2)], 2)
+    return isinstance(probe, (list, tuple)) and probe[0].shape[0] == 3
+
+
 def _expand_lists(value: Any, rows: int) -> Any:
     """[u, c] -> [u, u, c] for tensors inside lists/tuples (ControlNet residuals, IP-adapter
-    embeddings), which the guidance pre-hook leaves alone. A tensor already expanded has
-    3 * rows rows, never a multiple of 2 * rows, so this cannot expand twice."""
+    embeddings), which the guidance pre-hook leaves alone (it expands tensors and dicts)."""
     if isinstance(value, (list, tuple)):
         items = [_expand_lists(v, rows) for v in value]
         return type(value)(items) if isinstance(value, list) else tuple(items)
@@ -164,6 +171,8 @@ class PipelinePatch:
             self.patch.disable_noise_damped_cfg()
             return
         self.patch.enable_noise_damped_cfg()
+        if _guidance_expands_lists():
+            return
         # registered after the guidance pre-hook, so it sees the expanded call
         self._list_hook = self.patch.model.register_forward_pre_hook(self._expand_residuals, with_kwargs=True)
 
