@@ -23,11 +23,21 @@ from unet_surgery.loading import load_unet
 from unet_surgery.patching.patch import Patch, apply, current_patch, remove
 from unet_surgery.recipes import Recipe, list_recipes, load_recipe
 from unet_surgery.recipes.auto import auto_recipe
+from unet_surgery.sampling import (
+    CascadeOutput,
+    PipelinePatch,
+    apply_to_pipeline,
+    cfg_denoiser,
+    self_cascade,
+    self_cascade_sample,
+)
 
 __all__ = [
+    "CascadeOutput",
     "CheckpointError",
     "MappingError",
     "Patch",
+    "PipelinePatch",
     "PresetError",
     "Recipe",
     "RecipeError",
@@ -37,7 +47,9 @@ __all__ = [
     "UNetMap",
     "__version__",
     "apply",
+    "apply_to_pipeline",
     "auto_recipe",
+    "cfg_denoiser",
     "current_patch",
     "list_recipes",
     "load_patch",
@@ -47,4 +59,6 @@ __all__ = [
     "map_unet",
     "remove",
     "save_patch",
+    "self_cascade",
+    "self_cascade_sample",
 ]

@@ -139,7 +139,7 @@ def test_controlnet_residuals_fit_the_redilated_unet(factor: float) -> None:
 
 
 def test_noise_damped_guidance_expands_controlnet_residual_lists() -> None:
-    """The guidance pre-hook expands tensors; ControlNet's residual list needs [u, u, c] too."""
+    """ControlNet's residual list must be expanded to [u, u, c] like every other input."""
     pipe, kwargs = tp.sd_controlnet()
     with apply_to_pipeline(pipe, recipe_for("sd_controlnet"), unet_map=preset_map("sd15", "tiny")):
         rows, handle = conv_in_batches(pipe)

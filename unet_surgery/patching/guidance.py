@@ -25,7 +25,11 @@ DAMPED, MAIN = "damped", "main"
 
 
 def _expand(value: Any, batch: int) -> Any:
-    """[u, c] -> [u, u, c] along dim 0 for every per-sample tensor (recursing into dicts)."""
+    """[u, c] -> [u, u, c] along dim 0 for every per-sample tensor.
+
+    Recurses into dicts (SDXL's added conditioning) and lists/tuples (ControlNet residuals,
+    IP-adapter embeddings).
+    """
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 or value.shape[0] % batch or value.shape[0] < 2:
             return value
@@ -33,6 +37,9 @@ def _expand(value: Any, batch: int) -> Any:
         return torch.cat([value[:half], value[:half], value[half:]])
     if isinstance(value, dict):
         return {k: _expand(v, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_expand(v, batch) for v in value]
+        return items if isinstance(value, list) else tuple(items)
     return value
 
 

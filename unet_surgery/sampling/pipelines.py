@@ -62,28 +62,6 @@ def _supported_class(pipe: Any, names: tuple[str, ...] | list[str]) -> str:
     )
 
 
-def _guidance_expands_lists() -> bool:
-    """Whether the guidance pre-hook already expands tensors inside lists (then no shim)."""
-    from unet_surgery.patching.guidance import _expand
-
-    probe = _expand([torch.zeros(2)], 2)
-    return isinstance(probe, (list, tuple)) and probe[0].shape[0] == 3
-
-
-def _expand_lists(value: Any, rows: int) -> Any:
-    """[u, c] -> [u, u, c] for tensors inside lists/tuples (ControlNet residuals, IP-adapter
-    embeddings), which the guidance pre-hook leaves alone (it expands tensors and dicts)."""
-    if isinstance(value, (list, tuple)):
-        items = [_expand_lists(v, rows) for v in value]
-        return type(value)(items) if isinstance(value, list) else tuple(items)
-    if isinstance(value, dict):
-        return {k: _expand_lists(v, rows) if isinstance(v, (list, tuple, dict)) else v for k, v in value.items()}
-    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] % (2 * rows) == 0:
-        half = value.shape[0] // 2
-        return torch.cat([value[:half], value[:half], value[half:]])
-    return value
-
-
 class PipelinePatch:
     """A recipe applied to a pipeline; :meth:`remove` (or ``with``) undoes everything."""
 
@@ -97,7 +75,6 @@ class PipelinePatch:
         self.cfg: bool | None = None  # the last CFG decision the pipeline announced
         self._encoder_name = encoder_name
         self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
-        self._list_hook: Any = None
         self._guard: Any = None
         self.active = False
 
@@ -164,26 +141,10 @@ class PipelinePatch:
         self._set_guidance(cfg)
 
     def _set_guidance(self, on: bool) -> None:
-        if self._list_hook is not None:
-            self._list_hook.remove()
-            self._list_hook = None
-        if not on:
+        if on:
+            self.patch.enable_noise_damped_cfg()
+        else:
             self.patch.disable_noise_damped_cfg()
-            return
-        self.patch.enable_noise_damped_cfg()
-        if _guidance_expands_lists():
-            return
-        # registered after the guidance pre-hook, so it sees the expanded call
-        self._list_hook = self.patch.model.register_forward_pre_hook(self._expand_residuals, with_kwargs=True)
-
-    def _expand_residuals(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        call = self.patch.tracker.current
-        if call is None or not call.groups:
-            return None
-        rows = call.groups[0][0]
-        return tuple(_expand_lists(a, rows) if isinstance(a, (list, tuple)) else a for a in args), {
-            k: _expand_lists(v, rows) if isinstance(v, (list, tuple, dict)) else v for k, v in kwargs.items()
-        }
 
     # --- removal --------------------------------------------------------------------------
     def remove(self) -> None:
@@ -191,10 +152,9 @@ class PipelinePatch:
         if not self.active:
             return
         self.active = False
-        for hook in (self._list_hook, self._guard):
-            if hook is not None:
-                hook.remove()
-        self._list_hook = self._guard = None
+        if self._guard is not None:
+            self._guard.remove()
+        self._guard = None
         for obj, name, previous in reversed(self._saved):
             if previous is _MISSING:
                 object.__delattr__(obj, name)
