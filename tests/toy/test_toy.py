@@ -1,0 +1,144 @@
+"""The shipped toy model: offline loading, data generator, object metric, and real 1x quality."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from unet_surgery.toy import (
+    NUM_CLASSES,
+    SHAPES,
+    analyse_image,
+    analyse_images,
+    ddim_timesteps,
+    load_toy,
+    load_toy_config,
+    make_batch,
+    sample,
+    summarise,
+)
+from unet_surgery.toy.data import SIZE_RANGE
+
+pytest.importorskip("diffusers")
+
+QUALITY_SEEDS = list(range(24))
+QUALITY_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def toy():
+    # One thread: this small model is faster single-threaded on a shared CPU; restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_toy()
+    torch.set_num_threads(threads)
+
+
+def test_load_toy_needs_no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_toy touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    model = load_toy()
+    assert not model.training
+    config = load_toy_config()
+    assert config["num_classes"] == NUM_CLASSES == model.num_classes
+    assert config["class_names"] == list(SHAPES)
+    for key, value in config["unet"].items():
+        got = model.unet.config[key]
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+    assert config["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert model.class_embedding.num_embeddings == NUM_CLASSES + 1
+    assert model.encode(torch.tensor([0, NUM_CLASSES])).shape == (
+        2,
+        1,
+        config["unet"]["cross_attention_dim"],
+    )
+    assert model.scheduler_config == config["scheduler"]
+
+
+def test_make_batch_is_reproducible():
+    a, la = make_batch(16, torch.Generator().manual_seed(3))
+    b, lb = make_batch(16, torch.Generator().manual_seed(3))
+    c, _ = make_batch(16, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    assert a.shape == (16, 3, 32, 32) and a.dtype == torch.float32
+    assert la.dtype == torch.long and set(la.tolist()) <= set(range(NUM_CLASSES))
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_training_images_hold_exactly_one_object_of_the_right_size():
+    images, _ = make_batch(400, torch.Generator().manual_seed(0))
+    stats = analyse_images(images)
+    summary = summarise(stats)
+    assert summary["frac_one"] >= 0.99
+    extents = np.array([s.extent for s in stats if s.num_objects == 1])
+    # Bounding-box side within the generator's range, up to one pixel of rasterisation.
+    assert extents.min() >= SIZE_RANGE[0] - 1 / 32
+    assert extents.max() <= SIZE_RANGE[1] + 1 / 32
+
+
+def test_metric_counts_pasted_objects_and_blank_images():
+    blank = torch.full((3, 32, 32), 0.1)
+    assert analyse_image(blank).num_objects == 0
+    two = blank.clone()
+    two[:, 4:12, 4:12] = torch.tensor([0.95, -0.8, -0.8]).view(3, 1, 1)
+    two[:, 18:28, 16:26] = torch.tensor([-0.75, -0.6, 0.95]).view(3, 1, 1)
+    stats = analyse_image(two)
+    assert stats.num_objects == 2
+    assert stats.areas == (100, 64)
+    # A speck below the minimum area is not an object.
+    speck = blank.clone()
+    speck[:, 10, 10] = 0.95
+    assert analyse_image(speck).num_objects == 0
+
+
+def test_model_draws_one_object_at_training_resolution(toy):
+    labels = [i % NUM_CLASSES for i in QUALITY_SEEDS]
+    images = sample(toy, labels, seeds=QUALITY_SEEDS, steps=QUALITY_STEPS)
+    assert images.shape == (len(QUALITY_SEEDS), 3, 32, 32)
+    summary = summarise(analyse_images(images))
+    assert summary["frac_one"] >= 0.9, summary
+    assert SIZE_RANGE[0] * 0.6 <= summary["mean_size"] <= SIZE_RANGE[1], summary
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sample_is_per_seed_deterministic(toy, eta):
+    alone = sample(toy, [1], seeds=[7], steps=4, eta=eta)
+    batch = sample(toy, [0, 1, 2], seeds=[3, 7, 11], steps=4, eta=eta)
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(batch[0], batch[1])
+    torch.testing.assert_close(sample(toy, [1], seeds=[7], steps=4, eta=eta), alone, atol=0, rtol=0)
+
+
+def test_sample_calls_unet_once_per_step_with_uncond_then_cond(toy):
+    calls = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t, encoder_hidden_states):
+            calls.append((x.shape, int(t), encoder_hidden_states.clone()))
+            return self.inner(x, t, encoder_hidden_states=encoder_hidden_states)
+
+    steps = 3
+    out = sample(toy, [0, 2], seeds=[0, 1], height=64, width=48, steps=steps, unet=Spy(toy.unet))
+    assert out.shape == (2, 3, 64, 48)
+    assert [c[1] for c in calls] == ddim_timesteps(steps).tolist()
+    shape, _, context = calls[0]
+    assert shape == (4, 3, 64, 48)
+    empty = toy.encode(torch.tensor([toy.empty_class] * 2))
+    torch.testing.assert_close(context[:2], empty)
+    torch.testing.assert_close(context[2:], toy.encode(torch.tensor([0, 2])))
+
+
+def test_sample_rejects_sizes_the_unet_cannot_halve(toy):
+    with pytest.raises(ValueError, match="multiples of 4"):
+        sample(toy, [0], seeds=[0], height=30, width=32, steps=1)
