@@ -22,6 +22,7 @@ __all__ = [
     "analyse_image",
     "analyse_images",
     "foreground_mask",
+    "stats_dict",
     "summarise",
 ]
 
