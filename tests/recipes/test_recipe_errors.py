@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import preset_map
 from unet_surgery import RecipeError, SelectionError, apply, load_recipe
 from unet_surgery.cli import main
 from unet_surgery.recipes import parse_recipe, to_data
@@ -148,10 +149,11 @@ def test_unknown_recipe_name_suggests() -> None:
 
 
 def test_selector_matching_nothing_lists_closest_paths(tiny_sd15) -> None:
+    unet_map = preset_map("sd15", "tiny")
     doc = copy.deepcopy(VALID)
     doc["passes"] = [{"type": "redilate", "select": {"paths": ["down_blocks.1.resnet.0.conv1"]}, "factor": 2}]
     with pytest.raises(SelectionError, match=r"closest: down_blocks\.1\.resnets\.0\.conv1"):
-        apply(tiny_sd15, doc)
+        apply(tiny_sd15, doc, unet_map=unet_map)
     doc["passes"] = [{"type": "redilate", "select": {"level": 9}, "factor": 2}]
     with pytest.raises(SelectionError, match="matched no layer"):
-        apply(tiny_sd15, doc)
+        apply(tiny_sd15, doc, unet_map=unet_map)

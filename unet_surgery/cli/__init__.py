@@ -11,6 +11,7 @@ from unet_surgery.errors import SurgeryError
 
 # Each module defines ``register(subparsers)`` which adds its parser and sets ``func``.
 SUBCOMMAND_MODULES = (
+    "unet_surgery.cli.demo_cmd",
     "unet_surgery.cli.inspect_cmd",
     "unet_surgery.cli.recipes_cmd",
     "unet_surgery.cli.apply_cmd",

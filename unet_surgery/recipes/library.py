@@ -84,6 +84,9 @@ def load_recipe(source: Recipe | str | Path | dict[str, Any]) -> Recipe:
 class _RecipeDumper(yaml.SafeDumper):
     """Block style for mappings (one table entry a line), flow style for short scalar lists."""
 
+    def ignore_aliases(self, data: Any) -> bool:  # repeated values are written out, no &anchors
+        return True
+
 
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
     flow = all(not isinstance(v, (dict, list)) for v in data) and len(data) <= 4
