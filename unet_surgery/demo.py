@@ -28,7 +28,7 @@ BASE = 32
 METHODS = ("baseline", "redilate", "redilate+ndcfg", "cascade+fusion")
 # Shipped recipes per method and side length (see recipes/toy/).
 RECIPES: dict[tuple[str, int], str] = {
-    ("redilate", 64): "toy-redilate-64",
+    ("redilate", 64): "toy-redilate-64-tuned",
     ("redilate", 128): "toy-redilate-128",
     ("redilate+ndcfg", 64): "toy-redilate-ndcfg-64",
     ("redilate+ndcfg", 128): "toy-redilate-ndcfg-128",
@@ -41,12 +41,12 @@ RECIPES: dict[tuple[str, int], str] = {
 class DemoConfig:
     sizes: Sequence[int] = (32, 64, 128)
     methods: Sequence[str] = METHODS
-    seeds: Sequence[int] = tuple(range(12))
-    steps: int = 20
+    seeds: Sequence[int] = tuple(range(6))
+    steps: int = 14
     guidance_scale: float = DEFAULT_GUIDANCE
 
 
-QUICK = DemoConfig(sizes=(32, 128), seeds=tuple(range(6)), steps=12)
+QUICK = DemoConfig(sizes=(32, 64), seeds=tuple(range(6)), steps=12)
 
 
 @dataclass
