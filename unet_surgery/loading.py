@@ -135,12 +135,7 @@ def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedMo
     if (path / "unet" / "config.json").is_file():
         path = path / "unet"  # a whole pipeline folder
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} is not a diffusers UNet folder: config.json is missing")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc})") from exc
+    config = _read_config(path)
     class_name = config.get("_class_name")
     try:
         import diffusers
