@@ -19,6 +19,9 @@ from torch import nn
 
 from unet_surgery.ops.schedules import step_index
 
+# Branches a slice of the batch can run (see UNetCall.groups).
+MAIN, DAMPED = "main", "damped"
+
 # Names the timestep and latent take in the forwards we support (diffusers, LDM).
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 _SAMPLE_NAMES = ("sample", "x")

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from unet_surgery.errors import SurgeryError
-
-DAMPED, MAIN = "damped", "main"
+from unet_surgery.runtime import DAMPED, MAIN
 
 
 def _expand(value: Any, batch: int) -> Any:

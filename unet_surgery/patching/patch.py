@@ -21,10 +21,9 @@ from unet_surgery.ops.dispersion import disperse_kernel, dispersion_transform
 from unet_surgery.ops.redilate import BatchSplit, ConvSetting, is_redilated, redilate_, restore_
 from unet_surgery.patching.plan import AUTO, ConvPlan, FactorPlan, Plan, auto_factor, make_plan
 from unet_surgery.recipes.schema import Recipe
-from unet_surgery.runtime import UNetCall, UNetCallTracker
+from unet_surgery.runtime import DAMPED, MAIN, UNetCall, UNetCallTracker
 
 PATCH_ATTR = "_unet_surgery_patch"
-MAIN, DAMPED = "main", "damped"
 
 
 class Patch:

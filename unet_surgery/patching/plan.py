@@ -8,6 +8,7 @@ schema and a planner here.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ class FactorPlan:
     schedule: ScheduleSpec
 
     def schedule_for(self, factor: float) -> FactorSchedule:
-        s = self.schedule
-        return FactorSchedule(factor=factor, tau=s.tau, steps=s.steps, progressive=s.progressive)
+        # Read on every conv of every UNet call: built once per (spec, factor).
+        return _factor_schedule(self.schedule, factor)
 
     def describe(self) -> str:
         s = self.schedule
@@ -101,6 +102,11 @@ class Plan:
                              "setting": f"blur {f.blur}, jitter {'on' if f.jitter else 'off'}"
                              + (", fast" if f.fast_mode else "")})
         return rows
+
+
+@functools.lru_cache(maxsize=256)
+def _factor_schedule(spec: ScheduleSpec, factor: float) -> FactorSchedule:
+    return FactorSchedule(factor=factor, tau=spec.tau, steps=spec.steps, progressive=spec.progressive)
 
 
 Planner = Callable[[Any, int, UNetMap, Plan, Callable[[str, str], bool] | None], None]
