@@ -186,6 +186,13 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _key_path(path: str, key: Any) -> str:
+    """``path.key`` for names and module paths, ``path['odd key']`` for anything else."""
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][\w.\-*]*", key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]"
+
+
 def _fail(path: str, message: str) -> typing.NoReturn:
     raise RecipeError(f"{path}: {message}" if path else message)
 
@@ -251,7 +258,7 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             _fail(path, f"expected a mapping, got {_describe(value)}")
         key_tp, val_tp = args
-        return {_parse(key_tp, k, f"{path}"): _parse(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+        return {_parse(key_tp, k, path): _parse(val_tp, v, _key_path(path, k)) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _parse_dataclass(tp, value, path)
     if tp is bool:
@@ -289,9 +296,7 @@ def _parse_dataclass(cls: type, value: Any, path: str) -> Any:
     allowed = set(fields) | ({"type"} if "type" in hints else set())
     unknown = [k for k in value if k not in allowed]
     if unknown:
-        key = unknown[0]
-        plain = isinstance(key, str) and key.isidentifier()
-        where = (f"{path}.{key}" if path else key) if plain else f"{path}[{key!r}]"
+        where = _key_path(path, unknown[0])
         _fail(where, f"unknown field (expected one of {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
@@ -330,7 +335,7 @@ def _check_recipe(recipe: Recipe) -> None:
         where = f"passes[{i}]"
         for key, factor in getattr(p, "factors", {}).items():
             if factor <= 0:
-                _fail(f"{where}.factors.{key}", f"factor must be > 0, got {factor}")
+                _fail(_key_path(f"{where}.factors", key), f"factor must be > 0, got {factor}")
         if isinstance(getattr(p, "factor", None), float) and p.factor <= 0:
             _fail(f"{where}.factor", f"factor must be > 0, got {p.factor}")
         if isinstance(p, (RedilatePass, NoiseDampedCFGPass)) and p.factor is None and not p.factors:
