@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's, all cores; 1 is faster on a core shared with other jobs)",
     )
     p.add_argument(
         "--max-minutes", type=float, default=None, help="stop early (and save) after this long"
@@ -99,7 +102,8 @@ def save(ema: torch.nn.Module, out: Path, config: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_toy(DEFAULT_UNET_CONFIG, NUM_CLASSES)
     stages: list[dict] = []
