@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from unet_surgery.errors import CheckpointError, PresetError
+from unet_surgery.io import read_json_object
 from unet_surgery.presets import PRESETS, build_unet, get_preset
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -367,16 +368,9 @@ def _folder_weights(folder: Path) -> list[Path]:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{folder} is not a diffusers UNet folder: config.json is missing")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file} must hold a JSON object")
-    return config
+    return read_json_object(
+        folder / "config.json", missing=f"{folder} is not a diffusers UNet folder: config.json is missing"
+    )
 
 
 def match_preset(class_name: str, config: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -24,6 +24,7 @@ from unet_surgery.errors import CheckpointError, SurgeryError
 from unet_surgery.export.fingerprint import fingerprint
 from unet_surgery.export.staging import staged_folder
 from unet_surgery.graph import UNetMap
+from unet_surgery.io import read_json_object
 from unet_surgery.ops.dispersion import dispersion_transform
 from unet_surgery.ops.redilate import _DISPERSED
 from unet_surgery.patching.patch import Patch, apply
@@ -103,13 +104,8 @@ def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
     """``adapter.json``, validated, with every file it lists checked against its sha256."""
     directory = Path(directory)
     meta_file = directory / META_FILE
-    if not meta_file.is_file():
-        raise CheckpointError(f"{directory} is not a surgery adapter: {META_FILE} is missing")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_file} is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+    meta = read_json_object(meta_file, missing=f"{directory} is not a surgery adapter: {META_FILE} is missing")
+    if meta.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{meta_file} is not a {ADAPTER_FORMAT} file")
     version = meta.get("version")
     if not isinstance(version, int) or version > ADAPTER_VERSION:

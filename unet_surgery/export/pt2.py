@@ -23,6 +23,7 @@ from unet_surgery.errors import CheckpointError, SurgeryError
 from unet_surgery.export.phases import PhaseSettings, default_timesteps, enumerate_phases, frozen
 from unet_surgery.export.progress import progress
 from unet_surgery.export.staging import staged_folder
+from unet_surgery.io import read_json_object
 from unet_surgery.patching.patch import Patch
 
 PT2_FORMAT = "unet-surgery-pt2"
@@ -183,13 +184,8 @@ class Pt2Runner:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         file = self.directory / MANIFEST
-        if not file.is_file():
-            raise CheckpointError(f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
-        try:
-            manifest = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{file} is not valid JSON ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != PT2_FORMAT:
+        manifest = read_json_object(file, missing=f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
+        if manifest.get("format") != PT2_FORMAT:
             raise CheckpointError(f"{file} is not a {PT2_FORMAT} manifest")
         if int(manifest.get("version", 0)) > PT2_VERSION:
             raise CheckpointError(f"{file}: version {manifest.get('version')} is newer than this unet-surgery reads")
