@@ -135,16 +135,9 @@ def resolve_model(spec: str, *, device: str | torch.device = "meta") -> Resolved
 def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedModel:
     if (path / "unet" / "config.json").is_file():
         path = path / "unet"  # a whole pipeline folder
-    config_file = path / "config.json"
     config = _read_config(path)
     class_name = config.get("_class_name")
-    try:
-        import diffusers
-    except ImportError as exc:
-        raise CheckpointError("loading a diffusers folder needs diffusers: pip install 'unet-surgery[diffusers]'") from exc
-    cls = getattr(diffusers, str(class_name), None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise CheckpointError(f"{config_file}: _class_name {class_name!r} is not a diffusers model class")
+    cls = _diffusers_class(str(class_name), str(path / "config.json"))
     weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if not weights:
         raise CheckpointError(f"{path} has a config.json but no weights file (*.safetensors)")

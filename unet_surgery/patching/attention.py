@@ -7,6 +7,8 @@ layer runs plain attention.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from unet_surgery.ops.scale_fusion import (
@@ -17,17 +19,20 @@ from unet_surgery.ops.scale_fusion import (
 )
 from unet_surgery.patching.plan import AttentionPlan
 
+if TYPE_CHECKING:
+    from unet_surgery.patching.patch import Patch
 
-def fusion_setting(patch: object, plan: AttentionPlan) -> FusionSetting | None:
+
+def fusion_setting(patch: Patch, plan: AttentionPlan) -> FusionSetting | None:
     """The setting of one fused layer for the current UNet call (None: plain attention)."""
-    call = patch.tracker.current  # type: ignore[attr-defined]
+    call = patch.tracker.current
     fusion = plan.fusion
     if fusion is None or call is None or not call.latent_hw[0]:
         return None
-    grid, window = call.latent_hw, patch.base_latent_hw  # type: ignore[attr-defined]
+    grid, window = call.latent_hw, patch.base_latent_hw
     if grid[0] <= window[0] and grid[1] <= window[1]:
         return None
-    if not patch.active_now(fusion.schedule, call):  # type: ignore[attr-defined]
+    if not patch.active_now(fusion.schedule, call):
         return None
     return FusionSetting(
         active=True,
@@ -40,10 +45,10 @@ def fusion_setting(patch: object, plan: AttentionPlan) -> FusionSetting | None:
     )
 
 
-def install_fusion(patch: object) -> list[nn.Module]:
+def install_fusion(patch: Patch) -> list[nn.Module]:
     modules = []
-    for path, plan in patch.plan.attentions.items():  # type: ignore[attr-defined]
-        attn = patch.model.get_submodule(path)  # type: ignore[attr-defined]
+    for path, plan in patch.plan.attentions.items():
+        attn = patch.model.get_submodule(path)
         fuse_attention_(attn, lambda plan=plan: fusion_setting(patch, plan))
         modules.append(attn)
     return modules
