@@ -1,9 +1,10 @@
-"""The demo: the shipped toy model sampled at 1x, 2x and 4x per side, with and without recipes.
+"""The demo: both shipped toy models sampled at 1x, 2x and 4x per side, plain and with automatic recipes.
 
-The toy was trained on 32x32 images holding exactly one object. Sampled larger, a plain UNet
-repeats objects; the recipes should keep one. The demo writes a labelled PNG grid and prints a
-table of objects per image (connected components of the foreground), the fraction with exactly
-one object, and the object size, for every method and scale.
+The toys were trained on 32x32 images holding exactly one object. Sampled larger, a plain UNet
+repeats objects. Every recipe in the demo is derived automatically from the toy's map and the
+target size (:func:`unet_surgery.auto_recipe`): nothing here was tuned on the demo's seeds. It
+writes a labelled PNG grid and prints, per row, how many images hold exactly one object, none,
+several, and the requested class.
 """
 
 from __future__ import annotations
@@ -17,153 +18,173 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_surgery.graph import UNetMap, map_unet
-from unet_surgery.patching.patch import apply
-from unet_surgery.recipes import Recipe, load_recipe
+from unet_surgery.graph import map_unet
+from unet_surgery.recipes import Recipe
+from unet_surgery.recipes.auto import auto_recipe
+from unet_surgery.toy.data import SHAPES
 from unet_surgery.toy.metrics import analyse_images, summarise
-from unet_surgery.toy.model import ToyDiffusion, load_toy, make_ddim_scheduler
-from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, initial_noise, sample
+from unet_surgery.toy.model import TOY_NAMES, load_toy
+from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, sample_recipe
 
 BASE = 32
-METHODS = ("baseline", "redilate", "redilate+ndcfg", "cascade+fusion")
-# Shipped recipes per method and side length (see recipes/toy/).
-RECIPES: dict[tuple[str, int], str] = {
-    ("redilate", 64): "toy-redilate-64-tuned",
-    ("redilate", 128): "toy-redilate-128",
-    ("redilate+ndcfg", 64): "toy-redilate-ndcfg-64",
-    ("redilate+ndcfg", 128): "toy-redilate-ndcfg-128",
-    ("cascade+fusion", 64): "toy-freescale-64",
-    ("cascade+fusion", 128): "toy-freescale-128",
+METHODS: dict[str, str] = {
+    "baseline": "the plain model",
+    "scalecrafter": "auto_recipe(policy='scalecrafter'): full-ratio re-dilation, ScaleCrafter's rule",
+    "auto": "auto_recipe(): self-cascade with restrained deepest-level dilation",
 }
+"""Demo methods and what each one is; every recipe comes from ``auto_recipe``, none is tuned."""
 
 
 @dataclass(frozen=True)
 class DemoConfig:
+    toys: Sequence[str] = TOY_NAMES
     sizes: Sequence[int] = (32, 64, 128)
-    methods: Sequence[str] = METHODS
-    seeds: Sequence[int] = tuple(range(6))
-    steps: int = 14
+    methods: Sequence[str] = tuple(METHODS)
+    seeds: Sequence[int] = tuple(range(4))
+    steps: int = 10
     guidance_scale: float = DEFAULT_GUIDANCE
 
+    def jobs(self) -> list[tuple[str, int, str]]:
+        """(toy, size, method) rows in order; 1x runs only the baseline."""
+        return [(t, s, m) for t in self.toys for s in self.sizes for m in self.methods
+                if s != BASE or m == "baseline"]
 
-QUICK = DemoConfig(sizes=(32, 64), seeds=tuple(range(6)), steps=12)
+
+DEFAULT = DemoConfig()
+"""About 2 minutes on 2 CPU cores."""
+QUICK = DemoConfig(sizes=(32, 64))
+"""1x and 2x per side only (about 20 s)."""
+FULL = DemoConfig(seeds=tuple(range(16)), steps=25)
+"""16 seeds at the sampler's default 25 steps (about 15 minutes on 2 CPU cores)."""
 
 
 @dataclass
 class DemoRow:
+    toy: str
     method: str
     size: int
     recipe: str | None
     images: torch.Tensor
-    summary: dict[str, float]
+    summary: dict[str, Any]
     seconds: float
     per_image: list[int] = field(default_factory=list)
+    shapes: list[str | None] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
 
 
-def _labels(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
-    return torch.tensor([s % num_classes for s in seeds])
+def recipe_for(method: str, unet_map: Any, size: int) -> Recipe | None:
+    """The recipe a demo ``method`` uses at ``size`` (``None`` for the plain model)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown demo method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "baseline" or size == BASE:
+        return None
+    policy = "scalecrafter" if method == "scalecrafter" else "auto"
+    return auto_recipe(unet_map, base=BASE, target=size, vae_scale_factor=1, policy=policy)  # type: ignore[arg-type]
 
 
-def _sample_plain(toy: ToyDiffusion, cfg: DemoConfig, size: int, recipe: Recipe | None,
-                  unet_map: UNetMap, ndcfg: bool) -> torch.Tensor:
-    labels = _labels(cfg.seeds, toy.num_classes)
-    if recipe is None:
-        return sample(toy, labels, seeds=cfg.seeds, height=size, width=size, steps=cfg.steps,
-                      guidance_scale=cfg.guidance_scale)
-    with apply(toy.unet, recipe, unet_map=unet_map) as patch:
-        scheduler = make_ddim_scheduler(toy.scheduler_config)
-        scheduler.set_timesteps(cfg.steps)
-        patch.set_timesteps(scheduler.timesteps)
-        if ndcfg:
-            patch.enable_noise_damped_cfg()
-        return sample(toy, labels, seeds=cfg.seeds, height=size, width=size, steps=cfg.steps,
-                      guidance_scale=cfg.guidance_scale)
+def _unet_calls(recipe: Recipe | None, steps: int) -> int:
+    """UNet calls a row makes: steps, plus each later cascade stage's steps after its restart."""
+    if recipe is None or recipe.sampling is None:
+        return steps
+    restart = recipe.sampling.restart_step
+    restart = int(0.3 * steps) if restart is None else min(restart, steps - 1)
+    return steps + (len(recipe.sampling.stages) - 1) * (steps - restart)
 
 
-def _sample_cascade(toy: ToyDiffusion, cfg: DemoConfig, recipe: Recipe, unet_map: UNetMap) -> torch.Tensor:
-    from dataclasses import replace
+class _RowProgress:
+    """A bar per row advanced by a forward pre-hook on the UNet (works for every sampler)."""
 
-    from unet_surgery.sampling import cfg_denoiser, self_cascade
+    def __init__(self, unet: torch.nn.Module, total: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
 
-    labels = _labels(cfg.seeds, toy.num_classes)
-    cond = toy.encode(labels)
-    uncond = toy.encode(torch.full_like(labels, toy.empty_class))
-    spec = replace(recipe.sampling, steps=cfg.steps, restart_step=int(0.3 * cfg.steps))
-    scheduler = make_ddim_scheduler(toy.scheduler_config)
-    with torch.no_grad(), apply(toy.unet, recipe, unet_map=unet_map) as patch:
-        out = self_cascade(
-            cfg_denoiser(toy.unet, cond, uncond, guidance_scale=cfg.guidance_scale),
-            scheduler,
-            spec,
-            latent_channels=3,
-            batch_size=len(cfg.seeds),
-            latents=initial_noise(cfg.seeds, BASE, BASE),
-            generator=torch.Generator().manual_seed(0),
-            patch=patch,
-            progress=False,
-        )
-    return out.latents.clamp(-1, 1)
+            self.bar = tqdm(total=total, desc=desc, leave=False, unit="call")
+        self.handle = unet.register_forward_pre_hook(lambda *_: self.bar.update(1) if self.bar else None)
+
+    def close(self) -> None:
+        self.handle.remove()
+        if self.bar is not None:
+            self.bar.close()
 
 
-def run_demo(cfg: DemoConfig, *, progress: Callable[[str], None] = print) -> list[DemoRow]:
-    """Sample every (method, size) of ``cfg``; 1x runs only the baseline."""
-    torch.manual_seed(0)
-    toy = load_toy()
-    unet_map = map_unet(toy.unet, latent_hw=(64, 64))
-    rows = []
-    jobs = [(m, s) for s in cfg.sizes for m in cfg.methods if s != BASE or m == "baseline"]
-    for i, (method, size) in enumerate(jobs, 1):
-        name = RECIPES.get((method, size))
-        if method != "baseline" and name is None:
-            raise ValueError(f"no toy recipe for {method} at {size}x{size}")
-        recipe = load_recipe(name) if name else None
+def run_demo(
+    cfg: DemoConfig, *, progress: Callable[[str], None] = print, bars: bool = False
+) -> list[DemoRow]:
+    """Sample every (toy, size, method) of ``cfg``; ``bars`` shows a progress bar per row."""
+    rows: list[DemoRow] = []
+    jobs = cfg.jobs()
+    labels = torch.tensor([s % 3 for s in cfg.seeds])
+    toy_cache: dict[str, tuple[Any, Any]] = {}
+    for i, (toy_name, size, method) in enumerate(jobs, 1):
+        if toy_name not in toy_cache:
+            toy = load_toy(toy_name)
+            toy_cache.clear()  # one toy in memory at a time
+            toy_cache[toy_name] = (toy, map_unet(toy.unet, latent_hw=(64, 64)))
+        toy, unet_map = toy_cache[toy_name]
+        recipe = recipe_for(method, unet_map, size)
+        desc = f"[{i}/{len(jobs)}] {toy_name} {method} {size}x{size}"
+        bar = _RowProgress(toy.unet, _unet_calls(recipe, cfg.steps), desc, bars)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            if method == "cascade+fusion":
-                images = _sample_cascade(toy, cfg, recipe, unet_map)  # type: ignore[arg-type]
-            else:
-                images = _sample_plain(toy, cfg, size, recipe, unet_map, ndcfg=method == "redilate+ndcfg")
+        try:
+            images = sample_recipe(toy, recipe, labels, seeds=cfg.seeds, size=size, steps=cfg.steps,
+                                   guidance_scale=cfg.guidance_scale, unet_map=unet_map)
+        finally:
+            bar.close()
         seconds = time.perf_counter() - t0
         stats = analyse_images(images)
-        rows.append(DemoRow(method, size, name, images, summarise(stats), seconds, [s.num_objects for s in stats]))
-        progress(f"[{i}/{len(jobs)}] {method:<15} {size:>3}x{size:<3} {seconds:6.1f} s  "
-                 f"exactly one object: {rows[-1].summary['frac_one']:.0%}")
+        summary = summarise(stats, labels=labels.tolist())
+        rows.append(DemoRow(toy_name, method, size, None if recipe is None else recipe.name, images,
+                            summary, seconds, [s.num_objects for s in stats],
+                            [getattr(s, "shape", None) for s in stats], labels.tolist()))
+        progress(f"{desc:<34} {seconds:6.1f} s  one object {summary['frac_one']:.0%}, "
+                 f"none {summary['frac_none']:.0%}, class kept {summary['frac_class_kept']:.0%}")
     return rows
 
 
 def table(rows: list[DemoRow]) -> str:
     """Markdown table of the demo's metrics."""
     lines = [
-        "| method | size | recipe | objects / image | exactly one | more than one | object size | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| toy | size | method | exactly one | no object | several | class kept | objects / image | object size | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r.summary
         lines.append(
-            f"| {r.method} | {r.size}x{r.size} | {r.recipe or '-'} | {s['mean_objects']:.2f} | {s['frac_one']:.0%} | "
-            f"{s['frac_multi']:.0%} | {s['mean_size']:.2f} | {r.seconds:.1f} |"
+            f"| {r.toy} | {r.size}x{r.size} | {r.method} | {s['frac_one']:.0%} | {s['frac_none']:.0%} | "
+            f"{s['frac_multi']:.0%} | {s['frac_class_kept']:.0%} | {s['mean_objects']:.2f} | "
+            f"{s['mean_size']:.2f} | {r.seconds:.1f} |"
         )
     return "\n".join(lines)
 
 
-def grid_png(rows: list[DemoRow], path: str | Path, *, tile: int = 128) -> Path:
-    """One labelled row per (method, size); every image shown at ``tile`` pixels."""
+def grid_png(rows: list[DemoRow], path: str | Path, *, tile: int = 96) -> Path:
+    """One labelled row per (toy, method, size); every image shown at ``tile`` pixels.
+
+    Each tile's corner shows its object count and shape initial, red unless it is exactly one
+    object of the requested class.
+    """
     from PIL import Image, ImageDraw
 
-    label_w = 190
+    label_w = 150
     n = max(len(r.images) for r in rows)
     canvas = Image.new("RGB", (label_w + n * (tile + 4), len(rows) * (tile + 4) + 4), "white")
     draw = ImageDraw.Draw(canvas)
     for i, r in enumerate(rows):
         y = 4 + i * (tile + 4)
-        draw.text((6, y + tile // 2 - 18), f"{r.method}\n{r.size}x{r.size}\none object: {r.summary['frac_one']:.0%}",
+        draw.text((6, y + tile // 2 - 24),
+                  f"{r.toy}\n{r.method}\n{r.size}x{r.size}\none object: {r.summary['frac_one']:.0%}",
                   fill="black")
         for j, img in enumerate(r.images):
             arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
             im = Image.fromarray(np.ascontiguousarray(arr)).resize((tile, tile), Image.NEAREST)
             canvas.paste(im, (label_w + j * (tile + 4), y))
             count = r.per_image[j]
-            draw.text((label_w + j * (tile + 4) + 3, y + 2), str(count), fill="white" if count == 1 else "red")
+            shape = r.shapes[j] if j < len(r.shapes) and r.shapes[j] else ""
+            wanted = SHAPES[r.labels[j]] if j < len(r.labels) else None
+            ok = count == 1 and (wanted is None or shape == wanted)
+            draw.text((label_w + j * (tile + 4) + 3, y + 2), f"{count}{shape[:1]}",
+                      fill="white" if ok else "red")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
@@ -173,8 +194,11 @@ def grid_png(rows: list[DemoRow], path: str | Path, *, tile: int = 128) -> Path:
 def summary_json(rows: list[DemoRow], cfg: DemoConfig) -> dict[str, Any]:
     return {
         "seeds": list(cfg.seeds),
+        "labels": [s % 3 for s in cfg.seeds],
         "steps": cfg.steps,
         "guidance_scale": cfg.guidance_scale,
-        "rows": [{"method": r.method, "size": r.size, "recipe": r.recipe, "seconds": round(r.seconds, 2),
-                  "objects_per_image": r.per_image, **r.summary} for r in rows],
+        "methods": {m: METHODS[m] for m in cfg.methods},
+        "rows": [{"toy": r.toy, "method": r.method, "size": r.size, "recipe": r.recipe,
+                  "seconds": round(r.seconds, 2), "objects_per_image": r.per_image,
+                  "shapes": r.shapes, **{k: v for k, v in r.summary.items()}} for r in rows],
     }

@@ -35,7 +35,7 @@ def test_apply_then_remove_is_bit_exact_and_shares_weights(name: str) -> None:
     before = snapshot(model)
     unet_map = preset_map(name, "tiny")
     h, w = inputs["x" if "x" in inputs else "sample"].shape[-2:]
-    recipe = auto_recipe(unet_map, base=(h * 8, w * 8), target=(h * 16, w * 16))
+    recipe = auto_recipe(unet_map, base=(h * 8, w * 8), target=(h * 16, w * 16), policy="scalecrafter")
     patch = apply(model, recipe, unet_map=unet_map)
     patched_state = model.state_dict()
     assert patched_state.keys() == before.keys()

@@ -99,7 +99,7 @@ def test_auto_recipe_selects_the_same_layers_on_ldm_and_diffusers(ldm, diffusers
     plans = []
     for name in (ldm, diffusers):
         unet_map = preset_map(name)
-        recipe = auto_recipe(unet_map, base=512, target=target)
+        recipe = auto_recipe(unet_map, base=512, target=target, policy="scalecrafter")
         plan = make_plan(recipe, unet_map)
         plans.append(Counter(
             (p.record.level, p.record.stage, p.record.kernel, p.record.stride, p.redilate.factor)
@@ -115,7 +115,7 @@ def test_auto_recipe_selects_the_same_layers_on_ldm_and_diffusers(ldm, diffusers
 )
 def test_auto_recipe_reproduces_the_published_sd15_tables(table, target) -> None:
     unet_map = preset_map("sd15")
-    plan = make_plan(auto_recipe(unet_map, base=512, target=target), unet_map)
+    plan = make_plan(auto_recipe(unet_map, base=512, target=target, policy="scalecrafter"), unet_map)
     published = published_table(f"assets/dilate_settings/{table}.txt")
     auto = {path: p.redilate.factor for path, p in plan.convs.items()}
     assert auto == published

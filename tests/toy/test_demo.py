@@ -4,24 +4,72 @@ from __future__ import annotations
 
 import json
 
+import torch
 from PIL import Image
 
 from unet_surgery.cli import main
-from unet_surgery.demo import DemoConfig, grid_png, run_demo, table
+from unet_surgery.demo import (
+    DEFAULT,
+    METHODS,
+    QUICK,
+    DemoConfig,
+    _unet_calls,
+    grid_png,
+    run_demo,
+    table,
+)
+from unet_surgery.recipes.schema import Recipe, SamplingSpec
+
+
+def test_demo_uses_automatic_recipes_only() -> None:
+    # Every non-baseline row is an auto_recipe policy: no shipped (tuned) recipe is named.
+    assert set(METHODS) == {"baseline", "scalecrafter", "auto"}
+    assert DEFAULT.toys == ("toy", "toy4") and QUICK.sizes == (32, 64)
+    assert len(DEFAULT.jobs()) == 2 * (1 + 2 * 3)  # per toy: 1x baseline, 2 sizes x 3 methods
 
 
 def test_demo_rows_table_and_grid(tmp_path) -> None:
-    cfg = DemoConfig(sizes=(32, 64), methods=("baseline", "redilate"), seeds=(0, 1, 2, 3), steps=8)
-    rows = run_demo(cfg, progress=lambda _: None)
-    assert [(r.method, r.size) for r in rows] == [("baseline", 32), ("baseline", 64), ("redilate", 64)]
-    assert rows[2].recipe == "toy-redilate-64-tuned"
-    assert all(r.images.shape == (4, 3, r.size, r.size) for r in rows)
+    cfg = DemoConfig(toys=("toy",), sizes=(32, 64), methods=("baseline", "auto"), seeds=(0, 1), steps=4)
+    calls: list[int] = []
+    rows = run_demo(cfg, progress=calls.append)
+    assert [(r.toy, r.method, r.size) for r in rows] == [("toy", "baseline", 32), ("toy", "baseline", 64),
+                                                          ("toy", "auto", 64)]
+    assert len(calls) == 3  # one progress line per row
+    assert rows[0].recipe is None and rows[2].recipe.startswith("auto-")
+    assert all(r.images.shape == (2, 3, r.size, r.size) for r in rows)
     assert not rows[1].images.equal(rows[2].images)  # the recipe acts
-    assert rows[0].summary["frac_one"] >= 0.75  # the toy is a real model at 1x
     text = table(rows)
-    assert text.count("\n") == 4 and "toy-redilate-64-tuned" in text
+    assert text.count("\n") == 4 and "no object" in text.splitlines()[0]
     grid = Image.open(grid_png(rows, tmp_path / "grid.png", tile=32))
-    assert grid.size == (190 + 4 * 36, 3 * 36 + 4)
+    assert grid.size == (150 + 2 * 36, 3 * 36 + 4)
+
+
+def test_progress_counts_every_unet_call_of_a_cascade() -> None:
+    # 10 steps, restart int(0.3 * 10) = 3: stage 1 runs 10 calls, each later stage 7.
+    cascade = Recipe(name="c", base_resolution=(32, 32), target_resolutions=((128, 128),), passes=(),
+                     sampling=SamplingSpec(stages=((32, 32), (64, 64), (128, 128)), steps=50))
+    assert _unet_calls(cascade, 10) == 10 + 7 + 7
+    assert _unet_calls(None, 10) == 10
+
+
+def test_row_progress_matches_the_unet_calls_made(monkeypatch) -> None:
+    import unet_surgery.demo as demo
+
+    seen: list[int] = []
+
+    class Bar:
+        def __init__(self, unet: torch.nn.Module, total: int, desc: str, enabled: bool) -> None:
+            self.total, self.count = total, 0
+            self.handle = unet.register_forward_pre_hook(lambda *_: setattr(self, "count", self.count + 1))
+
+        def close(self) -> None:
+            self.handle.remove()
+            seen.append(self.total - self.count)
+
+    monkeypatch.setattr(demo, "_RowProgress", Bar)
+    cfg = DemoConfig(toys=("toy",), sizes=(128,), methods=("auto",), seeds=(0,), steps=5)
+    run_demo(cfg, progress=lambda _: None)
+    assert seen == [0]
 
 
 def test_demo_cli_rejects_bad_arguments(capsys) -> None:
@@ -30,13 +78,15 @@ def test_demo_cli_rejects_bad_arguments(capsys) -> None:
     assert code == 2 and "--seeds must be at least 1" in err
 
 
-def test_demo_json_is_written(tmp_path, monkeypatch) -> None:
-    import unet_surgery.cli.demo_cmd as demo_cmd
+def test_demo_json_is_written(tmp_path, monkeypatch, capsys) -> None:
+    import unet_surgery.demo as demo
 
-    small = DemoConfig(sizes=(32,), methods=("baseline",), seeds=(0, 1), steps=4)
-    monkeypatch.setattr(demo_cmd, "QUICK", small)
+    small = DemoConfig(toys=("toy4",), sizes=(32,), methods=("baseline",), seeds=(0, 1), steps=4)
+    monkeypatch.setattr(demo, "QUICK", small)
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("unet-surgery demo: loading")  # a line before any heavy import
     data = json.loads((tmp_path / "demo.json").read_text())
     assert data["seeds"] == [0, 1] and data["rows"][0]["method"] == "baseline"
-    assert len(data["rows"][0]["objects_per_image"]) == 2
+    assert data["rows"][0]["toy"] == "toy4" and len(data["rows"][0]["objects_per_image"]) == 2
     assert (tmp_path / "demo_grid.png").stat().st_size > 0

@@ -11,6 +11,7 @@ import torch
 from unet_surgery.toy import (
     NUM_CLASSES,
     SHAPES,
+    TOY_NAMES,
     analyse_image,
     analyse_images,
     ddim_timesteps,
@@ -25,27 +26,33 @@ from unet_surgery.toy.data import SIZE_RANGE
 pytest.importorskip("diffusers")
 
 QUALITY_SEEDS = list(range(24))
-QUALITY_STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def toy():
+@pytest.fixture(scope="module", params=TOY_NAMES)
+def toy(request):
     # One thread: this small model is faster single-threaded on a shared CPU; restored afterwards.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield load_toy()
+    yield load_toy(request.param)
     torch.set_num_threads(threads)
 
 
-def test_load_toy_needs_no_network(monkeypatch):
+def test_unknown_toy_is_one_clear_error():
+    with pytest.raises(ValueError, match="unknown toy 'toy9'; shipped toys: toy, toy4"):
+        load_toy("toy9")
+
+
+@pytest.mark.parametrize("name", TOY_NAMES)
+def test_load_toy_needs_no_network(monkeypatch, name):
     def refuse(*args, **kwargs):
         raise AssertionError("load_toy touched the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    model = load_toy()
-    assert not model.training
-    config = load_toy_config()
+    model = load_toy(name)
+    assert not model.training and model.name == name
+    config = load_toy_config(name)
+    assert config["name"] == name
     assert config["num_classes"] == NUM_CLASSES == model.num_classes
     assert config["class_names"] == list(SHAPES)
     for key, value in config["unet"].items():
@@ -98,12 +105,15 @@ def test_metric_counts_pasted_objects_and_blank_images():
     assert analyse_image(speck).num_objects == 0
 
 
-def test_model_draws_one_object_at_training_resolution(toy):
+@pytest.mark.parametrize("steps", [10, 25, 50])
+def test_model_draws_one_object_of_the_requested_class_at_training_resolution(toy, steps):
     labels = [i % NUM_CLASSES for i in QUALITY_SEEDS]
-    images = sample(toy, labels, seeds=QUALITY_SEEDS, steps=QUALITY_STEPS)
+    images = sample(toy, labels, seeds=QUALITY_SEEDS, steps=steps)
     assert images.shape == (len(QUALITY_SEEDS), 3, 32, 32)
-    summary = summarise(analyse_images(images))
-    assert summary["frac_one"] >= 0.9, summary
+    summary = summarise(analyse_images(images), labels=labels)
+    # 24 fixed seeds: at most one failure (the 64-seed figures are in benchmarks/toy_policy)
+    assert summary["frac_one"] >= 23 / 24, summary
+    assert summary["frac_class_kept"] >= 23 / 24, summary
     assert SIZE_RANGE[0] * 0.6 <= summary["mean_size"] <= SIZE_RANGE[1], summary
 
 
@@ -140,5 +150,7 @@ def test_sample_calls_unet_once_per_step_with_uncond_then_cond(toy):
 
 
 def test_sample_rejects_sizes_the_unet_cannot_halve(toy):
-    with pytest.raises(ValueError, match="multiples of 4"):
-        sample(toy, [0], seeds=[0], height=30, width=32, steps=1)
+    levels = len(toy.unet.config.block_out_channels)  # toy: 3 -> 4 px, toy4: 4 -> 8 px
+    multiple = 2 ** (levels - 1)
+    with pytest.raises(ValueError, match=f"multiples of {multiple}"):
+        sample(toy, [0], seeds=[0], height=32 + multiple // 2, width=32, steps=1)

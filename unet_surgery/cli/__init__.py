@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "unet_surgery.cli.apply_cmd",
     "unet_surgery.cli.disperse_cmd",
     "unet_surgery.cli.export_cmd",
+    "unet_surgery.cli.toy_cmd",
 )
 
 

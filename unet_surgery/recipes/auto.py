@@ -1,6 +1,16 @@
-"""Automatic recipes: re-dilation levels and factors derived from a map and two resolutions.
+"""Automatic recipes: derived from a UNet map and two resolutions, with no per-model tuning.
 
-The rule is modelled on ScaleCrafter's published SD1.5 tables and written in map terms
+Two policies:
+
+``policy="auto"`` (the default) is the one that keeps objects whole on a model nobody tuned it
+for (see docs/analysis.md for the measurements behind it). It generates at the base size first
+and climbs to the target by FreeScale's self-cascade, at most 2x per side a stage, and in every
+later stage re-dilates only the deepest level (down and mid convs) and the downsampler into it,
+by the stage's own ratio, during the first 70% of the steps (FreeScale's restrained dilation,
+stated in map terms). It is built by :func:`cascade_recipe`.
+
+``policy="scalecrafter"`` reproduces ScaleCrafter's published SD1.5 tables (built by
+:func:`scalecrafter_recipe`). The rule is modelled on those tables and written in map terms
 (level, stage, kernel, axis) rather than layer names, so it applies unchanged to any UNet the
 mapper understands, LDM layouts included:
 
@@ -19,11 +29,24 @@ mapper understands, LDM layouts included:
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from typing import Literal
 
 from unet_surgery.errors import RecipeError
-from unet_surgery.graph.records import UNetMap
-from unet_surgery.recipes.schema import LevelRange, Recipe, RedilatePass, ScheduleSpec, Selector
+from unet_surgery.graph.records import ConvRecord, UNetMap
+from unet_surgery.recipes.schema import (
+    LevelRange,
+    Recipe,
+    RedilatePass,
+    SamplingSpec,
+    ScaleFusionPass,
+    ScheduleSpec,
+    Selector,
+)
+
+Policy = Literal["auto", "scalecrafter"]
+POLICIES: tuple[str, ...] = ("auto", "scalecrafter")
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -45,6 +68,22 @@ def auto_factors(scale: float, levels: range) -> dict[int, float]:
     return factors
 
 
+def _scale(base_hw: tuple[int, int], target_hw: tuple[int, int]) -> float:
+    scale = max(target_hw[0] / base_hw[0], target_hw[1] / base_hw[1])
+    if scale <= 1:
+        raise RecipeError(
+            f"target {target_hw[0]}x{target_hw[1]} is not larger than base {base_hw[0]}x{base_hw[1]}: nothing to re-dilate"
+        )
+    return round(scale, 3)
+
+
+def _kxk_ops(unet_map: UNetMap) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The spatial conv op names and the k > 1 kernel sizes the map holds."""
+    ops = tuple(sorted({c.op for c in unet_map.convs if c.op in ("conv2d", "conv3d")}))
+    kernels = tuple(sorted({k for c in unet_map.convs for k in c.spatial_kernel if k > 1}))
+    return ops, kernels
+
+
 def auto_recipe(
     unet_map: UNetMap,
     *,
@@ -52,21 +91,147 @@ def auto_recipe(
     target: int | tuple[int, int],
     vae_scale_factor: int = 8,
     name: str | None = None,
+    policy: Policy = "auto",
+    steps: int = 50,
 ) -> Recipe:
-    """A re-dilation recipe for ``unet_map`` going from ``base`` to ``target`` (pixels, (h, w))."""
+    """A recipe for ``unet_map`` going from ``base`` to ``target`` (pixels, int or (h, w)).
+
+    ``policy="auto"``: self-cascade with restrained deepest-level dilation
+    (:func:`cascade_recipe`); ``policy="scalecrafter"``: ScaleCrafter's re-dilation tables
+    (:func:`scalecrafter_recipe`). ``steps`` is the cascade's steps per stage (samplers may
+    override it).
+    """
+    if policy == "auto":
+        return cascade_recipe(unet_map, base=base, target=target, vae_scale_factor=vae_scale_factor,
+                              name=name, steps=steps)
+    if policy == "scalecrafter":
+        return scalecrafter_recipe(unet_map, base=base, target=target,
+                                   vae_scale_factor=vae_scale_factor, name=name)
+    raise RecipeError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def cascade_stages(
+    base: tuple[int, int], target: tuple[int, int], multiple: int
+) -> tuple[tuple[int, int], ...]:
+    """Stage sizes from the base area up to ``target``, at most 2x per side a stage.
+
+    With ``r = sqrt(target area / base area)`` and ``n = ceil(log2(r))`` stages above the first,
+    stage ``k`` is ``target / r ** ((n - k) / n)``: the first has the base's area and the
+    target's aspect ratio, and every stage grows by the same factor ``r ** (1 / n) <= 2``. Sides
+    are rounded to ``multiple`` (at least ``multiple``).
+    """
+    ratio = math.sqrt(target[0] * target[1] / (base[0] * base[1]))
+    n = max(1, math.ceil(math.log2(ratio) - 1e-9))
+
+    def snap(v: float) -> int:
+        return max(multiple, round(v / multiple) * multiple)
+
+    stages = [(snap(target[0] / ratio ** ((n - k) / n)), snap(target[1] / ratio ** ((n - k) / n)))
+              for k in range(n)]
+    stages.append(tuple(target))  # type: ignore[arg-type]
+    out: list[tuple[int, int]] = []
+    for st in stages:  # snapping can repeat a size for tiny models; keep stages strictly growing
+        if not out or st[0] * st[1] > out[-1][0] * out[-1][1]:
+            out.append(st)
+    return tuple(out)
+
+
+def restrained_dilation_selectors(unet_map: UNetMap) -> list[Selector]:
+    """FreeScale's restrained dilation in map terms: the deepest level's down and mid k x k
+    convs, and the strided conv that downsamples into that level. Up blocks are never dilated.
+
+    On SDXL this selects exactly FreeScale's published layers (``down_blocks.1.downsamplers.0``,
+    ``down_blocks.2`` resnets, ``mid_block`` resnets)."""
+    deepest = unet_map.num_levels - 1
+    if deepest < 1:
+        raise RecipeError(f"{unet_map.model_class} has a single level: there is no deeper level to dilate")
+    ops, kernels = _kxk_ops(unet_map)
+    spatial: tuple = ("spatial",)
+    selectors = [
+        Selector(op=ops, kernel=kernels, stride=(1,), stage=("down", "mid"),  # type: ignore[arg-type]
+                 level=LevelRange(deepest, None), axis=spatial)
+    ]
+    downsamplers = [
+        c for c in unet_map.convs
+        if isinstance(c, ConvRecord) and c.level == deepest - 1 and max(c.spatial_stride) > 1
+        and c.axis == "spatial" and max(c.spatial_kernel) > 1
+    ]
+    if downsamplers:
+        selectors.append(Selector(op=ops, kernel=kernels, stride=(2,),  # type: ignore[arg-type]
+                                  level=LevelRange(deepest - 1, deepest - 1), axis=spatial))
+    return selectors
+
+
+def cascade_recipe(
+    unet_map: UNetMap,
+    *,
+    base: int | tuple[int, int],
+    target: int | tuple[int, int],
+    vae_scale_factor: int = 8,
+    name: str | None = None,
+    steps: int = 50,
+    dilate_fraction: float = 0.7,
+    cosine_scale: float = 2.0,
+    scale_fusion: bool = False,
+) -> Recipe:
+    """The ``auto`` policy: self-cascade through :func:`cascade_stages` with restrained dilation.
+
+    Each stage's factor is ``auto`` (the stage's latent size over the base's, floored), active
+    for the first ``dilate_fraction`` of the steps (FreeScale: 35 of 50). ``scale_fusion`` adds
+    FreeScale's scale-fusion self-attention (off by default: see docs/analysis.md).
+    """
     base_hw, target_hw = _pair(base, "base"), _pair(target, "target")
-    scale = max(target_hw[0] / base_hw[0], target_hw[1] / base_hw[1])
-    if scale <= 1:
-        raise RecipeError(
-            f"target {target_hw[0]}x{target_hw[1]} is not larger than base {base_hw[0]}x{base_hw[1]}: nothing to re-dilate"
-        )
-    scale = round(scale, 3)
+    scale = _scale(base_hw, target_hw)
+    # every stage must divide down to the deepest level's grid, in pixels
+    multiple = vae_scale_factor * 2 ** max(0, unet_map.num_levels - 1)
+    for side, v in zip(("height", "width"), target_hw, strict=True):
+        if v % multiple:
+            raise RecipeError(
+                f"target {side} {v} is not a multiple of {multiple} (VAE factor {vae_scale_factor} x "
+                f"2^{unet_map.num_levels - 1} downsamplings of {unet_map.model_class})"
+            )
+    stages = cascade_stages(base_hw, target_hw, multiple)
+    schedule = ScheduleSpec(tau=round(dilate_fraction * 50, 6), steps=50)
+    passes: list = [RedilatePass(select=sel, factor="auto", schedule=schedule)
+                    for sel in restrained_dilation_selectors(unet_map)]
+    if scale_fusion and any(a.kind == "self" and a.axis == "spatial" for a in unet_map.attentions):
+        passes.append(ScaleFusionPass(select=Selector(op=("attention",), kind=("self",), axis=("spatial",))))
+    h, w = target_hw
+    return Recipe(
+        name=name or f"auto-{unet_map.model_class}-{h}x{w}",
+        description=(
+            f"Automatic policy from {base_hw[0]}x{base_hw[1]} to {h}x{w} (scale {scale:g}): self-cascade "
+            + " -> ".join(f"{a}x{b}" for a, b in stages)
+            + f", restrained dilation of the deepest level (factor = stage ratio) for the first "
+            f"{dilate_fraction:.0%} of each stage's steps"
+            + (", scale-fusion self-attention" if any(isinstance(q, ScaleFusionPass) for q in passes) else "")
+        ),
+        source="unet_surgery.recipes.auto_recipe(policy='auto')",
+        base_resolution=base_hw,
+        target_resolutions=(target_hw,),
+        passes=tuple(passes),
+        vae_scale_factor=vae_scale_factor,
+        sampling=SamplingSpec(stages=stages, steps=steps, cosine_scale=cosine_scale),
+    )
+
+
+def scalecrafter_recipe(
+    unet_map: UNetMap,
+    *,
+    base: int | tuple[int, int],
+    target: int | tuple[int, int],
+    vae_scale_factor: int = 8,
+    name: str | None = None,
+) -> Recipe:
+    """ScaleCrafter-style re-dilation for ``unet_map`` from ``base`` to ``target`` (pixels)."""
+    base_hw, target_hw = _pair(base, "base"), _pair(target, "target")
+    scale = _scale(base_hw, target_hw)
     factors = auto_factors(scale, range(unet_map.num_levels))
     if not factors:
         raise RecipeError(f"{unet_map.model_class} has no level below full resolution to re-dilate")
     progressive = scale >= 3
     schedule = ScheduleSpec(tau=35 if progressive else 30, steps=50, progressive=progressive)
-    conv_ops = tuple(sorted({c.op for c in unet_map.convs if c.op in ("conv2d", "conv3d")}))
+    conv_ops, kernels = _kxk_ops(unet_map)
     passes = []
     grouped: dict[float, list[int]] = {}
     for level, f in factors.items():
@@ -79,8 +244,7 @@ def auto_recipe(
             level=LevelRange(lo, None if hi == unet_map.num_levels - 1 else hi),
         )
         # k x k only: 1x1 convs have no receptive field to restore.
-        kernels = sorted({k for c in unet_map.convs for k in c.spatial_kernel if k > 1})
-        selector = replace(selector, kernel=tuple(kernels))
+        selector = replace(selector, kernel=kernels)
         passes.append(RedilatePass(select=selector, factor=f, schedule=schedule))
     upsampler_factors = {}
     previous = None
@@ -118,7 +282,7 @@ def auto_recipe(
             f"Automatic re-dilation from {base_hw[0]}x{base_hw[1]} to {h}x{w} (scale {scale:g}): "
             + ", ".join(f"level {lv}: {f:g}" for lv, f in factors.items())
         ),
-        source="unet_surgery.recipes.auto_recipe",
+        source="unet_surgery.recipes.auto_recipe(policy='scalecrafter')",
         base_resolution=base_hw,
         target_resolutions=(target_hw,),
         passes=tuple(passes),
@@ -126,4 +290,12 @@ def auto_recipe(
     )
 
 
-__all__ = ["auto_factors", "auto_recipe"]
+__all__ = [
+    "POLICIES",
+    "auto_factors",
+    "auto_recipe",
+    "cascade_recipe",
+    "cascade_stages",
+    "restrained_dilation_selectors",
+    "scalecrafter_recipe",
+]

@@ -7,6 +7,7 @@ metric that measures repetition when sampling above the training resolution.
 """
 
 from unet_surgery.toy.data import COLOUR_NAMES, IMAGE_SIZE, NUM_CLASSES, SHAPES, make_batch
+from unet_surgery.toy.export import export_toy, is_toy_export, load_toy_folder
 from unet_surgery.toy.metrics import (
     DEFAULT_METRIC_PARAMS,
     ImageStats,
@@ -37,10 +38,13 @@ __all__ = [
     "analyse_images",
     "build_toy",
     "ddim_timesteps",
+    "export_toy",
     "foreground_mask",
     "initial_noise",
+    "is_toy_export",
     "load_toy",
     "load_toy_config",
+    "load_toy_folder",
     "make_batch",
     "make_ddim_scheduler",
     "make_ddpm_scheduler",

@@ -21,6 +21,7 @@ __all__ = [
     "SHAPES",
     "SIZE_RANGE",
     "make_batch",
+    "shape_coverage",
 ]
 
 IMAGE_SIZE = 32
@@ -50,6 +51,45 @@ def _rand(n: int, generator: torch.Generator, lo: float, hi: float) -> torch.Ten
     return lo + (hi - lo) * torch.rand(n, generator=generator)
 
 
+def _coverage(
+    labels: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, side: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Anti-aliased ``(n, size, size)`` coverage of shape ``labels[i]`` (fractions of the side)."""
+    n = labels.shape[0]
+    hi = size * _SUPERSAMPLE
+    coords = (torch.arange(hi, dtype=torch.float32) + 0.5) / hi  # pixel centres in [0, 1]
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    xx, yy = xx.unsqueeze(0), yy.unsqueeze(0)  # (1, H, W)
+    dx = xx - cx.view(n, 1, 1)
+    dy = yy - cy.view(n, 1, 1)
+    half = (side / 2).view(n, 1, 1)
+
+    disc = dx.square() + dy.square() <= half.square()
+    square = (dx.abs() <= half) & (dy.abs() <= half)
+    # Upright isosceles triangle inscribed in the side x side box: apex at the top centre.
+    rel_y = (dy + half) / (2 * half)  # 0 at the apex row, 1 at the base
+    triangle = (rel_y >= 0) & (rel_y <= 1) & (dx.abs() <= rel_y * half)
+    masks = torch.stack([disc, square, triangle], dim=1).float()  # (n, 3, H, W)
+    mask = masks[torch.arange(n), labels]  # (n, H, W)
+    return torch.nn.functional.avg_pool2d(mask.unsqueeze(1), _SUPERSAMPLE).squeeze(1)
+
+
+def shape_coverage(
+    label: int, cx: float, cy: float, side: float, *, size: int = IMAGE_SIZE
+) -> torch.Tensor:
+    """Anti-aliased ``(size, size)`` coverage in [0, 1] of one shape, as in :func:`make_batch`.
+
+    ``cx``, ``cy`` (box centre) and ``side`` are fractions of the image side. Exposed so that
+    tests can compose images with several touching or overlapping objects drawn like training data.
+    """
+
+    def one(v: float) -> torch.Tensor:
+        return torch.tensor([v], dtype=torch.float32)
+
+    labels = torch.tensor([label], dtype=torch.long)
+    return _coverage(labels, one(cx), one(cy), one(side), size)[0]
+
+
 def make_batch(
     n: int, generator: torch.Generator, *, size: int = IMAGE_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,22 +114,7 @@ def make_batch(
     grad_amp = _rand(n, generator, 0.0, 0.12)
     grad_angle = _rand(n, generator, 0.0, 2 * math.pi)
 
-    hi = size * _SUPERSAMPLE
-    coords = (torch.arange(hi, dtype=torch.float32) + 0.5) / hi  # pixel centres in [0, 1]
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    xx, yy = xx.unsqueeze(0), yy.unsqueeze(0)  # (1, H, W)
-    dx = xx - cx.view(n, 1, 1)
-    dy = yy - cy.view(n, 1, 1)
-    half = (side / 2).view(n, 1, 1)
-
-    disc = dx.square() + dy.square() <= half.square()
-    square = (dx.abs() <= half) & (dy.abs() <= half)
-    # Upright isosceles triangle inscribed in the side x side box: apex at the top centre.
-    rel_y = (dy + half) / (2 * half)  # 0 at the apex row, 1 at the base
-    triangle = (rel_y >= 0) & (rel_y <= 1) & (dx.abs() <= rel_y * half)
-    masks = torch.stack([disc, square, triangle], dim=1).float()  # (n, 3, H, W)
-    mask = masks[torch.arange(n), labels].unsqueeze(1)  # (n, 1, H, W)
-    mask = torch.nn.functional.avg_pool2d(mask, _SUPERSAMPLE)
+    mask = _coverage(labels, cx, cy, side, size).unsqueeze(1)  # (n, 1, H, W)
 
     lo_coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
     ly, lx = torch.meshgrid(lo_coords, lo_coords, indexing="ij")

@@ -19,7 +19,10 @@ from torch import nn
 from unet_surgery.toy.data import COLOUR_NAMES, IMAGE_SIZE, SHAPES, SIZE_RANGE
 
 __all__ = [
+    "DEFAULT_TOY",
     "DEFAULT_UNET_CONFIG",
+    "TOY_ARCHITECTURES",
+    "TOY_NAMES",
     "ToyDiffusion",
     "build_toy",
     "default_scheduler_config",
@@ -33,31 +36,55 @@ WEIGHTS_PACKAGE = "unet_surgery.toy.weights"
 WEIGHTS_NAME = "toy_unet.safetensors"
 CONFIG_NAME = "toy_config.json"
 
-DEFAULT_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": IMAGE_SIZE,
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 128],
-    "layers_per_block": 1,
-    "cross_attention_dim": 128,
-    "attention_head_dim": 4,
-    "norm_num_groups": 16,
+TOY_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "toy": {
+        "sample_size": IMAGE_SIZE,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 64, 128],
+        "layers_per_block": 1,
+        "cross_attention_dim": 128,
+        "attention_head_dim": 4,
+        "norm_num_groups": 16,
+    },
+    "toy4": {
+        "sample_size": IMAGE_SIZE,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "block_out_channels": [24, 48, 64, 96],
+        "layers_per_block": 1,
+        "cross_attention_dim": 64,
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+    },
 }
-"""UNet config; ``attention_head_dim`` is, as in SD 1.x configs, the number of heads."""
+"""UNet configs of the shipped toys (``attention_head_dim`` is, as in SD 1.x configs, the number of
+heads). ``toy``: three levels, cross-attention at the deepest; ``toy4``: four levels, other widths,
+cross-attention at the two deepest, trained from another seed. Recipes and the automatic policy are
+designed on ``toy`` and only *checked* on ``toy4``."""
+
+TOY_NAMES: tuple[str, ...] = tuple(TOY_ARCHITECTURES)
+DEFAULT_TOY = "toy"
+DEFAULT_UNET_CONFIG: dict[str, Any] = TOY_ARCHITECTURES[DEFAULT_TOY]
 
 
 def default_scheduler_config() -> dict[str, Any]:
     """Noise schedule shared by training (DDPM) and sampling (DDIM).
 
     The cosine schedule keeps enough signal at high ``t`` for 32x32 images, where SD's scaled-linear
-    schedule destroys small images too early and wastes most timesteps.
+    schedule destroys small images too early and wastes most timesteps. The model predicts ``v``
+    (as SD 2.x 768 does): at t = 999 the cosine schedule's alpha_bar is ~1e-9, and an eps model's
+    x0 estimate there divides its error by ~3e-5, which left a fifth of the first toy's samples
+    empty; a v model's x0 estimate stays bounded.
     """
     return {
         "num_train_timesteps": 1000,
         "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "epsilon",
+        "prediction_type": "v_prediction",
         "clip_sample": False,
     }
 
@@ -72,6 +99,7 @@ class ToyDiffusion(nn.Module):
         self.num_classes = num_classes
         self.scheduler_config = default_scheduler_config()
         self.config: dict[str, Any] = {}
+        self.name = "untrained"
         self.unet = UNet2DConditionModel(**unet_config)
         self.class_embedding = nn.Embedding(num_classes + 1, unet_config["cross_attention_dim"])
         nn.init.normal_(self.class_embedding.weight, std=1.0)
@@ -122,26 +150,36 @@ def make_ddim_scheduler(config: dict[str, Any] | None = None):
     return DDIMScheduler(**cfg, set_alpha_to_one=True, timestep_spacing="trailing")
 
 
-def load_toy_config() -> dict[str, Any]:
-    """The shipped ``toy_config.json`` (UNet config, classes, schedule, training and metric params)."""
-    text = resources.files(WEIGHTS_PACKAGE).joinpath(CONFIG_NAME).read_text(encoding="utf-8")
-    return json.loads(text)
+def _check_name(name: str) -> str:
+    if name not in TOY_ARCHITECTURES:
+        raise ValueError(f"unknown toy {name!r}; shipped toys: {', '.join(TOY_NAMES)}")
+    return name
+
+
+def load_toy_config(name: str = DEFAULT_TOY) -> dict[str, Any]:
+    """The shipped ``toy_config.json`` of toy ``name`` (UNet config, classes, schedule, training)."""
+    folder = resources.files(WEIGHTS_PACKAGE).joinpath(_check_name(name))
+    return json.loads(folder.joinpath(CONFIG_NAME).read_text(encoding="utf-8"))
 
 
 def load_toy(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_TOY,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> ToyDiffusion:
-    """The shipped, trained toy model in ``eval()`` mode; reads package files only, no network."""
+    """The shipped, trained toy ``name`` in ``eval()`` mode; reads package files only, no network."""
     from safetensors.torch import load
 
-    config = load_toy_config()
+    config = load_toy_config(name)
     with torch.device("meta"):
         toy = ToyDiffusion(config["unet"], config["num_classes"])
-    blob = resources.files(WEIGHTS_PACKAGE).joinpath(WEIGHTS_NAME).read_bytes()
+    folder = resources.files(WEIGHTS_PACKAGE).joinpath(name)
+    blob = folder.joinpath(WEIGHTS_NAME).read_bytes()
     state = {k: v.to(torch.float32) for k, v in load(blob).items()}
     toy.load_state_dict(state, strict=True, assign=True)
     toy.scheduler_config = dict(config["scheduler"])
     toy.config = config
+    toy.name = name
     return toy.to(device=device, dtype=dtype).eval()
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "ddim_timesteps",
     "initial_noise",
     "sample",
+    "sample_recipe",
 ]
 
 DEFAULT_STEPS = 25
@@ -69,10 +70,12 @@ def sample(
     ``unet(x, t, encoder_hidden_states=...)`` with a ``[uncond, cond]`` batch of ``2B``.
     ``callback(step_index, timestep)`` runs before each UNet call (hooks for step schedules).
     ``eta`` > 0 adds DDIM's stochastic term (1 = DDPM-like ancestral sampling), still per-seed.
-    ``height`` and ``width`` must be multiples of 4 (two 2x downsamplings in the UNet).
+    ``height`` and ``width`` must be multiples of ``2 ** (levels - 1)`` (4 for ``toy``, 8 for
+    ``toy4``): every level halves the size.
     """
-    if height % 4 or width % 4:
-        raise ValueError(f"height and width must be multiples of 4, got {height}x{width}")
+    multiple = 2 ** (len(toy.unet.config.block_out_channels) - 1)
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if len(seeds) != labels.numel():
         raise ValueError(f"{len(seeds)} seeds for {labels.numel()} labels")
@@ -109,3 +112,74 @@ def sample(
             step = scheduler.step(eps, t, x)
         x = step.prev_sample
     return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def sample_recipe(
+    toy: ToyDiffusion,
+    recipe: Any,
+    labels: torch.Tensor | Sequence[int],
+    *,
+    seeds: Sequence[int],
+    size: int | tuple[int, int],
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    unet_map: Any = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Sample the toy at ``size`` with ``recipe`` applied; the model is unpatched afterwards.
+
+    ``recipe`` is ``None`` (the plain model), a :class:`~unet_surgery.recipes.Recipe`, a shipped
+    recipe name or a file. A recipe with a ``sampling`` section runs FreeScale's self-cascade
+    through its stages (``steps`` per stage, restart at ``int(0.3 * steps)`` unless the recipe
+    sets one); a recipe with a ``noise_damped_cfg`` pass switches noise-damped guidance on. This
+    is the one place the demo, the benchmarks and the tests turn a recipe into toy samples.
+    ``callback(step_index, timestep)`` runs before each UNet call of plain (non-cascade) runs.
+    """
+    from dataclasses import replace
+
+    from unet_surgery.patching.patch import apply
+    from unet_surgery.recipes import load_recipe
+    from unet_surgery.recipes.schema import NoiseDampedCFGPass
+
+    h, w = (size, size) if isinstance(size, int) else size
+    if recipe is None:
+        return sample(toy, labels, seeds=seeds, height=h, width=w, steps=steps,
+                      guidance_scale=guidance_scale, callback=callback)
+    recipe = load_recipe(recipe)
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    damped = any(isinstance(p, NoiseDampedCFGPass) for p in recipe.passes)
+    with apply(toy.unet, recipe, unet_map=unet_map) as patch:
+        if damped:
+            patch.enable_noise_damped_cfg()
+        if recipe.sampling is None:
+            scheduler = make_ddim_scheduler(getattr(toy, "scheduler_config", None))
+            scheduler.set_timesteps(steps)
+            patch.set_timesteps(scheduler.timesteps)
+            return sample(toy, labels, seeds=seeds, height=h, width=w, steps=steps,
+                          guidance_scale=guidance_scale, callback=callback)
+        from unet_surgery.sampling import cfg_denoiser, self_cascade
+
+        final = tuple(recipe.sampling.stages[-1])
+        if final != (h, w):
+            raise ValueError(f"recipe {recipe.name!r} ends its cascade at {final[0]}x{final[1]}, not {h}x{w}")
+        first = recipe.sampling.stages[0]
+        restart = recipe.sampling.restart_step
+        spec = replace(recipe.sampling, steps=steps,
+                       restart_step=None if restart is None else min(restart, steps - 1))
+        device = toy.class_embedding.weight.device
+        cond = toy.encode(labels.to(device))
+        uncond = toy.encode(torch.full_like(labels, toy.empty_class).to(device))
+        out = self_cascade(
+            cfg_denoiser(toy.unet, cond, uncond, guidance_scale=guidance_scale),
+            make_ddim_scheduler(getattr(toy, "scheduler_config", None)),
+            spec,
+            latent_channels=3,
+            batch_size=len(seeds),
+            latents=initial_noise(seeds, first[0], first[1]).to(device),
+            # later stages' re-noising: one generator for the batch, seeded by its first seed
+            generator=torch.Generator().manual_seed(int(seeds[0])),
+            patch=patch,
+            progress=False,
+        )
+        return out.latents.clamp(-1, 1)
