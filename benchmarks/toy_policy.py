@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from unet_surgery.demo import DemoRow, grid_png
 from unet_surgery.graph import map_unet
 from unet_surgery.recipes import Recipe
 from unet_surgery.recipes.auto import auto_recipe, cascade_recipe
@@ -67,13 +68,17 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def evaluate(toys: list[str], sizes: list[int], methods: list[str], seeds: tuple[int, ...],
-             steps: int, guidance: float, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+             steps: int, guidance: float, log: Callable[[str], None] = print) -> list[DemoRow]:
     rows = []
     jobs = [(t, s, m) for t in toys for s in sizes for m in methods if s != BASE or m == "baseline"]
     labels = torch.tensor([s % 3 for s in seeds])
+    loaded: dict[str, Any] = {}
     for i, (toy_name, size, method) in enumerate(jobs, 1):
-        toy = load_toy(toy_name)
-        unet_map = map_unet(toy.unet, latent_hw=(64, 64))
+        if toy_name not in loaded:
+            loaded.clear()
+            toy = load_toy(toy_name)
+            loaded[toy_name] = (toy, map_unet(toy.unet, latent_hw=(64, 64)))
+        toy, unet_map = loaded[toy_name]
         recipe = METHODS[method](unet_map, size) if size != BASE else None
         t0 = time.perf_counter()
         images = sample_recipe(toy, recipe, labels, seeds=seeds, size=size, steps=steps,
@@ -81,26 +86,24 @@ def evaluate(toys: list[str], sizes: list[int], methods: list[str], seeds: tuple
         seconds = time.perf_counter() - t0
         stats = analyse_images(images)
         summary = summarise(stats, labels=labels.tolist())
-        rows.append({"toy": toy_name, "size": size, "method": method,
-                     "recipe": None if recipe is None else recipe.description,
-                     "seconds": round(seconds, 1), **summary,
-                     "objects_per_image": [s.num_objects for s in stats],
-                     "shapes": [getattr(s, "shape", None) for s in stats],
-                     "images": images})
+        rows.append(DemoRow(toy_name, method, size, None if recipe is None else recipe.description,
+                            images, summary, seconds, [s.num_objects for s in stats],
+                            [s.shape for s in stats], labels.tolist()))
         log(f"[{i}/{len(jobs)}] {toy_name:<5} {size:>3}px {method:<13} {seconds:6.1f} s  "
             f"one {summary['frac_one']:.0%}  none {summary['frac_none']:.0%}  "
-            f"several {summary['frac_multi']:.0%}  class {summary.get('frac_class_kept', float('nan')):.0%}")
+            f"several {summary['frac_multi']:.0%}  class {summary['frac_class_kept']:.0%}")
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| toy | size | method | exactly one | empty | several | merged | class kept | objects / image | object size | s |",
+def table(rows: list[DemoRow]) -> str:
+    lines = ["| toy | size | method | exactly one | empty | several | merged | class kept | objects / image | object scale | s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        s = r.summary
         lines.append(
-            f"| {r['toy']} | {r['size']} | {r['method']} | {r['frac_one']:.0%} | {r['frac_none']:.0%} | "
-            f"{r['frac_multi']:.0%} | {r.get('frac_merged', 0):.0%} | {r.get('frac_class_kept', float('nan')):.0%} | "
-            f"{r['mean_objects']:.2f} | {r['mean_size']:.2f} | {r['seconds']:.0f} |")
+            f"| {r.toy} | {r.size} | {r.method} | {s['frac_one']:.0%} | {s['frac_none']:.0%} | "
+            f"{s['frac_multi']:.0%} | {s['frac_merged']:.0%} | {s['frac_class_kept']:.0%} | "
+            f"{s['mean_objects']:.2f} | {s['mean_scale']:.2f} | {r.seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -122,14 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"seeds": list(seeds), "steps": args.steps, "guidance": args.guidance,
               "command": "python benchmarks/toy_policy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "rows": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
+              "rows": [{"toy": r.toy, "size": r.size, "method": r.method, "recipe": r.recipe,
+                        "seconds": round(r.seconds, 1), "objects_per_image": r.per_image,
+                        "shapes": r.shapes, **r.summary} for r in rows]}
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (args.out / "report.md").write_text(table(rows) + "\n", encoding="utf-8")
-    from unet_surgery.demo import grid_png
-
     for toy_name in args.toys:
-        grid_rows = [r for r in rows if r["toy"] == toy_name]
-        grid_png(grid_rows, args.out / f"grid_{toy_name}.png", tile=64)
+        grid_png([r for r in rows if r.toy == toy_name], args.out / f"grid_{toy_name}.png", tile=64)
     print(table(rows))
     return 0
 

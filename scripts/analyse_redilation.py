@@ -26,6 +26,7 @@ Seeds 100-115 (the tuning seeds; class = seed % 3). Seeds >= 9000 are held out a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -341,9 +342,9 @@ def groups(um):
 _WORKER: dict = {}
 
 
-def _init_worker(threads: int, um) -> None:
+def _init_worker(threads: int, toy, um) -> None:
     torch.set_num_threads(threads)
-    _WORKER.update(toy=load_toy_retry("toy"), um=um)
+    _WORKER.update(toy=toy, um=um)
 
 
 def _do_job(job: tuple) -> tuple:
@@ -362,6 +363,8 @@ def main() -> None:
     ap.add_argument("--seeds-128", type=int, default=4, help="first N seeds at 128x128 (0: all)")
     ap.add_argument("--quick", action="store_true", help="4 seeds (2 at 128 px), 10 steps, fewer ablations")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop waiting after this long and write what finished (the five main runs come first)")
     args = ap.parse_args()
     lo, hi = (int(v) for v in args.seeds.split("-"))
     seeds = list(range(lo, hi + 1))
@@ -376,6 +379,9 @@ def main() -> None:
     toy = load_toy_retry("toy")
     um = unet_surgery.map_unet(toy.unet)
     training = toy.config.get("training", {})
+    digest = hashlib.sha256(b"".join(v.detach().numpy().tobytes() for v in toy.state_dict().values())).hexdigest()
+    training = {**training, "weights_sha256": digest}
+    log(f"weights sha256 {digest[:16]} (the workers get this very model, not a re-read)")
     log(f"toy: {training.get('steps_done')} training steps; {args.jobs} worker(s); seeds {seeds[0]}-{seeds[-1]} "
         f"({len(seeds)}), at 128 px {seeds128[0]}-{seeds128[-1]} ({len(seeds128)}); {steps} DDIM steps")
     sc = {s: auto_recipe(um, base=32, target=s, vae_scale_factor=1, policy="scalecrafter") for s in (64, 128)}
@@ -416,20 +422,28 @@ def main() -> None:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker, initargs=(1, um)) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker, initargs=(1, toy, um)) as pool:
             futures = [pool.submit(_do_job, j) for j in jobs]
-            for fut in as_completed(futures):
-                key, r = fut.result()
-                results[key] = r
-                report(key, r)
+            deadline = None if args.max_minutes is None else T0 + 60 * args.max_minutes
+            try:
+                for fut in as_completed(futures, timeout=None if deadline is None else deadline - time.perf_counter()):
+                    key, r = fut.result()
+                    results[key] = r
+                    report(key, r)
+            except TimeoutError:
+                missing = [k for k, _ in jobs if k not in results]
+                log(f"--max-minutes reached: writing without {missing}")
+                for f in futures:
+                    f.cancel()
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
     else:
         _WORKER.update(toy=toy, um=um)
         for j in jobs:
             key, r = _do_job(j)
             results[key] = r
             report(key, r)
-    order = [k for k, _ in jobs]
-    results = {k: results[k] for k in sorted(order, key=_display_order)}
+    results = {k: results[k] for k in sorted(results, key=_display_order)}
     write_outputs(args.out, results, seeds, seeds128, steps, training, sc, um)
     log(f"done: {args.out}")
 
@@ -465,6 +479,8 @@ def write_outputs(out: Path, results, seeds, seeds128, steps, training, sc, um) 
     data: dict = {
         "command": "OMP_NUM_THREADS=2 python scripts/analyse_redilation.py",
         "toy_training_steps": training.get("steps_done"),
+        "toy_training_command": training.get("command"),
+        "toy_weights_sha256": training.get("weights_sha256"),
         "seeds": seeds, "seeds_128": seeds128, "labels": "seed % 3", "steps": steps,
         "guidance": DEFAULT_GUIDANCE,
         "recipes": {str(s): {"description": r.description,
