@@ -362,6 +362,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--seeds-128", type=int, default=4, help="first N seeds at 128x128 (0: all)")
     ap.add_argument("--quick", action="store_true", help="4 seeds (2 at 128 px), 10 steps, fewer ablations")
+    ap.add_argument("--small", action="store_true",
+                    help="8 seeds, 64x64 only, four ablations (what fits a heavily loaded 2-core machine)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop waiting after this long and write what finished (the five main runs come first)")
@@ -371,6 +373,8 @@ def main() -> None:
     steps = args.steps
     if args.quick:
         seeds, steps, args.seeds_128 = seeds[:4], 10, 2
+    if args.small:
+        seeds = seeds[:8]
     if any(s >= 9000 for s in seeds):
         raise SystemExit("seeds >= 9000 are held out for the final evaluation")
     seeds128 = seeds[: args.seeds_128] if args.seeds_128 else seeds
@@ -393,20 +397,22 @@ def main() -> None:
         jobs.append((key, dict(size=size, labels=[s % 3 for s in sd], seeds=sd, steps=steps, **kw)))
 
     # main runs, traced (most expensive first, for the pool)
-    job("128 baseline", 128, trace=True, strip=strip)
-    job("128 scalecrafter", 128, recipe=sc[128], trace=True, strip=strip)
+    if not args.small:
+        job("128 baseline", 128, trace=True, strip=strip)
+        job("128 scalecrafter", 128, recipe=sc[128], trace=True, strip=strip)
     job("32 baseline", 32, trace=True, strip=strip)
     job("64 baseline", 64, trace=True, strip=strip)
     job("64 scalecrafter", 64, recipe=sc[64], trace=True, strip=strip)
     g = groups(um)
     # 64x64: layers (the recipe's window), then windows (all the recipe's layers)
-    for name in (list(g) if not args.quick else ["level 1 only", "level 2 only"]):
+    small = args.quick or args.small
+    for name in (list(g) if not small else ["level 1 only", "level 2 only"]):
         job(f"64 {name}", 64, recipe=subset_recipe(sc[64], um, g[name]))
     windows = [("first 10%", 0.1, None), ("first 30%", 0.3, None), ("first 100%", 1.0, None),
                ("steps 30-60%", 0.6, 0.3), ("steps 60-100%", 1.0, 0.6)]
-    for name, tau, start in (windows if not args.quick else windows[1:2]):
+    for name, tau, start in (windows if not small else [windows[1], windows[4]]):
         job(f"64 window {name}", 64, recipe=with_tau(sc[64], tau), late_start=start)
-    if not args.quick:  # 128x128: the deepest level alone
+    if not small:  # 128x128: the deepest level alone
         job("128 level 2 only", 128, recipe=subset_recipe(sc[128], um, g["level 2 only"]))
 
     log(f"{len(jobs)} runs")
@@ -463,11 +469,13 @@ def write_outputs(out: Path, results, seeds, seeds128, steps, training, sc, um) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main_keys = ["32 baseline", "64 baseline", "64 scalecrafter", "128 baseline", "128 scalecrafter"]
+    main_keys = [k for k in ("32 baseline", "64 baseline", "64 scalecrafter", "128 baseline", "128 scalecrafter")
+                 if k in results]
     colours = {"32 baseline": "k", "64 baseline": "tab:blue", "64 scalecrafter": "tab:red",
                "128 baseline": "tab:cyan", "128 scalecrafter": "tab:orange"}
     # windows in which each scalecrafter run dilates: compare every run over the same steps
-    win = {s: np.array(results[f"{s} scalecrafter"]["factors"]) > 1 for s in (64, 128)}
+    win = {s: np.array(results[f"{s} scalecrafter"]["factors"]) > 1 for s in (64, 128)
+           if f"{s} scalecrafter" in results}
     win[32] = win[64]
 
     def over_window(key, series):
@@ -485,7 +493,7 @@ def write_outputs(out: Path, results, seeds, seeds128, steps, training, sc, um) 
         "guidance": DEFAULT_GUIDANCE,
         "recipes": {str(s): {"description": r.description,
                              "factors_per_step": results[f"{s} scalecrafter"]["factors"]}
-                    for s, r in sc.items()},
+                    for s, r in sc.items() if f"{s} scalecrafter" in results},
         "runs": {}, "blocks": {}, "attention": {}, "x0": {},
         "x0_by_outcome": {},
     }
@@ -598,6 +606,8 @@ def write_outputs(out: Path, results, seeds, seeds128, steps, training, sc, um) 
         axes[3].plot(data["x0"][key]["guide"], color=colours[key], label=key)
     axes[3].set_title("class signal: rms(v_cond - v_uncond) / rms(v_uncond)", fontsize=9)
     for key, ls in (("64 scalecrafter", "-"), ("128 scalecrafter", "--")):
+        if key not in results:
+            continue
         for name, col in (("empty", "0.5"), ("one", "tab:green"), ("several", "tab:red")):
             v = data["x0_by_outcome"][key][name]
             if v is not None:
@@ -633,6 +643,8 @@ def write_outputs(out: Path, results, seeds, seeds128, steps, training, sc, um) 
         return np.clip((np.asarray(a, dtype=np.float32).transpose(1, 2, 0) + 1) / 2, 0, 1)
 
     for size in (64, 128):
+        if f"{size} scalecrafter" not in results:
+            continue
         rows = [(k, i) for k in (f"{size} baseline", f"{size} scalecrafter") for i in range(results[k]["x0_strip"].shape[1])]
         cols = [*range(0, steps, max(1, steps // 8)), steps - 1]
         cols = sorted(set(cols))

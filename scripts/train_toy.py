@@ -7,8 +7,10 @@ disk, fp32 in memory), atomically, plus ``toy_config.json`` holding everything `
 metrics need. Periodic checkpoints go to the same files, so an interrupted run still leaves a
 loadable model.
 
-    python scripts/train_toy.py --arch toy --steps 900 --seed 0     # the shipped toy
-    python scripts/train_toy.py --arch toy4 --steps 900 --seed 1    # the second toy
+    # the shipped toys, two stages each (docs/toy.md has the record and timings)
+    python scripts/train_toy.py --arch toy --steps 800 --seed 0 --lr 1e-3 --weighting min-snr --max-minutes 48
+    cp -r unet_surgery/toy/weights/toy /tmp/stage1_toy
+    python scripts/train_toy.py --arch toy --init-from /tmp/stage1_toy --steps 340 --seed 2 --lr 5e-4 --warmup 10
     python scripts/train_toy.py --steps 20 --out /tmp/toy_smoke
 """
 
@@ -54,7 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--p-uncond", type=float, default=0.12, help="label dropout for CFG")
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--snr-gamma", type=float, default=5.0, help="v-loss weight min(1, gamma / (snr + 1))")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of the loss weighting")
+    p.add_argument(
+        "--weighting",
+        choices=("truncated", "min-snr"),
+        default="truncated",
+        help="v-loss weight: truncated min(1, gamma / (snr + 1)) or min-SNR min(snr, gamma) / (snr + 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads",
@@ -166,8 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         # Truncated SNR weighting of the v loss: min(1, gamma / (snr + 1)). Easy low-noise steps
         # (snr + 1 > gamma) are down-weighted as in min-SNR-gamma, but high-noise steps keep the
         # full v weight: min-SNR's min(snr, gamma) / (snr + 1) goes to 0 there, and a first
-        # run with it left a fifth of the samples without a committed object.
-        weight = torch.clamp(args.snr_gamma / (snr[t] + 1), max=1.0)
+        # run with it (stage 1 of the shipped toys, --weighting min-snr) left a fifth of the
+        # samples at 10 steps without a committed object.
+        if args.weighting == "truncated":
+            weight = torch.clamp(args.snr_gamma / (snr[t] + 1), max=1.0)
+        else:
+            weight = torch.clamp(snr[t], max=args.snr_gamma) / (snr[t] + 1)
         per_sample = F.mse_loss(model(noisy, t, labels), target, reduction="none").mean(dim=(1, 2, 3))
         loss = (weight * per_sample).mean()
         opt.zero_grad(set_to_none=True)
