@@ -446,6 +446,9 @@ def main() -> None:
     else:
         _WORKER.update(toy=toy, um=um)
         for j in jobs:
+            if args.max_minutes is not None and time.perf_counter() - T0 > 60 * args.max_minutes:
+                log(f"--max-minutes reached: writing without {[k for k, _ in jobs if k not in results]}")
+                break
             key, r = _do_job(j)
             results[key] = r
             report(key, r)
@@ -485,7 +488,7 @@ def write_outputs(out: Path, results, seeds, seeds128, steps, training, sc, um) 
         return float(a[m].mean()) if m.any() else float(a.mean())
 
     data: dict = {
-        "command": "OMP_NUM_THREADS=2 python scripts/analyse_redilation.py",
+        "command": "python scripts/analyse_redilation.py " + " ".join(sys.argv[1:]),
         "toy_training_steps": training.get("steps_done"),
         "toy_training_command": training.get("command"),
         "toy_weights_sha256": training.get("weights_sha256"),
