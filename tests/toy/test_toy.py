@@ -121,7 +121,8 @@ def test_model_draws_one_object_of_the_requested_class_at_training_resolution(to
 def test_sample_is_per_seed_deterministic(toy, eta):
     alone = sample(toy, [1], seeds=[7], steps=4, eta=eta)
     batch = sample(toy, [0, 1, 2], seeds=[3, 7, 11], steps=4, eta=eta)
-    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+    # float32 batched kernels round differently per batch size; 1e-4 of a [-1, 1] image
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=0)
     assert not torch.allclose(batch[0], batch[1])
     torch.testing.assert_close(sample(toy, [1], seeds=[7], steps=4, eta=eta), alone, atol=0, rtol=0)
 

@@ -1,9 +1,10 @@
-"""A small class-conditional pixel diffusion model, trained here, to test UNet surgery on a CPU.
+"""Small class-conditional pixel diffusion models, trained here, to test UNet surgery on a CPU.
 
-No pretrained Stable Diffusion weights are available offline, so the project ships this model:
-32x32 RGB images of one filled shape, a three-level diffusers ``UNet2DConditionModel`` with
-cross-attention on a class token, DDIM sampling with classifier-free guidance, and an object-count
-metric that measures repetition when sampling above the training resolution.
+No pretrained Stable Diffusion weights are available offline, so the project ships two models of
+32x32 RGB images of one filled shape: diffusers ``UNet2DConditionModel``s with cross-attention on
+a class token (``toy``: three levels, the design model; ``toy4``: four levels, the check model),
+DDIM sampling with classifier-free guidance, and a metric that counts objects (touching copies
+split), checks the requested class and measures object scale.
 """
 
 from unet_surgery.toy.data import COLOUR_NAMES, IMAGE_SIZE, NUM_CLASSES, SHAPES, make_batch
@@ -17,6 +18,8 @@ from unet_surgery.toy.metrics import (
     summarise,
 )
 from unet_surgery.toy.model import (
+    DEFAULT_TOY,
+    TOY_NAMES,
     ToyDiffusion,
     build_toy,
     load_toy,
@@ -24,14 +27,16 @@ from unet_surgery.toy.model import (
     make_ddim_scheduler,
     make_ddpm_scheduler,
 )
-from unet_surgery.toy.sampling import ddim_timesteps, initial_noise, sample
+from unet_surgery.toy.sampling import ddim_timesteps, initial_noise, sample, sample_recipe
 
 __all__ = [
     "COLOUR_NAMES",
     "DEFAULT_METRIC_PARAMS",
+    "DEFAULT_TOY",
     "IMAGE_SIZE",
     "NUM_CLASSES",
     "SHAPES",
+    "TOY_NAMES",
     "ImageStats",
     "ToyDiffusion",
     "analyse_image",
@@ -49,5 +54,6 @@ __all__ = [
     "make_ddim_scheduler",
     "make_ddpm_scheduler",
     "sample",
+    "sample_recipe",
     "summarise",
 ]
