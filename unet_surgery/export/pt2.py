@@ -99,13 +99,10 @@ def _describe_inputs(inputs: Mapping[str, Any], prefix: str = "") -> dict[str, A
     return out
 
 
-def _check_freezable(settings: PhaseSettings, k: int) -> None:
-    for path, fusion in settings.attentions:
-        if fusion is not None and fusion.active and fusion.jitter:
-            raise SurgeryError(
-                f"phase {k}: {path} uses jittered scale fusion, whose random window offsets "
-                "cannot be frozen into a static program; export a recipe with jitter: false"
-            )
+def _check_freezable(patch: Patch, settings: PhaseSettings, k: int) -> None:
+    errors = settings.freeze_errors(patch)
+    if errors:
+        raise SurgeryError(f"phase {k}: {errors[0]}")
 
 
 def export_phase(patch: Patch, settings: PhaseSettings, inputs: Mapping[str, Any]) -> torch.export.ExportedProgram:
@@ -143,7 +140,7 @@ def export_pt2(
     latent_hw = (int(example["sample"].shape[-2]), int(example["sample"].shape[-1]))
     phases, table = enumerate_phases(patch, ts, latent_hw, int(example["sample"].shape[0]))
     for k, settings in enumerate(phases):
-        _check_freezable(settings, k)
+        _check_freezable(patch, settings, k)
     directory = Path(directory)
     with staged_folder(directory) as stage, progress(len(phases), "pt2 phases", show_progress) as bar:
         for k, settings in enumerate(phases):
@@ -164,7 +161,7 @@ def export_pt2(
             "timesteps": ts,
             "step_phase": table,
             "phases": [
-                {"file": f"phase_{k}.pt2", "steps": [i for i, p in enumerate(table) if p == k], "changed": s.summary()}
+                {"file": f"phase_{k}.pt2", "steps": [i for i, p in enumerate(table) if p == k], "changed": s.summary(patch)}
                 for k, s in enumerate(phases)
             ],
             "inputs": _describe_inputs(example),
@@ -187,8 +184,9 @@ class Pt2Runner:
         manifest = read_json_object(file, missing=f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
         if manifest.get("format") != PT2_FORMAT:
             raise CheckpointError(f"{file} is not a {PT2_FORMAT} manifest")
-        if int(manifest.get("version", 0)) > PT2_VERSION:
-            raise CheckpointError(f"{file}: version {manifest.get('version')} is newer than this unet-surgery reads")
+        version = manifest.get("version")
+        if isinstance(version, bool) or version not in (PT2_VERSION,):
+            raise CheckpointError(f"{file}: pt2 format version {version!r} is not one this unet-surgery reads ({PT2_VERSION})")
         self.manifest = manifest
         self.timesteps: list[float] = [float(t) for t in manifest["timesteps"]]
         self.step_phase: list[int] = [int(k) for k in manifest["step_phase"]]

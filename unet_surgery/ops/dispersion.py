@@ -13,7 +13,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +40,14 @@ _FORMAT_VERSION = "1"
 
 @dataclass(frozen=True)
 class TransformParams:
-    """The parameters that fully determine a dispersion transform (and its file metadata)."""
+    """Parameters of the dispersion least-squares problem; they fully determine ``R`` (see the
+    dispersion page). Also the ``transform`` section of a ``disperse`` recipe pass."""
 
-    small: int = 3
-    large: int = 5
-    scale: int = 2
-    input_size: int = 3
-    eta: float = 0.05
+    small: int = field(default=3, metadata={"doc": "small (original) kernel size"})
+    large: int = field(default=5, metadata={"doc": "large (dispersed) kernel size"})
+    scale: int = field(default=2, metadata={"doc": "scale s of the structure-level equations"})
+    input_size: int = field(default=3, metadata={"doc": "size n of the input patch of the least-squares problem"})
+    eta: float = field(default=0.05, metadata={"doc": "weight of the pixel-level equations"})
 
     def __post_init__(self) -> None:
         _validate(self.small, self.large, self.scale, self.input_size, self.eta)

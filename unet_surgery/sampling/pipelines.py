@@ -26,7 +26,7 @@ import torch
 from unet_surgery.errors import RecipeError, SurgeryError
 from unet_surgery.graph import UNetMap
 from unet_surgery.patching.patch import Patch, apply, current_patch
-from unet_surgery.recipes.schema import NoiseDampedCFGPass, Recipe, SamplingSpec
+from unet_surgery.recipes.schema import Recipe, SamplingSpec
 from unet_surgery.sampling.cascade import CascadeOutput, CascadeStage, self_cascade
 
 # Supported pipeline class -> the method that receives the pipeline's CFG decision.
@@ -69,9 +69,7 @@ class PipelinePatch:
         self.pipe = pipe
         self.patch = patch
         self.scheduler = pipe.scheduler
-        self.noise_damped = any(isinstance(p, NoiseDampedCFGPass) for p in patch.recipe.passes) and any(
-            c.damped is not None for c in patch.plan.convs.values()
-        )
+        self.noise_damped = bool(patch.plan.entries("noise_damped_cfg"))
         self.cfg: bool | None = None  # the last CFG decision the pipeline announced
         self._encoder_name = encoder_name
         self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)

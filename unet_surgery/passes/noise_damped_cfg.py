@@ -1,0 +1,96 @@
+"""The ``noise_damped_cfg`` pass: ScaleCrafter's noise-damped classifier-free guidance.
+
+The unconditional prediction of the damped branch runs with its own (vanilla) re-dilation
+table. The conv side is a branch of the conv rewrite (a :class:`~unet_surgery.ops.BatchSplit`
+slice); the batch side is :class:`~unet_surgery.patching.guidance.NoiseDampedGuidance`, which
+:meth:`Patch.enable_noise_damped_cfg` (or ``apply_to_pipeline``) switches on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from unet_surgery.graph.records import UNetMap
+from unet_surgery.ops.redilate import ConvSetting
+from unet_surgery.passes.base import (
+    AUTO,
+    FactorPlan,
+    FilterFn,
+    PassHandler,
+    Plan,
+    factor_for,
+    factor_now,
+    register_pass,
+    spatial_convs,
+    window_is_empty,
+)
+from unet_surgery.passes.layers import CONV
+from unet_surgery.passes.redilate import check_factors
+from unet_surgery.recipes.schema import OnMissing, PassConfig, ScheduleSpec, Selector, doc
+from unet_surgery.runtime import DAMPED, UNetCall
+
+
+@dataclass(frozen=True)
+class NoiseDampedCFGPass(PassConfig):
+    """Noise-damped guidance: the unconditional branch runs re-dilated by its own table."""
+
+    type: ClassVar[str] = "noise_damped_cfg"
+    select: Selector = doc("layers re-dilated in the damped (vanilla) branch")
+    factor: float | None = doc("factor for selected layers without an entry in `factors`", default=None)
+    factors: dict[str, float] = doc("per-layer factors of the damped branch", default_factory=dict)
+    schedule: ScheduleSpec = doc("steps with noise-damped guidance (published: ndcfg_tau)", default_factory=ScheduleSpec)
+    on_missing: OnMissing = doc("a listed path the model lacks: error or warn", default="error")
+
+    def validate(self, where: str) -> None:
+        check_factors(self, where)
+
+
+@register_pass
+class NoiseDampedCFGHandler(PassHandler[NoiseDampedCFGPass]):
+    """Plans the damped branch's factor per conv; sets it on the damped slice of the batch."""
+
+    type = "noise_damped_cfg"
+    config = NoiseDampedCFGPass
+    rewrite = CONV
+    order = 20
+
+    def plan(self, config: NoiseDampedCFGPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
+        for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
+            factor = factor_for(config, rec.path, f"passes[{index}]")
+            plan.add(rec.path, rec, self, FactorPlan(factor, config.schedule), index)
+
+    def describe(self, entry: FactorPlan) -> str:
+        return entry.describe()
+
+    def setting(self, patch: Any, entry: FactorPlan, branch: str, call: UNetCall | None, current: ConvSetting) -> ConvSetting:
+        if branch != DAMPED:
+            return current
+        return ConvSetting(factor=factor_now(patch, entry, call), use_dispersed=False)
+
+    def guidance_active(self, patch: Any, call: UNetCall | None) -> bool:
+        """Whether the damped branch differs from plain on ``call`` (guidance splits the batch)."""
+        return any(factor_now(patch, e, call) != 1.0 for e in patch.plan.entries(self.type).values())
+
+    def no_effect_reasons(self, config: NoiseDampedCFGPass, index: int, plan: Plan) -> list[str]:
+        reasons = []
+        if window_is_empty(config.schedule):
+            reasons.append(f"schedule.tau is {config.schedule.tau:g}: no step is inside the window")
+        damped = plan.entries(self.type)
+        main = plan.entries("redilate")
+        if damped and all(_same_as_main(path, entry, main, config) for path, entry in damped.items()) and all(
+            path in damped for path in main
+        ):
+            reasons.append(
+                "the damped branch re-dilates every layer exactly as the main branch does: "
+                "noise-damped guidance is then ordinary classifier-free guidance"
+            )
+        return reasons
+
+
+def _same_as_main(path: str, entry: FactorPlan, main: dict[str, FactorPlan], config: NoiseDampedCFGPass) -> bool:
+    """The damped factor equals the main branch's at every step (same factor and window)."""
+    other = main.get(path)
+    if other is None:
+        return entry.factor != AUTO and float(entry.factor) == 1.0
+    return entry.factor == other.factor and entry.schedule == other.schedule

@@ -1,0 +1,99 @@
+"""The ``redilate`` pass: re-dilated convolutions (ScaleCrafter; FreeScale's ``factor: auto``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from unet_surgery.graph.records import UNetMap
+from unet_surgery.ops.redilate import ConvSetting
+from unet_surgery.passes.base import (
+    AUTO,
+    FactorPlan,
+    FilterFn,
+    PassHandler,
+    Plan,
+    factor_for,
+    factor_now,
+    register_pass,
+    spatial_convs,
+    window_is_empty,
+)
+from unet_surgery.passes.layers import CONV
+from unet_surgery.recipes.schema import OnMissing, PassConfig, ScheduleSpec, Selector, doc, fail
+from unet_surgery.runtime import MAIN, UNetCall
+
+
+def check_factors(config: Any, where: str) -> None:
+    """Factors must be positive, and a pass needs a factor or a table (redilate, ndcfg)."""
+    for key, factor in config.factors.items():
+        if factor <= 0:
+            fail(f"{where}.factors.{key}", f"factor must be > 0, got {factor}")
+    if isinstance(config.factor, float) and config.factor <= 0:
+        fail(f"{where}.factor", f"factor must be > 0, got {config.factor}")
+    if config.factor is None and not config.factors:
+        fail(f"{where}.factor", "give a factor or a factors table")
+
+
+def factor_one_reasons(config: Any, entries: dict[str, FactorPlan]) -> list[str]:
+    """No-effect reasons shared by factor passes: factor 1 everywhere, or an empty window."""
+    reasons = []
+    if window_is_empty(config.schedule):
+        reasons.append(f"schedule.tau is {config.schedule.tau:g}: no step is inside the window")
+    if not entries:
+        reasons.append("every selected layer has factor 1 (the plain conv)")
+    return reasons
+
+
+@dataclass(frozen=True)
+class RedilatePass(PassConfig):
+    """Re-dilated convolutions (ScaleCrafter), with a per-step schedule."""
+
+    type: ClassVar[str] = "redilate"
+    select: Selector = doc("layers to re-dilate")
+    factor: float | Literal["auto"] | None = doc(
+        "factor for every selected layer without an entry in `factors`; auto: the current "
+        "latent size over the base size, floored (FreeScale's restrained dilation)",
+        default=None,
+    )
+    factors: dict[str, float] = doc("per-layer factors (path: factor), e.g. a published table", default_factory=dict)
+    schedule: ScheduleSpec = doc("when the pass is active", default_factory=ScheduleSpec)
+    on_missing: OnMissing = doc(
+        "a path in `select.paths`/`factors` the model lacks: error, or warn and report it", default="error"
+    )
+
+    def validate(self, where: str) -> None:
+        check_factors(self, where)
+
+
+@register_pass
+class RedilateHandler(PassHandler[RedilatePass]):
+    """Plans a factor per conv; sets the main branch's factor on every call."""
+
+    type = "redilate"
+    config = RedilatePass
+    rewrite = CONV
+    order = 0
+
+    def plan(self, config: RedilatePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
+        for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
+            factor = factor_for(config, rec.path, f"passes[{index}]")
+            if factor != AUTO and float(factor) == 1.0:
+                continue
+            plan.add(rec.path, rec, self, FactorPlan(factor, config.schedule), index)
+
+    def describe(self, entry: FactorPlan) -> str:
+        return entry.describe()
+
+    def setting(self, patch: Any, entry: FactorPlan, branch: str, call: UNetCall | None, current: ConvSetting) -> ConvSetting:
+        if branch != MAIN:
+            return current
+        return ConvSetting(factor=factor_now(patch, entry, call), use_dispersed=current.use_dispersed)
+
+    def no_effect_reasons(self, config: RedilatePass, index: int, plan: Plan) -> list[str]:
+        mine = {p: e for p, e in plan.entries(self.type).items() if _planned_by(plan, p, self.type, index)}
+        return factor_one_reasons(config, mine)
+
+
+def _planned_by(plan: Plan, path: str, pass_type: str, index: int) -> bool:
+    return any(p.handler.type == pass_type and p.pass_index == index for p in plan.layers[path].parts)
