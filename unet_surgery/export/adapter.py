@@ -98,7 +98,7 @@ def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
     meta = read_json_object(meta_file, missing=f"{directory} is not a surgery adapter: {META_FILE} is missing")
     if meta.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{meta_file} is not a {ADAPTER_FORMAT} file")
-    version = meta.get("version")
+    version = meta.get("version", 1)  # the first adapters were all version 1
     if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_ADAPTER_VERSIONS:
         raise CheckpointError(
             f"{meta_file}: adapter format version {version!r} is not one this unet-surgery reads "

@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -66,7 +67,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _validate(small: object, large: object, scale: object, input_size: object, eta: object) -> None:
+def _validate(small: Any, large: Any, scale: Any, input_size: Any, eta: Any) -> None:
     for name, value in (
         ("small", small),
         ("large", large),
@@ -75,7 +76,7 @@ def _validate(small: object, large: object, scale: object, input_size: object, e
     ):
         if not _is_int(value):
             raise TransformError(f"{name} must be an integer, got {value!r}")
-    small, large, scale, input_size = int(small), int(large), int(scale), int(input_size)  # type: ignore[call-overload]
+    small, large, scale, input_size = int(small), int(large), int(scale), int(input_size)
     if small < 1 or small % 2 == 0:
         raise TransformError(f"small kernel size must be a positive odd integer, got {small}")
     if large % 2 == 0:

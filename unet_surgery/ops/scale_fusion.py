@@ -102,18 +102,18 @@ def _check_blur(blur: object) -> Blur:
     return blur  # type: ignore[return-value]
 
 
-def _scale_hw(scale: float | tuple[float, float] | None, grid: HW, window: HW) -> tuple[float, ...]:
+def _scale_hw(scale: float | tuple[float, float] | None, grid: HW, window: HW) -> tuple[float, float]:
     if scale is None:
         return grid[0] / window[0], grid[1] / window[1]
     values = scale if isinstance(scale, (tuple, list)) else (scale, scale)
     if len(values) != 2:
         raise TransformError(f"scale must be a number or a pair, got {scale!r}")
-    out = []
+    out: list[float] = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < float(v) < math.inf):
             raise TransformError(f"scale must be finite and > 0, got {scale!r}")
         out.append(float(v))
-    return tuple(out)
+    return out[0], out[1]
 
 
 def _ceil(value: float) -> int:

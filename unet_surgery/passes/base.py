@@ -132,6 +132,10 @@ class Plan:
                 out[path] = entry
         return out
 
+    def planned_by(self, index: int) -> list[str]:
+        """Paths of the layers pass ``index`` of the recipe acts on."""
+        return [p for p, layer in self.layers.items() if any(x.pass_index == index for x in layer.parts)]
+
     def paths(self, group: str) -> list[str]:
         """Sorted paths of the layers whose rewrite lists them under ``group``."""
         return sorted(p for p, layer in self.layers.items() if layer.rewrite.group == group)
@@ -244,8 +248,12 @@ class PassHandler(Generic[C]):
         """One line saying what the pass does to a layer, for reports."""
         return ""
 
-    def no_effect_reasons(self, config: C, index: int, plan: Plan) -> list[str]:
-        """Why this pass, as planned, can change nothing (empty when it can act)."""
+    def no_effect_reasons(self, config: C, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
+        """Why this pass can change nothing (empty when it can act).
+
+        ``plan`` is None when no model is at hand (``recipes validate``): then only what the
+        recipe alone shows is reported; with a plan, what the selected layers show as well.
+        """
         return []
 
     # --- installing ------------------------------------------------------------------------
@@ -277,6 +285,11 @@ def register_pass(handler_cls: type[PassHandler[Any]]) -> type[PassHandler[Any]]
         raise TypeError(f"{handler_cls.__name__}.type {handler_cls.type!r} != its config's type {name!r}")
     _HANDLERS[name] = handler_cls()
     return handler_cls
+
+
+def unregister_pass(name: str) -> None:
+    """Forget the handler of pass type ``name`` (plugins and tests that register their own)."""
+    _HANDLERS.pop(name, None)
 
 
 def _load_builtin() -> None:
@@ -363,10 +376,10 @@ def make_plan(recipe: Recipe, unet_map: UNetMap, filter_fn: FilterFn | None = No
     return plan
 
 
-def no_effect_reasons(plan: Plan) -> list[str]:
-    """Every reason a pass of ``plan``'s recipe can have no effect, prefixed with the pass."""
+def no_effect_reasons(recipe: Recipe, plan: Plan | None = None) -> list[str]:
+    """Every reason a pass of ``recipe`` can have no effect (on ``plan``'s layers, if given)."""
     out = []
-    for index, config in enumerate(plan.recipe.passes):
-        for reason in handler_for(config).no_effect_reasons(config, index, plan):
+    for index, config in enumerate(recipe.passes):
+        for reason in handler_for(config).no_effect_reasons(config, index, recipe, plan):
             out.append(f"passes[{index}] ({type(config).type}): {reason}")
     return out

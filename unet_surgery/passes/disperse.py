@@ -23,7 +23,7 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import CONV
-from unet_surgery.recipes.schema import OnMissing, PassConfig, ScheduleSpec, Selector, doc
+from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import MAIN, UNetCall
 
 KERNEL_SUFFIX, TRANSFORM_SUFFIX = ".dispersed_weight", ".dispersion_R"
@@ -101,14 +101,16 @@ class DisperseHandler(PassHandler[DispersePass]):
             path + TRANSFORM_SUFFIX: torch.tensor(R, dtype=torch.float64),
         }
 
-    def no_effect_reasons(self, config: DispersePass, index: int, plan: Plan) -> list[str]:
+    def no_effect_reasons(self, config: DispersePass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
         reasons = []
         if window_is_empty(config.schedule):
             reasons.append(f"schedule.tau is {config.schedule.tau:g}: the dispersed kernel is never used")
+        if plan is None:
+            return reasons
         factors = [
-            layer.entry("redilate").factor
-            for layer in plan.layers.values()
-            if layer.entry(self.type) is not None and layer.entry("redilate") is not None
+            plan.layers[path].entry("redilate").factor
+            for path in plan.planned_by(index)
+            if plan.layers[path].entry("redilate") is not None
         ]
         numeric = [f for f in factors if isinstance(f, (int, float))]
         if factors and len(numeric) == len(factors) and all(f / config.transform.scale < 1.0 for f in numeric):

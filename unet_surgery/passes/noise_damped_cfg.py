@@ -27,7 +27,7 @@ from unet_surgery.passes.base import (
 )
 from unet_surgery.passes.layers import CONV
 from unet_surgery.passes.redilate import check_factors
-from unet_surgery.recipes.schema import OnMissing, PassConfig, ScheduleSpec, Selector, doc
+from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import DAMPED, UNetCall
 
 
@@ -72,15 +72,18 @@ class NoiseDampedCFGHandler(PassHandler[NoiseDampedCFGPass]):
         """Whether the damped branch differs from plain on ``call`` (guidance splits the batch)."""
         return any(factor_now(patch, e, call) != 1.0 for e in patch.plan.entries(self.type).values())
 
-    def no_effect_reasons(self, config: NoiseDampedCFGPass, index: int, plan: Plan) -> list[str]:
+    def no_effect_reasons(self, config: NoiseDampedCFGPass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
         reasons = []
         if window_is_empty(config.schedule):
             reasons.append(f"schedule.tau is {config.schedule.tau:g}: no step is inside the window")
-        damped = plan.entries(self.type)
-        main = plan.entries("redilate")
-        if damped and all(_same_as_main(path, entry, main, config) for path, entry in damped.items()) and all(
-            path in damped for path in main
-        ):
+        if plan is not None:
+            same = _same_branches(plan.entries(self.type), plan.entries("redilate"))
+        else:  # no model: the same layers and factors, written the same way in the recipe
+            mains = [p for p in recipe.passes if type(p).type == "redilate"]
+            same = len(mains) == 1 and (mains[0].select, mains[0].factor, mains[0].factors, mains[0].schedule) == (
+                config.select, config.factor, config.factors, config.schedule
+            )
+        if same:
             reasons.append(
                 "the damped branch re-dilates every layer exactly as the main branch does: "
                 "noise-damped guidance is then ordinary classifier-free guidance"
@@ -88,9 +91,19 @@ class NoiseDampedCFGHandler(PassHandler[NoiseDampedCFGPass]):
         return reasons
 
 
-def _same_as_main(path: str, entry: FactorPlan, main: dict[str, FactorPlan], config: NoiseDampedCFGPass) -> bool:
-    """The damped factor equals the main branch's at every step (same factor and window)."""
-    other = main.get(path)
-    if other is None:
+def _same_branches(damped: dict[str, FactorPlan], main: dict[str, FactorPlan]) -> bool:
+    """Both branches give every layer the same factor at every step (same factor and window)."""
+
+    def plain(entry: FactorPlan) -> bool:
         return entry.factor != AUTO and float(entry.factor) == 1.0
-    return entry.factor == other.factor and entry.schedule == other.schedule
+
+    if not damped:
+        return False
+    for path in set(damped) | set(main):
+        d, m = damped.get(path), main.get(path)
+        if d is None or m is None:
+            if not plain(d or m):  # type: ignore[arg-type]
+                return False
+        elif (d.factor, d.schedule) != (m.factor, m.schedule):
+            return False
+    return True

@@ -20,7 +20,15 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import CONV
-from unet_surgery.recipes.schema import OnMissing, PassConfig, ScheduleSpec, Selector, doc, fail
+from unet_surgery.recipes.schema import (
+    OnMissing,
+    PassConfig,
+    Recipe,
+    ScheduleSpec,
+    Selector,
+    doc,
+    fail,
+)
 from unet_surgery.runtime import MAIN, UNetCall
 
 
@@ -35,12 +43,16 @@ def check_factors(config: Any, where: str) -> None:
         fail(f"{where}.factor", "give a factor or a factors table")
 
 
-def factor_one_reasons(config: Any, entries: dict[str, FactorPlan]) -> list[str]:
-    """No-effect reasons shared by factor passes: factor 1 everywhere, or an empty window."""
+def factor_one_reasons(config: Any, planned: list[str] | None) -> list[str]:
+    """No-effect reasons of factor passes: an empty window, or factor 1 for every layer.
+
+    ``planned`` are the layers the pass kept on a model (None: no model, judge the recipe).
+    """
     reasons = []
     if window_is_empty(config.schedule):
         reasons.append(f"schedule.tau is {config.schedule.tau:g}: no step is inside the window")
-    if not entries:
+    ones = config.factor in (None, 1.0) and all(f == 1.0 for f in config.factors.values())
+    if (planned is not None and not planned) or (planned is None and ones):
         reasons.append("every selected layer has factor 1 (the plain conv)")
     return reasons
 
@@ -90,10 +102,6 @@ class RedilateHandler(PassHandler[RedilatePass]):
             return current
         return ConvSetting(factor=factor_now(patch, entry, call), use_dispersed=current.use_dispersed)
 
-    def no_effect_reasons(self, config: RedilatePass, index: int, plan: Plan) -> list[str]:
-        mine = {p: e for p, e in plan.entries(self.type).items() if _planned_by(plan, p, self.type, index)}
-        return factor_one_reasons(config, mine)
-
-
-def _planned_by(plan: Plan, path: str, pass_type: str, index: int) -> bool:
-    return any(p.handler.type == pass_type and p.pass_index == index for p in plan.layers[path].parts)
+    def no_effect_reasons(self, config: RedilatePass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
+        planned = None if plan is None else plan.planned_by(index)
+        return factor_one_reasons(config, planned)

@@ -23,7 +23,7 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import ATTENTION
-from unet_surgery.recipes.schema import PassConfig, ScheduleSpec, Selector, doc
+from unet_surgery.recipes.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import UNetCall
 
 
@@ -87,11 +87,10 @@ class ScaleFusionHandler(PassHandler[ScaleFusionPass]):
             )
         return None
 
-    def no_effect_reasons(self, config: ScaleFusionPass, index: int, plan: Plan) -> list[str]:
+    def no_effect_reasons(self, config: ScaleFusionPass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
         reasons = []
         if window_is_empty(config.schedule):
             reasons.append(f"schedule.tau is {config.schedule.tau:g}: no step is inside the window")
-        recipe = plan.recipe
         base = recipe.base_resolution
         if all(h <= base[0] and w <= base[1] for h, w in recipe.target_resolutions):
             reasons.append("no target resolution exceeds the base resolution: fusion never engages")

@@ -176,7 +176,7 @@ def apply(
     recipe = load_recipe(recipe)
     unet_map = unet_map if unet_map is not None else map_unet(model)
     plan = make_plan(recipe, unet_map, filter_fn)
-    for reason in no_effect_reasons(plan):
+    for reason in no_effect_reasons(recipe, plan):
         warnings.warn(f"recipe {recipe.name!r}: {reason}", NoEffectWarning, stacklevel=2)
     tracker = UNetCallTracker(num_train_timesteps=num_train_timesteps)
     patch = Patch(model, recipe, unet_map, plan, tracker)

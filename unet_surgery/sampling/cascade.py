@@ -314,6 +314,16 @@ def self_cascade(
     return CascadeOutput(latents=results[-1], stage_latents=results)
 
 
+def combine_cfg(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of a ``[uncond, cond]`` batch: ``u + w * (c - u)``.
+
+    The one place the combination is written (the pipelines, the cascade denoisers and the
+    noise-damped guidance tests all rely on this exact order of operations).
+    """
+    out_u, out_c = out.chunk(2)
+    return out_u + guidance_scale * (out_c - out_u)
+
+
 def cfg_denoiser(
     unet: nn.Module,
     cond: torch.Tensor,
@@ -343,9 +353,6 @@ def cfg_denoiser(
         if extra is not None:
             kwargs["added_cond_kwargs"] = extra
         out = unet(model_input, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
-        if not use_cfg:
-            return out
-        out_u, out_c = out.chunk(2)
-        return out_u + guidance_scale * (out_c - out_u)
+        return combine_cfg(out, guidance_scale) if use_cfg else out
 
     return denoise
