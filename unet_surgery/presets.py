@@ -416,12 +416,13 @@ def build_unet(
         randomize_zero_init_(model, seed, include_constant=True)
     with _quiet_diffusers():
         model = model.to(device=target, dtype=dtype)
+    tagged: Any = model  # plain attributes, not submodules (nn.Module.__setattr__ types them so)
     if is_ldm:
         # UNetModel.forward casts activations to this attribute, fixed to fp32/fp16 at init.
-        model.dtype = dtype
+        tagged.dtype = dtype
     model.eval()
-    model.unet_surgery_preset = key
-    model.unet_surgery_size = size
+    tagged.unet_surgery_preset = key
+    tagged.unet_surgery_size = size
     return model
 
 
@@ -467,7 +468,7 @@ def _resolve_target(target: str | Preset | nn.Module, size: str | None) -> tuple
             raise PresetError(
                 f"{type(target).__name__} was not built by build_unet; pass the preset name instead"
             )
-        return get_preset(key), _check_size(size or getattr(target, "unet_surgery_size", "full"))
+        return get_preset(key), _check_size(str(size or getattr(target, "unet_surgery_size", "full")))
     if isinstance(target, Preset):
         return target, _check_size(size or "full")
     return get_preset(target), _check_size(size or "full")

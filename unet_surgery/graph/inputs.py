@@ -134,7 +134,8 @@ def facts_from_model(model: nn.Module, spec: CallSpec) -> CallFacts:
     ldm: Any = model
     y = None
     if getattr(ldm, "num_classes", None) is not None:
-        y = ldm.label_emb[0][0].in_features if isinstance(ldm.label_emb, nn.Sequential) else 0
+        seq: Any = ldm.label_emb if isinstance(ldm.label_emb, nn.Sequential) else None
+        y = seq[0][0].in_features if seq is not None else 0
     return CallFacts(int(ldm.in_channels), _cross_attention_dim(model), ldm_y=y)
 
 

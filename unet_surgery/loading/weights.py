@@ -101,7 +101,7 @@ def _fit_shapes(state: dict[str, Any], expected: Mapping[str, torch.Size], where
         out[key] = value
     return out
 
-def _diffusers_class(class_name: str, where: str) -> type[nn.Module]:
+def _diffusers_class(class_name: str, where: str) -> Any:
     try:
         import diffusers
     except ImportError as exc:
@@ -181,7 +181,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     )
 
 
-def unet_folder(path: Path) -> tuple[Path, dict[str, Any], type[nn.Module]]:
+def unet_folder(path: Path) -> tuple[Path, dict[str, Any], Any]:
     """A diffusers UNet folder (or a pipeline folder's ``unet/``): its path, config and class."""
     if (path / "unet" / "config.json").is_file():
         path = path / "unet"  # a whole pipeline folder
@@ -211,7 +211,8 @@ def match_preset(class_name: str, config: Mapping[str, Any]) -> tuple[str, str] 
 
 def _tag(model: nn.Module, match: tuple[str, str] | None) -> nn.Module:
     if match is not None:
-        model.unet_surgery_preset, model.unet_surgery_size = match
+        tagged: Any = model  # plain attributes, not submodules
+        tagged.unet_surgery_preset, tagged.unet_surgery_size = match
     return model
 
 

@@ -17,6 +17,7 @@ rewrite's ``off`` setting.
 
 from __future__ import annotations
 
+import builtins
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -232,7 +233,7 @@ class PassHandler(Generic[C]):
     """
 
     type: ClassVar[str]
-    config: ClassVar[type[PassConfig]]
+    config: ClassVar[builtins.type[PassConfig]]
     rewrite: ClassVar[LayerRewrite]
     order: ClassVar[int] = 0
 

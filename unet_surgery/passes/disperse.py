@@ -107,11 +107,8 @@ class DisperseHandler(PassHandler[DispersePass]):
             reasons.append(f"schedule.tau is {config.schedule.tau:g}: the dispersed kernel is never used")
         if plan is None:
             return reasons
-        factors = [
-            plan.layers[path].entry("redilate").factor
-            for path in plan.planned_by(index)
-            if plan.layers[path].entry("redilate") is not None
-        ]
+        mains = [plan.layers[path].entry("redilate") for path in plan.planned_by(index)]
+        factors = [m.factor for m in mains if m is not None]
         numeric = [f for f in factors if isinstance(f, (int, float))]
         if factors and len(numeric) == len(factors) and all(f / config.transform.scale < 1.0 for f in numeric):
             reasons.append(

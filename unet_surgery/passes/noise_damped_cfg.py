@@ -11,22 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from unet_surgery.graph.records import UNetMap
-from unet_surgery.ops.redilate import ConvSetting
 from unet_surgery.passes.base import (
     AUTO,
     FactorPlan,
-    FilterFn,
-    PassHandler,
     Plan,
-    factor_for,
     factor_now,
     register_pass,
-    spatial_convs,
     window_is_empty,
 )
-from unet_surgery.passes.layers import CONV
-from unet_surgery.passes.redilate import check_factors
+from unet_surgery.passes.redilate import FactorPassHandler, check_factors
 from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import DAMPED, UNetCall
 
@@ -47,26 +40,13 @@ class NoiseDampedCFGPass(PassConfig):
 
 
 @register_pass
-class NoiseDampedCFGHandler(PassHandler[NoiseDampedCFGPass]):
+class NoiseDampedCFGHandler(FactorPassHandler):
     """Plans the damped branch's factor per conv; sets it on the damped slice of the batch."""
 
     type = "noise_damped_cfg"
     config = NoiseDampedCFGPass
-    rewrite = CONV
     order = 20
-
-    def plan(self, config: NoiseDampedCFGPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
-            factor = factor_for(config, rec.path, f"passes[{index}]")
-            plan.add(rec.path, rec, self, FactorPlan(factor, config.schedule), index)
-
-    def describe(self, entry: FactorPlan) -> str:
-        return entry.describe()
-
-    def setting(self, patch: Any, entry: FactorPlan, branch: str, call: UNetCall | None, current: ConvSetting) -> ConvSetting:
-        if branch != DAMPED:
-            return current
-        return ConvSetting(factor=factor_now(patch, entry, call), use_dispersed=False)
+    branch = DAMPED
 
     def guidance_active(self, patch: Any, call: UNetCall | None) -> bool:
         """Whether the damped branch differs from plain on ``call`` (guidance splits the batch)."""
@@ -79,7 +59,7 @@ class NoiseDampedCFGHandler(PassHandler[NoiseDampedCFGPass]):
         if plan is not None:
             same = _same_branches(plan.entries(self.type), plan.entries("redilate"))
         else:  # no model: the same layers and factors, written the same way in the recipe
-            mains = [p for p in recipe.passes if type(p).type == "redilate"]
+            mains: list[Any] = [p for p in recipe.passes if type(p).type == "redilate"]
             same = len(mains) == 1 and (mains[0].select, mains[0].factor, mains[0].factors, mains[0].schedule) == (
                 config.select, config.factor, config.factors, config.schedule
             )

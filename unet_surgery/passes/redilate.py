@@ -78,19 +78,20 @@ class RedilatePass(PassConfig):
         check_factors(self, where)
 
 
-@register_pass
-class RedilateHandler(PassHandler[RedilatePass]):
-    """Plans a factor per conv; sets the main branch's factor on every call."""
+class FactorPassHandler(PassHandler[Any]):
+    """A conv factor per layer over the trajectory, set on one branch of the batch.
 
-    type = "redilate"
-    config = RedilatePass
+    Shared by re-dilation (the main branch) and noise-damped guidance (the damped branch).
+    """
+
     rewrite = CONV
-    order = 0
+    branch: str = MAIN
+    skip_factor_one: bool = False  # a factor of 1 is the plain conv: not planned at all
 
-    def plan(self, config: RedilatePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
+    def plan(self, config: Any, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
         for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
             factor = factor_for(config, rec.path, f"passes[{index}]")
-            if factor != AUTO and float(factor) == 1.0:
+            if self.skip_factor_one and factor != AUTO and float(factor) == 1.0:
                 continue
             plan.add(rec.path, rec, self, FactorPlan(factor, config.schedule), index)
 
@@ -98,9 +99,19 @@ class RedilateHandler(PassHandler[RedilatePass]):
         return entry.describe()
 
     def setting(self, patch: Any, entry: FactorPlan, branch: str, call: UNetCall | None, current: ConvSetting) -> ConvSetting:
-        if branch != MAIN:
+        if branch != self.branch:
             return current
-        return ConvSetting(factor=factor_now(patch, entry, call), use_dispersed=current.use_dispersed)
+        return ConvSetting(factor=factor_now(patch, entry, call), use_dispersed=False)
+
+
+@register_pass
+class RedilateHandler(FactorPassHandler):
+    """Plans a factor per conv; sets the main branch's factor on every call."""
+
+    type = "redilate"
+    config = RedilatePass
+    order = 0
+    skip_factor_one = True
 
     def no_effect_reasons(self, config: RedilatePass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
         planned = None if plan is None else plan.planned_by(index)

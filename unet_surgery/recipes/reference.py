@@ -50,7 +50,7 @@ def type_text(tp: Any) -> str:
         return f"mapping {type_text(args[0])} → {type_text(args[1])}"
     if tp is schema.TransformSpec:
         return "[TransformSpec](#transformspec)"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"[{tp.__name__}](#{tp.__name__.lower()})"
     return {int: "int", float: "number", str: "string", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 

@@ -15,7 +15,7 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 from unet_surgery.errors import RecipeError, TransformError
 from unet_surgery.ops.dispersion import TransformParams
@@ -71,6 +71,8 @@ TransformSpec = TransformParams
 """The ``transform`` section of a disperse pass: :class:`~unet_surgery.ops.TransformParams`."""
 
 _BUILTIN_PASSES = ("RedilatePass", "DispersePass", "NoiseDampedCFGPass", "ScaleFusionPass")
+if TYPE_CHECKING:  # the lazy re-exports below, as the type checker should see them
+    from unet_surgery.passes import DispersePass, NoiseDampedCFGPass, RedilatePass, ScaleFusionPass  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
@@ -215,7 +217,7 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
             _fail(path, f"expected a mapping, got {_describe(value)}")
         key_tp, val_tp = args
         return {_parse(key_tp, k, path): _parse(val_tp, v, _key_path(path, k)) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _parse_dataclass(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
@@ -349,8 +351,9 @@ def to_data(obj: Any) -> Any:
         return obj.to_data()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out: dict[str, Any] = {}
-        if hasattr(type(obj), "type") and isinstance(type(obj).type, str):
-            out["type"] = type(obj).type
+        kind = getattr(type(obj), "type", None)
+        if isinstance(kind, str):
+            out["type"] = kind
         if isinstance(obj, Recipe):
             out["version"] = obj.version
         for f in dataclasses.fields(obj):

@@ -169,7 +169,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents (scaled for the UNet) to an image in [-1, 1]."""
     cfg = vae.config
     z = latents.to(_module_dtype(vae)) / cfg.scaling_factor
@@ -179,7 +179,7 @@ def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def vae_encode(vae: nn.Module, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def vae_encode(vae: Any, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """An image to UNet latents by sampling the posterior (as FreeScale does)."""
     cfg = vae.config
     posterior = vae.encode(image.to(_module_dtype(vae))).latent_dist
@@ -199,7 +199,7 @@ def self_cascade(
     *,
     latent_channels: int,
     batch_size: int = 1,
-    vae: nn.Module | None = None,
+    vae: Any = None,
     vae_scale_factor: int | None = None,
     mask: Any = None,
     generator: torch.Generator | None = None,
@@ -341,12 +341,13 @@ def cfg_denoiser(
     stage that returns them; ``uncond=None`` or ``guidance_scale <= 1`` runs without guidance.
     """
     use_cfg = uncond is not None and guidance_scale > 1
+    negative: torch.Tensor = uncond if uncond is not None else cond
 
     def denoise(x: torch.Tensor, t: torch.Tensor, stage: CascadeStage) -> torch.Tensor:
         extra = added_cond_kwargs(stage) if callable(added_cond_kwargs) else added_cond_kwargs
         if use_cfg:
             model_input = torch.cat([x, x])
-            context = torch.cat([uncond, cond])
+            context = torch.cat([negative, cond])
         else:
             model_input, context = x, cond
         kwargs = dict(unet_kwargs)

@@ -264,7 +264,7 @@ def self_cascade_sample(
             pipe, name, device, dtype, spec.stages[0], guidance_scale, prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
         )
-        batch = denoise.batch  # type: ignore[attr-defined]
+        batch = denoise.batch
         vae = getattr(pipe, "vae", None)
         out = self_cascade(
             denoise, pipe.scheduler, spec, latent_channels=unet.config.in_channels, batch_size=batch,
