@@ -40,7 +40,7 @@ def main() -> None:
         model = build_unet(preset, device="meta")
         params = nbytes(model.parameters(), dtype)
         with apply(model, recipe) as patch:
-            convs = [model.get_submodule(p) for p, plan in patch.plan.convs.items() if plan.disperse]
+            convs = [model.get_submodule(p) for p in patch.plan.entries("disperse")]
             dispersed = [b for conv in convs for b in conv._buffers.values()]
             ours = nbytes(dispersed, dtype)
             # Each published copy is the whole UNet with the listed 3x3 kernels replaced by 5x5.

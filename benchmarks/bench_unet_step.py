@@ -60,7 +60,7 @@ def main() -> None:
         plain += timed(step, 1)
         patch = apply(model, args.recipe, unet_map=patch.unet_map)
         patched += timed(step, 1)
-    changed = len(patch.plan.convs)
+    changed = len(patch.plan.paths("convs"))
     patch.remove()
     row = {
         "model": f"sd15 ({args.size})",

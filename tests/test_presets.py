@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 
 import pytest
 import torch
@@ -73,12 +72,13 @@ def test_full_size_on_meta_has_published_param_count(name: str) -> None:
     assert get_preset(name).full_param_count == FULL_PARAM_COUNTS[name]
 
 
-def test_full_sdxl_on_meta_is_fast() -> None:
-    build_unet("sd15")  # pay the diffusers import outside the timed region
-    start = time.perf_counter()
+def test_full_sdxl_on_meta_allocates_nothing() -> None:
+    # Speed is measured in benchmarks/, never asserted; what makes meta builds cheap is that
+    # no parameter or buffer holds storage.
     model = build_unet("sdxl")
-    assert time.perf_counter() - start < 3.0
     assert type(model).__name__ == "UNet2DConditionModel"
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and all(t.is_meta for t in tensors)
 
 
 def test_motion_adapter_config_is_v152() -> None:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from unet_surgery.errors import PresetError
+from unet_surgery.graph.inputs import CALL_SPECS, call_inputs, facts_from_config
 
 PRESETS: tuple[str, ...] = (
     "sd15",
@@ -415,12 +416,13 @@ def build_unet(
         randomize_zero_init_(model, seed, include_constant=True)
     with _quiet_diffusers():
         model = model.to(device=target, dtype=dtype)
+    tagged: Any = model  # plain attributes, not submodules (nn.Module.__setattr__ types them so)
     if is_ldm:
         # UNetModel.forward casts activations to this attribute, fixed to fp32/fp16 at init.
-        model.dtype = dtype
+        tagged.dtype = dtype
     model.eval()
-    model.unet_surgery_preset = key
-    model.unet_surgery_size = size
+    tagged.unet_surgery_preset = key
+    tagged.unet_surgery_size = size
     return model
 
 
@@ -466,7 +468,7 @@ def _resolve_target(target: str | Preset | nn.Module, size: str | None) -> tuple
             raise PresetError(
                 f"{type(target).__name__} was not built by build_unet; pass the preset name instead"
             )
-        return get_preset(key), _check_size(size or getattr(target, "unet_surgery_size", "full"))
+        return get_preset(key), _check_size(str(size or getattr(target, "unet_surgery_size", "full")))
     if isinstance(target, Preset):
         return target, _check_size(size or "full")
     return get_preset(target), _check_size(size or "full")
@@ -531,56 +533,28 @@ def example_inputs(
 
     dev = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    timestep = torch.full((batch,), 999, dtype=torch.long, device=dev)
+    spec = CALL_SPECS[preset.model_class]
+    facts = facts_from_config(preset.model_class, cfg["params"] if preset.family == "ldm" else cfg.get("unet", cfg))
 
-    if preset.family == "ldm":
-        params = cfg["params"]
-        return {
-            "x": _randn((batch, params["in_channels"], h, w), gen, dev, dtype),
-            "timesteps": timestep,
-            "context": _randn((batch, 77, params["context_dim"]), gen, dev, dtype),
-        }
+    def time_ids(kind: str, rows: int) -> torch.Tensor:
+        if kind == "svd":  # fps, motion bucket, noise augmentation
+            ids = torch.tensor([6.0, 127.0, 0.02])
+        else:  # SDXL: original size, crop top-left, target size
+            ids = torch.tensor([h_px, w_px, 0, 0, h_px, w_px], dtype=torch.float32)
+        return ids.repeat(rows, 1).to(device=dev, dtype=dtype)
 
-    unet_cfg = cfg.get("unet", cfg)
-    in_ch, ctx_dim = unet_cfg["in_channels"], unet_cfg["cross_attention_dim"]
-    name = preset.name
-    if name == "svd":
-        time_ids = torch.tensor([6.0, 127.0, 0.02]).repeat(batch, 1)
-        return {
-            "sample": _randn((batch, frames, in_ch, h, w), gen, dev, dtype),
-            "timestep": timestep,
-            "encoder_hidden_states": _randn((batch, 1, ctx_dim), gen, dev, dtype),
-            "added_time_ids": time_ids.to(device=dev, dtype=dtype),
-        }
-    if name == "modelscope_t2v":
-        return {
-            "sample": _randn((batch, in_ch, frames, h, w), gen, dev, dtype),
-            "timestep": timestep,
-            "encoder_hidden_states": _randn((batch, 77, ctx_dim), gen, dev, dtype),
-        }
-    if name == "animatediff":
-        return {
-            "sample": _randn((batch, in_ch, frames, h, w), gen, dev, dtype),
-            "timestep": timestep,
-            "encoder_hidden_states": _randn((batch * frames, 77, ctx_dim), gen, dev, dtype),
-        }
-    inputs: dict[str, Any] = {
-        "sample": _randn((batch, in_ch, h, w), gen, dev, dtype),
-        "timestep": timestep,
-        "encoder_hidden_states": _randn((batch, 77, ctx_dim), gen, dev, dtype),
-    }
-    if unet_cfg.get("addition_embed_type") == "text_time":
-        n_ids = 6  # original size, crop top-left, target size
-        text_dim = (
-            unet_cfg["projection_class_embeddings_input_dim"]
-            - n_ids * unet_cfg["addition_time_embed_dim"]
-        )
-        time_ids = torch.tensor([h_px, w_px, 0, 0, h_px, w_px], dtype=torch.float32)
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": _randn((batch, text_dim), gen, dev, dtype),
-            "time_ids": time_ids.repeat(batch, 1).to(device=dev, dtype=dtype),
-        }
-    return inputs
+    return call_inputs(
+        spec,
+        facts,
+        batch=batch,
+        latent_hw=(h, w),
+        frames=frames if preset.is_video else None,
+        tokens=77,
+        tensor=lambda shape: _randn(shape, gen, dev, dtype),
+        timestep=torch.full((batch,), 999, dtype=torch.long, device=dev),
+        time_ids=time_ids,
+        labels=lambda shape: torch.zeros(*shape, dtype=torch.long, device=dev),
+    )
 
 
 def expected_output_shape(
@@ -588,8 +562,7 @@ def expected_output_shape(
 ) -> tuple[int, ...]:
     """Shape the UNet's prediction must have for ``inputs`` from :func:`example_inputs`."""
     preset, _ = _resolve_target(target, None)
-    sample = inputs["x"] if preset.family == "ldm" else inputs["sample"]
-    shape = list(sample.shape)
-    channel_dim = 2 if preset.name == "svd" else 1
-    shape[channel_dim] = preset.out_channels
+    spec = CALL_SPECS[preset.model_class]
+    shape = list(inputs[spec.sample].shape)
+    shape[spec.channel_dim] = preset.out_channels
     return tuple(shape)

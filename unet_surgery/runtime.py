@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from unet_surgery.errors import SurgeryError
+from unet_surgery.graph.inputs import call_spec
 from unet_surgery.ops.schedules import step_index
 
 # Branches a slice of the batch can run (see UNetCall.groups).
 MAIN, DAMPED = "main", "damped"
 
-# Names the timestep and latent take in the forwards we support (diffusers, LDM).
+# Names the timestep and latent take in forwards without a call spec (custom UNets).
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 _SAMPLE_NAMES = ("sample", "x")
 
@@ -74,12 +76,20 @@ class UNetCallTracker:
             self._signature = inspect.signature(module.forward)
         try:
             bound = self._signature.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            bound = dict(kwargs)
-        sample = next((bound[n] for n in _SAMPLE_NAMES if isinstance(bound.get(n), torch.Tensor)), None)
+        except TypeError as exc:
+            # Never guess: dropping the positional arguments could lose a positional timestep
+            # and silently run every step with the wrong schedule.
+            raise SurgeryError(
+                f"cannot read this {type(module).__name__} call ({exc}); the patch needs the "
+                "sample and timestep arguments of its forward"
+            ) from exc
+        spec = call_spec(module)
+        sample_names = (spec.sample,) if spec is not None else _SAMPLE_NAMES
+        timestep_names = (spec.timestep,) if spec is not None else _TIMESTEP_NAMES
+        sample = next((bound[n] for n in sample_names if isinstance(bound.get(n), torch.Tensor)), None)
         if sample is None:
             sample = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        t_value = next((bound[n] for n in _TIMESTEP_NAMES if n in bound and bound[n] is not None), None)
+        t_value = next((bound[n] for n in timestep_names if n in bound and bound[n] is not None), None)
         timestep = _scalar(t_value)
         hw = (int(sample.shape[-2]), int(sample.shape[-1])) if sample is not None else (0, 0)
         batch = int(sample.shape[0]) if sample is not None else 0

@@ -14,12 +14,12 @@ from torch import nn
 from unet_surgery.errors import CheckpointError
 from unet_surgery.loading import (
     LDM_PREFIX,
-    _fit_shapes,
     convert_ldm_unet,
     detect_architecture,
     ldm_to_diffusers_key,
     load_unet,
 )
+from unet_surgery.loading.weights import _fit_shapes
 from unet_surgery.presets import build_unet, example_inputs
 
 

@@ -62,12 +62,12 @@ def test_adapter_round_trip_is_bit_exact(name: str, tmp_path: Path) -> None:
     save_patch(patch, tmp_path / "adapter")
     meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
     assert meta["recipe"] == patch.recipe.name and meta["model_class"] == type(patch.model).__name__
-    if any(p.disperse for p in patch.plan.convs.values()):
+    if patch.plan.entries("disperse"):
         from safetensors import safe_open
 
         with safe_open(str(tmp_path / "adapter" / TENSORS_FILE), framework="pt") as f:
             keys = set(f.keys())
-        assert {k.rsplit(".", 1)[0] for k in keys} == {p for p, c in patch.plan.convs.items() if c.disperse}
+        assert {k.rsplit(".", 1)[0] for k in keys} == set(patch.plan.entries("disperse"))
     fresh = build_unet(name, size="tiny", device="cpu")
     reloaded = load_patch(fresh, tmp_path / "adapter", unet_map=preset_map(name, "tiny"))
     assert reloaded.plan.rows() == patch.plan.rows()

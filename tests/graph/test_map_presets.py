@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import preset_map
+from tests.conftest import preset_map, reference_path
 from unet_surgery.graph import ConvRecord, UNetMap
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "scalecrafter"
 DIFFUSERS_PRESETS = ("sd15", "sd21", "sdxl", "animatediff", "modelscope_t2v", "svd")
 TEMPORAL_MODULES = re.compile(r"(motion_modules|temp_attentions|temp_convs|transformer_in|temporal_transformer_blocks|temporal_res_block)")
 
@@ -79,7 +77,7 @@ def test_sd15_full_size_counts_per_level_and_stage() -> None:
 
 
 def test_sd15_kxk_convs_are_exactly_scalecrafters_valid_convs() -> None:
-    valid = (REFERENCE / "assets" / "dilate_settings" / "all_valid_convs.txt").read_text().split()
+    valid = reference_path("scalecrafter", "assets", "dilate_settings", "all_valid_convs.txt").read_text().split()
     mapped = {c.path for c in kxk(preset_map("sd15"))} - {"conv_in", "conv_out"}
     assert mapped == set(valid)
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
+from tests.conftest import reference_path
 from unet_surgery.errors import TransformError
 from unet_surgery.ops.dispersion import (
     TransformParams,
@@ -24,17 +25,9 @@ from unet_surgery.ops.dispersion import (
     save_transform,
 )
 
-REFERENCE = Path("/work/shared/reference/scalecrafter/transforms/R20to1_new.mat")
-REFERENCE_FALLBACK = (
-    Path(__file__).resolve().parents[2] / "shared/reference/scalecrafter/transforms"
-)
-
 
 def _reference_path() -> Path:
-    for candidate in (REFERENCE, REFERENCE_FALLBACK / "R20to1_new.mat"):
-        if candidate.is_file():
-            return candidate
-    pytest.skip("reference R20to1_new.mat not available")
+    return reference_path("scalecrafter", "transforms", "R20to1_new.mat")
 
 
 params_st = st.builds(
@@ -65,7 +58,8 @@ def test_cached_and_read_only():
         first[0, 0] = 1.0
     with pytest.raises(ValueError):
         first.setflags(write=True)
-    assert dispersion_transform(3, 5, 2, 3, 1) is not None  # int eta accepted, same as 1.0
+    # int eta accepted, and the same transform as 1.0 (one cache entry)
+    assert np.shares_memory(dispersion_transform(3, 5, 2, 3, 1), dispersion_transform(3, 5, 2, 3, 1.0))
 
 
 def _objective(b: torch.Tensor, a: torch.Tensor, params: tuple) -> torch.Tensor:

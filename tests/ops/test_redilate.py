@@ -394,7 +394,7 @@ def test_redilate_and_restore_leave_the_module_bit_for_bit(three_d):
         w5 = disperse_kernel(conv.weight.detach(), dispersion_transform())
         redilate_(conv, lambda: ConvSetting(2.0, use_dispersed=True), dispersed_weight=w5)
         assert type(conv) is swapped_cls and is_redilated(conv)
-        assert isinstance(conv, type(conv)._redilate_base)
+        assert isinstance(conv, type(conv)._rewrite_base)
         mid = {k: v.data_ptr() for k, v in conv.state_dict().items()}
         assert mid == {k: p for k, (p, _) in before["state"].items()}  # same keys, no copies
         assert not torch.allclose(conv(x), out_before)

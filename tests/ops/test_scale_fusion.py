@@ -28,8 +28,6 @@ from unet_surgery.ops.scale_fusion import (
     window_starts,
 )
 
-ldm_attention = pytest.importorskip("ldm.modules.attention")
-
 FAST = settings(max_examples=20, deadline=None)
 C, HEADS = 8, 2
 
@@ -45,6 +43,8 @@ def _diffusers_attn(dtype=torch.float64, seed=0) -> Attention:
 
 def _ldm_attn(dtype=torch.float32, seed=0) -> nn.Module:
     """LDM attention runs q.k in float32 whatever the input (_ATTN_PRECISION), so float32."""
+    from ldm.modules import attention as ldm_attention
+
     torch.manual_seed(seed)
     return ldm_attention.CrossAttention(C, heads=HEADS, dim_head=C // HEADS).to(dtype).eval()
 
@@ -126,15 +126,18 @@ windows = st.tuples(st.integers(2, 9), st.integers(2, 9))
 # --------------------------------------------------------------------------- functional op
 
 
+LDM = [False, pytest.param(True, marks=pytest.mark.requires_ldm, id="ldm")]
+
+
+@pytest.mark.parametrize("ldm", LDM)
 @FAST
 @given(
     grid=grids,
     window=windows,
     blur=st.sampled_from(["published", "volumetric", "spatial"]),
     fast=st.booleans(),
-    ldm=st.booleans(),
 )
-def test_matches_direct_reference(grid, window, blur, fast, ldm):
+def test_matches_direct_reference(ldm, grid, window, blur, fast):
     attn = _ldm_attn() if ldm else _diffusers_attn()
     x = torch.randn(2, grid[0] * grid[1], C, dtype=_dtype(attn))
     with torch.no_grad():
@@ -163,9 +166,10 @@ def test_matches_direct_reference_fp32_at_sd_like_shapes(grid, window, blur):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("ldm", LDM)
 @FAST
-@given(side=st.tuples(st.integers(1, 12), st.integers(1, 12)), ldm=st.booleans())
-def test_scale_one_is_plain_attention_bit_for_bit(side, ldm):
+@given(side=st.tuples(st.integers(1, 12), st.integers(1, 12)))
+def test_scale_one_is_plain_attention_bit_for_bit(ldm, side):
     attn = _ldm_attn(torch.float32) if ldm else _diffusers_attn(torch.float32)
     x = torch.randn(2, side[0] * side[1], C)
     bigger = (side[0] + 3, side[1] + 1)  # a window larger than the grid is clipped to it
@@ -309,7 +313,7 @@ def _setting(**kw) -> FusionSetting:
     return FusionSetting(**(base | kw))
 
 
-@pytest.mark.parametrize("ldm", [False, True])
+@pytest.mark.parametrize("ldm", LDM)
 @pytest.mark.parametrize("fast", [False, True])
 def test_patched_module_equals_scale_fusion(ldm, fast):
     attn = _ldm_attn() if ldm else _diffusers_attn()
@@ -333,7 +337,7 @@ def test_setting_at_latent_level_is_rescaled_to_the_layer():
         assert torch.equal(attn(x), scale_fusion(plain, x, (16, 12), (8, 8)))
 
 
-@pytest.mark.parametrize("ldm", [False, True])
+@pytest.mark.parametrize("ldm", LDM)
 def test_cross_attention_masked_and_inactive_calls_are_untouched(ldm):
     attn = _ldm_attn() if ldm else _diffusers_attn()
     plain = copy.deepcopy(attn)
@@ -372,7 +376,7 @@ def test_any_attention_processor_is_used_as_attend():
         assert torch.equal(attn(x), scale_fusion(plain, x, (16, 12), (8, 8)))
 
 
-@pytest.mark.parametrize("ldm", [False, True])
+@pytest.mark.parametrize("ldm", LDM)
 def test_restore_is_bit_exact_and_weights_stay_shared(ldm):
     attn = _ldm_attn() if ldm else _diffusers_attn()
     cls, keys = type(attn), set(attn.__dict__)
@@ -428,3 +432,56 @@ def test_errors():
     fuse_attention_(attn, None, replace=True)
     assert current_fusion(attn) is None
     FusionSetting(active=False)  # an inactive setting needs no sizes
+
+
+# --------------------------------------------------------------------------- jitter directions
+
+
+def _window_offsets(grid, window, jitter, seed):
+    """Top-left corner of every local window the op attends to, read back from the tokens.
+
+    Each token carries its (row + 1, col + 1); zero padding carries (0, 0). A window's corner
+    is a real token's coordinate minus its position inside the window, whatever the padding.
+    """
+    gh, gw = grid
+    wh, ww = window
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    x = torch.stack([rows + 1, cols + 1], dim=-1).reshape(1, gh * gw, 2).double()
+    corners = []
+
+    def attend(t):
+        if t.shape[1] == wh * ww:
+            for win in t:
+                j = int(torch.nonzero(win[:, 0])[0])
+                corners.append((int(win[j, 0]) - 1 - j // ww, int(win[j, 1]) - 1 - j % ww))
+        return t
+
+    scale_fusion(attend, x, grid, window, jitter=jitter, generator=torch.Generator().manual_seed(seed))
+    return corners
+
+
+def test_jitter_moves_interior_windows_both_ways_and_edge_windows_outwards():
+    """The published rule (FreeScale's get_views with random_jitter): a window that touches
+    neither border moves by randint(-r, r), the first by randint(-r, 0), the last by
+    randint(0, r), with r = floor(window * 1/8). Nominal starts from ``_starts`` above."""
+    grid, window, jitter = (40, 40), (16, 16), 0.125
+    reach = math.floor(16 * jitter)
+    starts = _starts(40, 16)  # [0, 8, 16, 24]: two interior windows per dim
+    assert len(starts) == 4
+    seen: dict[int, set[int]] = {s: set() for s in starts}
+    for seed in range(40):
+        corners = _window_offsets(grid, window, jitter, seed)
+        assert len(corners) == len(starts) ** 2
+        for k, (top, left) in enumerate(corners):  # row-major over (h start, w start)
+            for start, corner in ((starts[k // len(starts)], top), (starts[k % len(starts)], left)):
+                seen[start].add(corner - start)
+    for start, offsets in seen.items():
+        first, last = start == 0, start + 16 >= 40
+        lo, hi = (0 if last else -reach), (0 if first else reach)
+        assert min(offsets) >= lo and max(offsets) <= hi, (start, sorted(offsets))
+        if not first and not last:  # interior: both directions occur
+            assert min(offsets) < 0 < max(offsets), (start, sorted(offsets))
+        if first:
+            assert min(offsets) < 0
+        if last:
+            assert max(offsets) > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import preset_map
+from tests.conftest import preset_map, published_config, published_table
 from unet_surgery import SurgeryError, apply, auto_recipe, current_patch
 from unet_surgery.ops import redilated_conv
 from unet_surgery.presets import build_unet, example_inputs
@@ -100,7 +100,10 @@ def test_schedule_matches_hand_written_redilation_at_every_step(give_timesteps: 
     manual_model = build_unet("sd15", size="tiny", device="cpu")
     unet_map = preset_map("sd15", "tiny")
     patch = apply(patched_model, recipe_name, unet_map=unet_map)
-    table = patch.plan.convs
+    # The expectation comes from the published settings, not from the patch's plan.
+    cfg = published_config(recipe_name)
+    table = published_table(cfg["dilate_settings"])
+    assert cfg["progressive"] and cfg["num_inference_steps"] == 50
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(10)
     if give_timesteps:
@@ -111,14 +114,14 @@ def test_schedule_matches_hand_written_redilation_at_every_step(give_timesteps: 
     for step, t in enumerate(scheduler.timesteps):
         step_inputs = {**inputs, "sample": latents, "timestep": t}
         if give_timesteps:
-            tau = 35 * 10 / 50  # the published window, rescaled to 10 steps
+            tau = cfg["dilate_tau"] * 10 / 50  # the published window, rescaled to 10 steps
             position = step
         else:
-            tau = 35  # position on the 50-step trajectory from t / T
+            tau = cfg["dilate_tau"]  # position on the 50-step trajectory from t / T
             position = math.floor(50 * (1 - float(t) / 1000))
         handles = []
-        for path, plan in table.items():
-            factor = expected_factor(plan.redilate.factor, tau, position)
+        for path, published in table.items():
+            factor = expected_factor(published, tau, position)
             conv = manual_model.get_submodule(path)
             handles.append(conv.register_forward_hook(
                 lambda m, args, out, f=factor: out if f == 1 else redilated_conv(m, args[0], f)

@@ -3,10 +3,12 @@ eps_v(x, u) + w * (eps_d(x, c) - eps_d(x, u)) from one batched UNet call."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from tests.conftest import preset_map
+from tests.conftest import preset_map, published_config, published_table
 from unet_surgery import SurgeryError, apply
 from unet_surgery.ops import redilated_conv
 from unet_surgery.presets import build_unet, example_inputs
@@ -31,9 +33,20 @@ def hand_redilated(model, paths_to_factor):
     return handles
 
 
-def unet_out(model, inputs):
+def unet_out(model, inputs, return_dict=True):
     with torch.no_grad():
-        return model(**inputs).sample
+        if return_dict:
+            return model(**inputs).sample
+        out = model(**inputs, return_dict=False)  # what pipelines call
+        assert isinstance(out, tuple)
+        return out[0]
+
+
+def published_factor(f: float, tau: float, step: int, progressive: bool) -> float:
+    """ScaleCrafter's schedule, transcribed: max(ceil(f * (tau - i) / tau), 2) inside the window."""
+    if step >= tau:
+        return 1.0
+    return float(max(math.ceil(f * (tau - step) / tau), 2)) if progressive else f
 
 
 def halves(inputs, batch):
@@ -48,25 +61,45 @@ def halves(inputs, batch):
     return [{k: pick(v, p) for k, v in inputs.items()} for p in (0, 1)]
 
 
+PUBLISHED = {"sd15": "scalecrafter-sd15-2048x2048", "sdxl": "scalecrafter-sdxl-4096x4096"}
+
+
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
-# t=999: step 0, both windows open; t=500: step 25, main re-dilation on (tau 30), damped off (tau 20).
-@pytest.mark.parametrize(("timestep", "damped"), [(999, True), (500, False)])
-def test_pipeline_combination_equals_the_reference_formula(name, timestep, damped) -> None:
+# t=999: step 0 of the 50-step trajectory, both windows open, full factors; t=600: step 20,
+# progressive factors decayed; t=100: step 45, both windows closed (plain CFG, no dilation).
+@pytest.mark.parametrize(
+    ("timestep", "step", "return_dict"), [(999, 0, True), (999, 0, False), (600, 20, False), (100, 45, False)]
+)
+def test_pipeline_combination_equals_the_published_formula(name, timestep, step, return_dict) -> None:
+    """Reference from the published config and tables only (never from ``patch.plan``)."""
     w = 7.5
+    recipe = PUBLISHED[name]
+    cfg = published_config(recipe)
     # float64, so that batching [u, u, c] into one call cannot move the result by rounding.
     model = build_unet(name, size="tiny", device="cpu", dtype=torch.float64)
     inputs = example_inputs(model, batch=2, height=128, width=128, seed=3, dtype=torch.float64)
     inputs["sample"] = inputs["sample"][:1].repeat(2, 1, 1, 1)  # same x for u and c
     inputs["timestep"] = torch.tensor([timestep, timestep])
-    unet_map = preset_map(name, "tiny")
-    patch = apply(model, RECIPE, unet_map=unet_map)
-    main = {p: c.redilate.factor for p, c in patch.plan.convs.items() if c.redilate}
-    vanilla = {p: c.damped.factor for p, c in patch.plan.convs.items() if c.damped}
-    assert main and vanilla and set(vanilla) != set(main)
+    assert math.floor(50 * (1 - timestep / 1000)) == step
+    patch = apply(model, recipe, unet_map=preset_map(name, "tiny"))
     patch.enable_noise_damped_cfg()
-    out = unet_out(model, inputs)
+    out = unet_out(model, inputs, return_dict)
     combined = out[:1] + w * (out[1:] - out[:1])
     patch.remove()
+
+    progressive = cfg["progressive"]
+    main = {p: published_factor(f, cfg["dilate_tau"], step, progressive)
+            for p, f in published_table(cfg["dilate_settings"]).items()}
+    vanilla = {p: published_factor(f, cfg["ndcfg_tau"], step, progressive)
+               for p, f in published_table(cfg["ndcfg_dilate_settings"]).items()}
+    # The tiny SDXL lacks some of the published layers (the recipe reports them as missing).
+    modules = dict(model.named_modules())
+    main = {p: f for p, f in main.items() if p in modules}
+    vanilla = {p: f for p, f in vanilla.items() if p in modules}
+    assert main and vanilla and main != vanilla
+    main = {p: f for p, f in main.items() if f != 1}
+    vanilla = {p: f for p, f in vanilla.items() if f != 1}
+    damped = bool(vanilla)
 
     u_inputs, c_inputs = halves(inputs, 2)
     handles = hand_redilated(model, main)

@@ -76,7 +76,7 @@ def test_shipped_video_recipes_run_on_their_pipelines(name: str, recipe: str) ->
     pipe, kwargs = tp.BUILDERS[name]()
     before = tp.run(pipe, kwargs)
     with apply_to_pipeline(pipe, recipe, unet_map=preset_map(tp.PRESET_OF[name], "tiny")) as patch:
-        convs = patch.patch.plan.convs
+        convs = patch.patch.plan.paths("convs")
         assert convs  # spatial 3x3 convs only: temporal convs are Conv3d (5-D weights), untouched
         assert all(pipe.unet.get_submodule(path).weight.dim() == 4 for path in convs)
         patched = tp.run(pipe, kwargs)
@@ -128,7 +128,7 @@ def test_controlnet_residuals_fit_the_redilated_unet(factor: float) -> None:
             hooks.append(sub.register_forward_hook(record_features))
     hooks.append(unet.mid_block.register_forward_hook(record_features))
     with apply_to_pipeline(pipe, recipe_for("sd_controlnet", factor, damped=False), unet_map=preset_map("sd15", "tiny")) as p:
-        assert any(c.redilate and c.redilate.factor == factor for c in p.patch.plan.convs.values())
+        assert any(e.factor == factor for e in p.patch.plan.entries("redilate").values())
         tp.run(pipe, kwargs)
     for h in hooks:
         h.remove()

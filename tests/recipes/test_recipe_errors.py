@@ -41,7 +41,7 @@ def test_the_base_document_is_valid() -> None:
         (("passes", 0, "select", "level"), "deep", "passes[0].select.level: expected int or range, got 'deep'"),
         (("passes", 0, "factor"), -1, "passes[0].factor: factor must be > 0"),
         (("passes", 0, "type"), "freeu", "passes[0].type: expected one of redilate"),
-        (("passes", 1, "transform", "large"), 4, "passes[1].transform: need odd kernel sizes"),
+        (("passes", 1, "transform", "large"), 4, "passes[1].transform: large kernel size must be odd, got 4"),
         (("passes", 3, "blur"), "box", "passes[3].blur: expected one of published, volumetric, spatial, got 'box'"),
         (("sampling", "stages"), [[1024, 1024], [512, 512]], "sampling.stages[1]: stages must not shrink"),
         (("sampling", "restart_step"), 80, "sampling.restart_step: must be in [0, 50)"),
@@ -157,3 +157,21 @@ def test_selector_matching_nothing_lists_closest_paths(tiny_sd15) -> None:
     doc["passes"] = [{"type": "redilate", "select": {"level": 9}, "factor": 2}]
     with pytest.raises(SelectionError, match="matched no layer"):
         apply(tiny_sd15, doc, unet_map=unet_map)
+
+
+def test_recipe_version_is_checked_and_defaults_to_one() -> None:
+    doc = copy.deepcopy(VALID)
+    assert "version" not in doc and parse_recipe(doc).version == 1  # old files still load
+    doc["version"] = 2
+    doc["passes"][0]["new_field_of_version_2"] = True  # refused for its version, not its fields
+    with pytest.raises(RecipeError, match=r"^version: recipe format version 2 is not one this unet-surgery reads \(1\)"):
+        parse_recipe(doc)
+    assert to_data(parse_recipe(VALID))["version"] == 1  # written out explicitly
+
+
+def test_unread_dilate_tau_is_dropped_with_a_warning() -> None:
+    doc = copy.deepcopy(VALID)
+    doc["sampling"] = {**doc.get("sampling", {"stages": [[512, 512], [1024, 1024]]}), "dilate_tau": 35}
+    with pytest.warns(UserWarning, match="dilate_tau is ignored"):
+        recipe = parse_recipe(doc)
+    assert recipe.sampling is not None and not hasattr(recipe.sampling, "dilate_tau")

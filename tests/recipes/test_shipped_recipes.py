@@ -9,33 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import preset_map
+from tests.conftest import preset_map, published_config, published_table, reference_path
 from unet_surgery import apply, auto_recipe, list_recipes, load_recipe
-from unet_surgery.patching.plan import make_plan
+from unet_surgery.passes import make_plan
 from unet_surgery.presets import build_unet
 from unet_surgery.recipes import parse_recipe, to_data
 from unet_surgery.recipes.library import dump_recipe
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "scalecrafter"
 SCALECRAFTER = sorted(n for n in list_recipes() if n.startswith("scalecrafter-"))
 
 
-def published_config(name: str) -> dict:
-    _, model, res, *rest = name.split("-")
-    base = {"sd15": "sd1.5", "sd21": "sd2.1", "sdxl": "sdxl"}[model]
-    stem = f"{base}_{res}" + ("_disperse" if rest else "")
-    return yaml.safe_load((REFERENCE / "configs" / f"{stem}.yaml").read_text())
-
-
-def published_table(rel: str | None) -> dict[str, float]:
-    if not rel:
-        return {}
-    rows = (REFERENCE / rel).read_text().split()
-    return {p: float(f) for p, f in (row.split(":") for row in rows)}
-
-
 def test_every_published_config_with_dilation_is_shipped() -> None:
-    configs = [p.stem for p in (REFERENCE / "configs").glob("*.yaml") if p.stem != "sdxl_vanilla"]
+    configs = [p.stem for p in reference_path("scalecrafter", "configs").glob("*.yaml") if p.stem != "sdxl_vanilla"]
     assert len(SCALECRAFTER) == len(configs) + sum(c.endswith("_disperse") for c in configs) == 18
 
 
@@ -63,7 +48,7 @@ def test_scalecrafter_recipe_is_the_published_config(name: str) -> None:
     else:
         assert "noise_damped_cfg" not in passes
     if cfg.get("disperse_settings"):
-        listed = (REFERENCE / cfg["disperse_settings"]).read_text().split()
+        listed = reference_path("scalecrafter", *Path(cfg["disperse_settings"]).parts).read_text().split()
         assert list(passes["disperse"].select.paths) == listed
         expected_tau = cfg["inflate_tau"] if not name.endswith("-active") else cfg["dilate_tau"]
         assert passes["disperse"].schedule.tau == expected_tau
@@ -79,7 +64,7 @@ def test_applying_selects_exactly_the_published_layers_that_exist(name: str) -> 
     table = next(p for p in recipe.passes if type(p).type == "redilate").factors
     existing = set(unet_map.paths())
     with apply(model, recipe, unet_map=unet_map) as patch:
-        redilated = {path: p.redilate.factor for path, p in patch.plan.convs.items() if p.redilate}
+        redilated = {path: e.factor for path, e in patch.plan.entries("redilate").items()}
         assert redilated == {p: f for p, f in table.items() if p in existing}
         reported = {m.path for m in patch.plan.missing}
         listed = set(table)
@@ -102,8 +87,8 @@ def test_auto_recipe_selects_the_same_layers_on_ldm_and_diffusers(ldm, diffusers
         recipe = auto_recipe(unet_map, base=512, target=target, policy="scalecrafter")
         plan = make_plan(recipe, unet_map)
         plans.append(Counter(
-            (p.record.level, p.record.stage, p.record.kernel, p.record.stride, p.redilate.factor)
-            for p in plan.convs.values()
+            (p.record.level, p.record.stage, p.record.kernel, p.record.stride, p.entry("redilate").factor)
+            for p in plan.layers.values()
         ))
     assert plans[0] == plans[1]
     assert sum(plans[0].values()) > 0
@@ -117,7 +102,7 @@ def test_auto_recipe_reproduces_the_published_sd15_tables(table, target) -> None
     unet_map = preset_map("sd15")
     plan = make_plan(auto_recipe(unet_map, base=512, target=target, policy="scalecrafter"), unet_map)
     published = published_table(f"assets/dilate_settings/{table}.txt")
-    auto = {path: p.redilate.factor for path, p in plan.convs.items()}
+    auto = {path: e.factor for path, e in plan.entries("redilate").items()}
     assert auto == published
 
 

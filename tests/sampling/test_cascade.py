@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tests.conftest import preset_map
 from tests.pipelines import tiny_pipelines as tp
 from unet_surgery import RecipeError, SurgeryError, current_patch, load_recipe
+from unet_surgery.passes.base import factor_now
 from unet_surgery.presets import build_unet
 from unet_surgery.recipes.schema import SamplingSpec
 from unet_surgery.sampling import cfg_denoiser, self_cascade, self_cascade_sample
@@ -169,9 +170,9 @@ def test_freescale_recipe_dilates_later_stages_only() -> None:
 
     def spy(module, args):
         patch = current_patch(pipe.unet)
-        fp = next(c.redilate for c in patch.plan.convs.values() if c.redilate)
+        fp = next(iter(patch.plan.entries("redilate").values()))
         call = patch.tracker.current
-        seen.append((call.latent_hw[0], call.step, patch.factor_now(fp, call)))
+        seen.append((call.latent_hw[0], call.step, factor_now(patch, fp, call)))
 
     handle = pipe.unet.conv_in.register_forward_pre_hook(spy)
     out = self_cascade_sample(pipe, doc, prompt_embeds=kwargs["prompt_embeds"],

@@ -7,6 +7,9 @@ patched diffusers folder (``unet_surgery.load_patched`` reloads it in one call).
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from typing import Any
 
 from unet_surgery.cli.export_cmd import add_weights_arguments, load_weights
 from unet_surgery.loading import resolve_model
@@ -29,17 +32,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _apply(model: Any, recipe: str) -> Any:
+    """apply(), with its warnings (passes that cannot act) printed as ``warning:`` lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch = apply(model, recipe)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return patch
+
+
 def run(args: argparse.Namespace) -> int:
     if args.out:
         from unet_surgery.export import save_patched_pretrained
 
-        patch = apply(load_weights(args.model, args.dtype), args.recipe)
+        patch = _apply(load_weights(args.model, args.dtype), args.recipe)
         print(patch.report())
         save_patched_pretrained(patch, args.out, show_progress=not args.quiet)
         print(f"wrote patched diffusers folder {args.out}")
         return 0
     resolved = resolve_model(args.model, device="meta")
-    patch = apply(resolved.model, args.recipe)
+    patch = _apply(resolved.model, args.recipe)
     print(f"source: {resolved.description}")
     print(patch.report())
     patch.remove()

@@ -7,6 +7,7 @@ import json
 
 from unet_surgery.graph import map_unet
 from unet_surgery.loading import describe, resolve_model
+from unet_surgery.presets import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,11 +17,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Map a UNet (preset name, diffusers UNet or pipeline folder, or a single-file "
         "checkpoint) and print its levels, stages, attention roles and skip connections.",
     )
-    parser.add_argument("model", metavar="MODEL", help="preset name (see --list), folder or checkpoint file")
+    parser.add_argument(
+        "model", metavar="MODEL",
+        help="preset name (one of: " + ", ".join(PRESETS) + "), diffusers UNet or pipeline folder, "
+        "or checkpoint file",
+    )
     parser.add_argument("--json", action="store_true", help="print the full map as JSON")
     parser.add_argument("--layers", action="store_true", help="list every conv and attention op")
     parser.add_argument("--method", choices=("auto", "export", "probe"), default="auto",
-                        help="how to capture the model (default: export, falling back to hooks)")
+                        help="how to capture the model: export (torch.export dataflow: levels, stages, "
+                        "skips), probe (forward hooks; stages and skips unknown, printed as ?), or auto "
+                        "(default: export, falling back to probe)")
     parser.set_defaults(func=run)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from unet_surgery.recipes import list_recipes, load_recipe
 from unet_surgery.recipes.library import dump_recipe
@@ -16,8 +18,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = sub.add_parser("show", help="print a recipe as YAML")
     show.add_argument("name", help="shipped recipe name or recipe file")
     show.set_defaults(func=run_show)
-    validate = sub.add_parser("validate", help="check a recipe file against the schema")
+    validate = sub.add_parser(
+        "validate",
+        help="check a recipe file against the schema; warn about passes that cannot act",
+        description="Parse each recipe and print ok, or the first error naming its field. Passes that "
+        "can have no effect (a factor of 1, an empty step window, noise-damped guidance whose "
+        "damped branch equals the main branch) are reported as warnings on stderr; with --model "
+        "the recipe is also planned on that model, so per-layer reasons are found too.",
+    )
     validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("--model", metavar="MODEL", default=None,
+                          help="also plan the recipes on this preset, folder or checkpoint (mapped on meta)")
     validate.set_defaults(func=run_validate)
 
 
@@ -37,7 +48,20 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from unet_surgery.passes import make_plan, no_effect_reasons
+
+    unet_map = None
+    if args.model is not None:
+        from unet_surgery.graph import map_unet
+        from unet_surgery.loading import resolve_model
+
+        unet_map = map_unet(resolve_model(args.model, device="meta").model)
     for file in args.files:
-        recipe = load_recipe(file)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recipe = load_recipe(file)
+        plan = make_plan(recipe, unet_map) if unet_map is not None else None
         print(f"{file}: ok ({recipe.name}, {len(recipe.passes)} pass(es))")
+        for message in [str(w.message) for w in caught] + no_effect_reasons(recipe, plan):
+            print(f"{file}: warning: {message}", file=sys.stderr)
     return 0

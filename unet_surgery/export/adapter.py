@@ -25,14 +25,12 @@ from unet_surgery.export.fingerprint import fingerprint
 from unet_surgery.export.staging import staged_folder
 from unet_surgery.graph import UNetMap
 from unet_surgery.io import read_json_object
-from unet_surgery.ops.dispersion import dispersion_transform
-from unet_surgery.ops.redilate import _DISPERSED
 from unet_surgery.patching.patch import Patch, apply
 
 ADAPTER_FORMAT = "unet-surgery-adapter"
 ADAPTER_VERSION = 1
 RECIPE_FILE, TENSORS_FILE, META_FILE = "recipe.yaml", "adapter.safetensors", "adapter.json"
-KERNEL_SUFFIX, TRANSFORM_SUFFIX = ".dispersed_weight", ".dispersion_R"
+SUPPORTED_ADAPTER_VERSIONS = (1,)
 
 
 def _sha256(path: Path) -> str:
@@ -49,19 +47,12 @@ def _weights_dtype(model: nn.Module) -> str:
 
 
 def adapter_tensors(patch: Patch) -> dict[str, torch.Tensor]:
-    """What the surgery adds to the model: per dispersed layer, its kernel and its ``R``."""
+    """What the surgery adds to the model, from every pass's handler (e.g. dispersed kernels and ``R``)."""
     tensors: dict[str, torch.Tensor] = {}
-    for path, plan in patch.plan.convs.items():
-        if plan.disperse is None:
-            continue
-        conv = patch.model.get_submodule(path)
-        kernel = conv._buffers.get(_DISPERSED)
-        if kernel is None:
-            raise SurgeryError(f"{path} is planned as dispersed but carries no dispersed kernel")
-        t, _ = plan.disperse
-        R = dispersion_transform(t.small, t.large, t.scale, t.input_size, t.eta)
-        tensors[path + KERNEL_SUFFIX] = kernel.detach().to("cpu").contiguous()
-        tensors[path + TRANSFORM_SUFFIX] = torch.tensor(R, dtype=torch.float64)
+    for path, layer in patch.plan.layers.items():
+        module = patch.model.get_submodule(path)
+        for part in layer.parts:
+            tensors.update(part.handler.adapter_tensors(path, module, part.entry))
     return tensors
 
 
@@ -84,7 +75,7 @@ def write_adapter_files(patch: Patch, folder: Path) -> dict[str, Any]:
         "fingerprint": fingerprint(patch.model),
         "dtype": _weights_dtype(patch.model),
         "num_train_timesteps": patch.tracker.num_train_timesteps,
-        "layers": {"convs": sorted(patch.plan.convs), "attentions": sorted(patch.plan.attentions)},
+        "layers": patch.plan.groups(),
         "files": {name: _sha256(folder / name) for name in (RECIPE_FILE, TENSORS_FILE)},
         "created_by": f"unet-surgery {__version__}",
     }
@@ -107,9 +98,12 @@ def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
     meta = read_json_object(meta_file, missing=f"{directory} is not a surgery adapter: {META_FILE} is missing")
     if meta.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{meta_file} is not a {ADAPTER_FORMAT} file")
-    version = meta.get("version")
-    if not isinstance(version, int) or version > ADAPTER_VERSION:
-        raise CheckpointError(f"{meta_file}: adapter format version {version!r} is newer than this unet-surgery reads ({ADAPTER_VERSION})")
+    version = meta.get("version", 1)  # the first adapters were all version 1
+    if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_ADAPTER_VERSIONS:
+        raise CheckpointError(
+            f"{meta_file}: adapter format version {version!r} is not one this unet-surgery reads "
+            f"({', '.join(map(str, SUPPORTED_ADAPTER_VERSIONS))}); upgrade unet-surgery or re-export the adapter"
+        )
     for name, expected in dict(meta.get("files", {})).items():
         file = directory / name
         if not file.is_file():
@@ -119,26 +113,27 @@ def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _check_kernels(patch: Patch, stored: dict[str, torch.Tensor], where: Path) -> None:
-    """The kernels the recipe recomputes on this base must be the stored ones."""
-    expected = {p for p, plan in patch.plan.convs.items() if plan.disperse is not None}
-    have = {k.removesuffix(KERNEL_SUFFIX) for k in stored if k.endswith(KERNEL_SUFFIX)}
-    if have != expected:
-        odd = sorted(have ^ expected)
-        raise CheckpointError(f"{where}: stored dispersed kernels do not match the recipe's layers (e.g. {odd[0]})")
-    for path in sorted(expected):
-        kernel = patch.model.get_submodule(path)._buffers[_DISPERSED]
-        ref = stored[path + KERNEL_SUFFIX].to(kernel.device)
-        if ref.shape != kernel.shape:
-            raise CheckpointError(f"{where}: stored kernel of {path} has shape {tuple(ref.shape)}, recomputed {tuple(kernel.shape)}")
-        if ref.dtype == kernel.dtype:
-            same = torch.equal(ref, kernel)
-        else:  # a base loaded at another precision: equal up to that precision's rounding
-            eps = max(torch.finfo(ref.dtype).eps, torch.finfo(kernel.dtype).eps)
-            scale = float(ref.abs().max().float()) or 1.0
-            same = float((ref.float() - kernel.float()).abs().max()) <= 16 * eps * scale
-        if not same:
-            raise CheckpointError(f"{where}: the dispersed kernel of {path} recomputed on this model differs from the stored one")
+def _same_tensor(ref: torch.Tensor, new: torch.Tensor) -> bool:
+    """Equal, or (a base loaded at another precision) equal up to that precision's rounding."""
+    if ref.dtype == new.dtype:
+        return torch.equal(ref, new)
+    eps = max(torch.finfo(ref.dtype).eps, torch.finfo(new.dtype).eps)
+    scale = float(ref.abs().max().float()) or 1.0
+    return float((ref.float() - new.float()).abs().max()) <= 16 * eps * scale
+
+
+def _check_tensors(patch: Patch, stored: dict[str, torch.Tensor], where: Path) -> None:
+    """The tensors the recipe recomputes on this base must be the stored ones."""
+    recomputed = adapter_tensors(patch)
+    if set(recomputed) != set(stored):
+        odd = sorted(set(recomputed) ^ set(stored))
+        raise CheckpointError(f"{where}: stored tensors do not match the recipe's layers (e.g. {odd[0]})")
+    for key in sorted(recomputed):
+        new, ref = recomputed[key], stored[key]
+        if ref.shape != new.shape:
+            raise CheckpointError(f"{where}: stored {key} has shape {tuple(ref.shape)}, recomputed {tuple(new.shape)}")
+        if not _same_tensor(ref, new):
+            raise CheckpointError(f"{where}: {key} recomputed on this model differs from the stored one")
 
 
 def load_patch(
@@ -175,7 +170,7 @@ def load_patch(
     except Exception as exc:
         raise CheckpointError(f"{directory / TENSORS_FILE} is not a valid safetensors file ({exc})") from exc
     layers = meta.get("layers", {})
-    keep = set(layers.get("convs", [])) | set(layers.get("attentions", []))
+    keep = {path for paths in layers.values() for path in paths}
     patch = apply(
         model,
         recipe,
@@ -184,10 +179,11 @@ def load_patch(
         num_train_timesteps=int(meta.get("num_train_timesteps", 1000)),
     )
     try:
-        if sorted(patch.plan.convs) != layers.get("convs") or sorted(patch.plan.attentions) != layers.get("attentions"):
+        groups = patch.plan.groups()
+        if any(groups.get(g, []) != layers.get(g, []) for g in set(groups) | set(layers)):
             raise CheckpointError(f"{directory}: the recipe selects other layers on this model than when it was saved")
         if verify_fingerprint:
-            _check_kernels(patch, stored, directory)
+            _check_tensors(patch, stored, directory)
     except BaseException:
         patch.remove()
         raise

@@ -8,6 +8,7 @@ Weights and ``config.json`` are exactly what diffusers writes (the surgery chang
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from unet_surgery.patching.patch import Patch
 
 def save_patched_pretrained(patch: Patch, directory: str | Path, *, show_progress: bool = False) -> Path:
     """Write the patched UNet as a diffusers folder with the adapter beside it (atomically)."""
-    model = patch.model
+    model: Any = patch.model
     if not callable(getattr(model, "save_pretrained", None)):
         raise SurgeryError(
             f"{type(model).__name__} is not a diffusers model (no save_pretrained); "

@@ -15,30 +15,35 @@ from dataclasses import dataclass
 from typing import Any
 
 from unet_surgery.errors import SurgeryError
-from unet_surgery.ops.redilate import _SOURCE as _CONV_SOURCE
-from unet_surgery.ops.redilate import ConvSetting
+from unet_surgery.ops import rewrite
 from unet_surgery.patching.patch import Patch
-from unet_surgery.runtime import UNetCall
-
-_FUSION_SOURCE = "_fusion_source"  # unet_surgery.ops.scale_fusion's source attribute
+from unet_surgery.runtime import MAIN, UNetCall
 
 
 @dataclass(frozen=True)
 class PhaseSettings:
     """Every patched layer's setting during one phase, in path order (hashable, comparable)."""
 
-    convs: tuple[tuple[str, ConvSetting], ...]
-    attentions: tuple[tuple[str, Any], ...]  # (path, FusionSetting | None)
+    layers: tuple[tuple[str, Any], ...]
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self, patch: Patch) -> list[dict[str, Any]]:
         """The layers that are not plain in this phase, for manifests and reports."""
-        rows: list[dict[str, Any]] = [
-            {"path": p, "factor": s.factor, "dispersed": s.use_dispersed}
-            for p, s in self.convs
-            if s.factor != 1.0 or s.use_dispersed
-        ]
-        rows += [{"path": p, "scale_fusion": True} for p, s in self.attentions if s is not None and s.active]
+        rows = []
+        for path, setting in self.layers:
+            row = patch.plan.layers[path].rewrite.summary(setting)
+            if row is not None:
+                rows.append({"path": path, **row})
         return rows
+
+    def freeze_errors(self, patch: Patch) -> list[str]:
+        """Why some layer's setting cannot be frozen (each handler of the layer is asked)."""
+        errors = []
+        for path, setting in self.layers:
+            for part in patch.plan.layers[path].parts:
+                error = part.handler.freeze_error(path, setting)
+                if error is not None:
+                    errors.append(error)
+        return errors
 
 
 def default_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -58,22 +63,13 @@ def settings_at(patch: Patch, step: int, timesteps: Sequence[float], latent_hw: 
     tracker = patch.tracker
     saved = (tracker.timesteps, tracker.current)
     tracker.timesteps = [float(t) for t in timesteps]
-    tracker.current = UNetCall(timestep=float(timesteps[step]), latent_hw=tuple(latent_hw), batch=batch, step=step)
+    call = UNetCall(timestep=float(timesteps[step]), latent_hw=(int(latent_hw[0]), int(latent_hw[1])), batch=batch, step=step)
+    tracker.current = call
     try:
-        convs = []
-        for path, plan in sorted(patch.plan.convs.items()):
-            setting = patch.conv_setting(plan)
-            if not isinstance(setting, ConvSetting):
-                raise SurgeryError(f"{path}: a batch-split setting cannot be frozen")
-            convs.append((path, setting))
-        attentions = []
-        if patch.plan.attentions:
-            from unet_surgery.patching.attention import fusion_setting
-
-            attentions = [(path, fusion_setting(patch, plan)) for path, plan in sorted(patch.plan.attentions.items())]
+        layers = tuple((path, patch.layer_setting(layer, MAIN, call)) for path, layer in sorted(patch.plan.layers.items()))
     finally:
         tracker.timesteps, tracker.current = saved
-    return PhaseSettings(tuple(convs), tuple(attentions))
+    return PhaseSettings(layers)
 
 
 def enumerate_phases(
@@ -93,17 +89,7 @@ def enumerate_phases(
 @contextlib.contextmanager
 def frozen(patch: Patch, settings: PhaseSettings) -> Iterator[None]:
     """Make every patched layer use its setting in ``settings`` as a constant, then restore."""
-    saved: list[tuple[Any, str, Any]] = []
-    try:
-        for path, setting in settings.convs:
-            conv = patch.model.get_submodule(path)
-            saved.append((conv, _CONV_SOURCE, conv.__dict__[_CONV_SOURCE]))
-            conv.__dict__[_CONV_SOURCE] = setting
-        for path, fusion in settings.attentions:
-            attn = patch.model.get_submodule(path)
-            saved.append((attn, _FUSION_SOURCE, attn.__dict__[_FUSION_SOURCE]))
-            attn.__dict__[_FUSION_SOURCE] = fusion
+    with contextlib.ExitStack() as stack:
+        for path, setting in settings.layers:
+            stack.enter_context(rewrite.frozen_source(patch.model.get_submodule(path), setting))
         yield
-    finally:
-        for module, name, source in reversed(saved):
-            module.__dict__[name] = source

@@ -76,17 +76,47 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def default_inputs(model: nn.Module, height: int, width: int, *, batch: int = 1, num_frames: int | None = None) -> dict[str, Any]:
-    """Example inputs at ``height`` x ``width`` pixels for a preset-shaped model."""
+def default_inputs(
+    model: nn.Module, height: int, width: int, *, batch: int = 1, num_frames: int | None = None, vae_scale_factor: int = 8
+) -> dict[str, Any]:
+    """Example inputs at ``height`` x ``width`` pixels for any UNet class with a call spec.
+
+    Preset-tagged models get the presets' example inputs; any other diffusers or LDM UNet gets
+    inputs built from its class's call spec and its own config (only shapes are frozen).
+    """
+    from unet_surgery.graph.inputs import call_inputs, call_spec, facts_from_model
     from unet_surgery.presets import example_inputs
 
-    if getattr(model, "unet_surgery_preset", None) is None:
+    device, dtype = next(model.parameters()).device, _model_dtype(model)
+    if getattr(model, "unet_surgery_preset", None) is not None:
+        return example_inputs(model, batch=batch, height=height, width=width, num_frames=num_frames, device=device, dtype=dtype)
+    spec = call_spec(model)
+    if spec is None:
         raise SurgeryError(
-            f"no example inputs known for this {type(model).__name__} (it matches no preset); "
-            "pass inputs= with one forward's keyword arguments"
+            f"no call spec is known for {type(model).__name__}; pass inputs= with one forward's keyword arguments"
         )
-    device = next(model.parameters()).device
-    return example_inputs(model, batch=batch, height=height, width=width, num_frames=num_frames, device=device, dtype=_model_dtype(model))
+    if height % vae_scale_factor or width % vae_scale_factor:
+        raise SurgeryError(f"height and width must be multiples of {vae_scale_factor}, got {height}x{width}")
+    frames = num_frames if num_frames is not None else getattr(getattr(model, "config", None), "num_frames", None)
+    if spec.is_video and frames is None:
+        raise SurgeryError(f"{type(model).__name__} is a video UNet: pass num_frames")
+
+    def time_ids(kind: str, rows: int) -> torch.Tensor:
+        values = [height, width, 0, 0, height, width] if kind == "text_time" else [6.0, 127.0, 0.02]
+        return torch.tensor(values, dtype=torch.float32).repeat(rows, 1).to(device=device, dtype=dtype)
+
+    return call_inputs(
+        spec,
+        facts_from_model(model, spec),
+        batch=batch,
+        latent_hw=(height // vae_scale_factor, width // vae_scale_factor),
+        frames=frames if spec.is_video else None,
+        tokens=77,
+        tensor=lambda shape: torch.randn(shape, dtype=torch.float32).to(device=device, dtype=dtype),
+        timestep=torch.full((batch,), 999, dtype=torch.long, device=device),
+        time_ids=time_ids,
+        labels=lambda shape: torch.zeros(*shape, dtype=torch.long, device=device),
+    )
 
 
 def _describe_inputs(inputs: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -99,13 +129,10 @@ def _describe_inputs(inputs: Mapping[str, Any], prefix: str = "") -> dict[str, A
     return out
 
 
-def _check_freezable(settings: PhaseSettings, k: int) -> None:
-    for path, fusion in settings.attentions:
-        if fusion is not None and fusion.active and fusion.jitter:
-            raise SurgeryError(
-                f"phase {k}: {path} uses jittered scale fusion, whose random window offsets "
-                "cannot be frozen into a static program; export a recipe with jitter: false"
-            )
+def _check_freezable(patch: Patch, settings: PhaseSettings, k: int) -> None:
+    errors = settings.freeze_errors(patch)
+    if errors:
+        raise SurgeryError(f"phase {k}: {errors[0]}")
 
 
 def export_phase(patch: Patch, settings: PhaseSettings, inputs: Mapping[str, Any]) -> torch.export.ExportedProgram:
@@ -139,11 +166,14 @@ def export_pt2(
     ts = [float(t) for t in (timesteps if timesteps is not None else default_timesteps(num_steps, patch.tracker.num_train_timesteps))]
     if len(ts) != num_steps:
         raise SurgeryError(f"{len(ts)} timesteps given for {num_steps} steps")
-    example = canonical_inputs(inputs if inputs is not None else default_inputs(model, height, width, batch=batch, num_frames=num_frames))
+    example = canonical_inputs(
+        inputs if inputs is not None
+        else default_inputs(model, height, width, batch=batch, num_frames=num_frames, vae_scale_factor=patch.recipe.vae_scale_factor)
+    )
     latent_hw = (int(example["sample"].shape[-2]), int(example["sample"].shape[-1]))
     phases, table = enumerate_phases(patch, ts, latent_hw, int(example["sample"].shape[0]))
     for k, settings in enumerate(phases):
-        _check_freezable(settings, k)
+        _check_freezable(patch, settings, k)
     directory = Path(directory)
     with staged_folder(directory) as stage, progress(len(phases), "pt2 phases", show_progress) as bar:
         for k, settings in enumerate(phases):
@@ -164,7 +194,7 @@ def export_pt2(
             "timesteps": ts,
             "step_phase": table,
             "phases": [
-                {"file": f"phase_{k}.pt2", "steps": [i for i, p in enumerate(table) if p == k], "changed": s.summary()}
+                {"file": f"phase_{k}.pt2", "steps": [i for i, p in enumerate(table) if p == k], "changed": s.summary(patch)}
                 for k, s in enumerate(phases)
             ],
             "inputs": _describe_inputs(example),
@@ -187,8 +217,9 @@ class Pt2Runner:
         manifest = read_json_object(file, missing=f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
         if manifest.get("format") != PT2_FORMAT:
             raise CheckpointError(f"{file} is not a {PT2_FORMAT} manifest")
-        if int(manifest.get("version", 0)) > PT2_VERSION:
-            raise CheckpointError(f"{file}: version {manifest.get('version')} is newer than this unet-surgery reads")
+        version = manifest.get("version")
+        if isinstance(version, bool) or version not in (PT2_VERSION,):
+            raise CheckpointError(f"{file}: pt2 format version {version!r} is not one this unet-surgery reads ({PT2_VERSION})")
         self.manifest = manifest
         self.timesteps: list[float] = [float(t) for t in manifest["timesteps"]]
         self.step_phase: list[int] = [int(k) for k in manifest["step_phase"]]

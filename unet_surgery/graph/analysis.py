@@ -25,7 +25,7 @@ from torch import fx, nn
 from unet_surgery.errors import MappingError
 from unet_surgery.graph.capture import CapturedGraph
 from unet_surgery.graph.inputs import ProbeSpec
-from unet_surgery.graph.records import AttentionRecord, ConvRecord, SkipRecord, UNetMap
+from unet_surgery.graph.records import AttentionRecord, ConvRecord, SkipRecord, Stage, UNetMap
 
 aten = torch.ops.aten
 
@@ -241,7 +241,7 @@ def _conv_record(node: fx.Node, model: nn.Module, facts: _GraphFacts, path: str)
     weight_shape = _shape(node.args[1])
     assert weight_shape is not None
     rank = len(weight_shape) - 2
-    op = _CONV_TARGETS.get(node.target) or f"conv{rank}d"
+    op = _CONV_TARGETS.get(node.target) or f"conv{rank}d"  # type: ignore[call-overload]
     try:
         module = model.get_submodule(path)
     except AttributeError:
@@ -255,7 +255,7 @@ def _conv_record(node: fx.Node, model: nn.Module, facts: _GraphFacts, path: str)
                 for k, d in zip(module.kernel_size, dilation, strict=True)
             )
     else:  # a functional conv inside a custom module: read the call's arguments
-        stride, padding, dilation = node.args[3:6] if len(node.args) >= 6 else ((1,) * rank,) * 3
+        stride, padding, dilation = node.args[3:6] if len(node.args) >= 6 else ((1,) * rank,) * 3  # type: ignore[assignment]
         groups = node.args[-1] if isinstance(node.args[-1], int) else 1
     kernel = tuple(int(k) for k in weight_shape[2:])
     if op == "conv3d":
@@ -378,7 +378,7 @@ def analyse_graph(captured: CapturedGraph, model: nn.Module, spec: ProbeSpec) ->
     down_end = max(source_positions)
     up_start = min(s.order for s in skips)
 
-    def stage_of(order: int) -> str:
+    def stage_of(order: int) -> Stage:
         if order <= down_end:
             return "down"
         if order >= up_start:

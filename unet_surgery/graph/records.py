@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -175,20 +176,31 @@ class UNetMap:
             f"   skip concatenations: {len(self.skips)}",
         ]
         if self.unknown_fields:
-            lines.append(f"unknown fields: {', '.join(self.unknown_fields)}")
+            lines.append(f"unknown fields: {', '.join(self.unknown_fields)} (shown as ?)")
         lines.extend(f"note: {n}" for n in self.notes)
+        unknown = set(self.unknown_fields)
+        # A count over a field the mapper could not fill is unknown, not 0.
+        stages_known = "ConvRecord.stage" not in unknown
+        axes_known = "AttentionRecord.axis" not in unknown
+        skips_known = "skips" not in unknown
+
+        def count(value: int, known: bool) -> str:
+            return str(value) if known else "?"
+
+        if not skips_known:
+            lines[1] = lines[1].rsplit("skip concatenations:", 1)[0] + "skip concatenations: ?"
         header = ("level", "kxk down", "kxk mid", "kxk up", "temporal conv", "self attn", "cross attn", "temporal attn", "skips")
         rows = [
             (
                 str(r["level"]),
-                str(r["spatial_kxk"].get("down", 0)),
-                str(r["spatial_kxk"].get("mid", 0)),
-                str(r["spatial_kxk"].get("up", 0)),
+                count(r["spatial_kxk"].get("down", 0), stages_known),
+                count(r["spatial_kxk"].get("mid", 0), stages_known),
+                count(r["spatial_kxk"].get("up", 0), stages_known),
                 str(r["temporal_convs"]),
-                str(r["self_attention"]),
+                count(r["self_attention"], axes_known),
                 str(r["cross_attention"]),
-                str(r["temporal_attention"]),
-                str(r["skips_in"]),
+                count(r["temporal_attention"], axes_known),
+                count(r["skips_in"], skips_known),
             )
             for r in self.level_summary()
         ]
@@ -197,7 +209,7 @@ class UNetMap:
         if layers:
             lines.append("")
             layer_header = ("path", "op", "kernel", "stride", "level", "stage", "axis", "role")
-            layer_rows = []
+            layer_rows: list[tuple[str, ...]] = []
             for rec in self.records:
                 if isinstance(rec, ConvRecord):
                     layer_rows.append(
@@ -216,7 +228,7 @@ def _fmt(value: object) -> str:
     return "?" if value is None else str(value)
 
 
-def _format_rows(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def _format_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))

@@ -13,8 +13,9 @@ import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -40,13 +41,14 @@ _FORMAT_VERSION = "1"
 
 @dataclass(frozen=True)
 class TransformParams:
-    """The parameters that fully determine a dispersion transform (and its file metadata)."""
+    """Parameters of the dispersion least-squares problem; they fully determine ``R`` (see the
+    dispersion page). Also the ``transform`` section of a ``disperse`` recipe pass."""
 
-    small: int = 3
-    large: int = 5
-    scale: int = 2
-    input_size: int = 3
-    eta: float = 0.05
+    small: int = field(default=3, metadata={"doc": "small (original) kernel size"})
+    large: int = field(default=5, metadata={"doc": "large (dispersed) kernel size"})
+    scale: int = field(default=2, metadata={"doc": "scale s of the structure-level equations"})
+    input_size: int = field(default=3, metadata={"doc": "size n of the input patch of the least-squares problem"})
+    eta: float = field(default=0.05, metadata={"doc": "weight of the pixel-level equations"})
 
     def __post_init__(self) -> None:
         _validate(self.small, self.large, self.scale, self.input_size, self.eta)
@@ -65,7 +67,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _validate(small: object, large: object, scale: object, input_size: object, eta: object) -> None:
+def _validate(small: Any, large: Any, scale: Any, input_size: Any, eta: Any) -> None:
     for name, value in (
         ("small", small),
         ("large", large),
@@ -74,7 +76,7 @@ def _validate(small: object, large: object, scale: object, input_size: object, e
     ):
         if not _is_int(value):
             raise TransformError(f"{name} must be an integer, got {value!r}")
-    small, large, scale, input_size = int(small), int(large), int(scale), int(input_size)  # type: ignore[call-overload]
+    small, large, scale, input_size = int(small), int(large), int(scale), int(input_size)
     if small < 1 or small % 2 == 0:
         raise TransformError(f"small kernel size must be a positive odd integer, got {small}")
     if large % 2 == 0:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unet_surgery.errors import TransformError
+from unet_surgery.ops import rewrite
 
 __all__ = [
     "BatchSplit",
@@ -34,6 +35,7 @@ __all__ = [
     "RedilatedConv2d",
     "RedilatedConv3d",
     "current_setting",
+    "dispersed_weight",
     "is_redilated",
     "redilate_",
     "redilated_conv",
@@ -215,10 +217,9 @@ def redilated_conv(
 
 
 # ---------------------------------------------------------------------------------------------
-# In-place class swap
+# In-place class swap (the shared mechanism of unet_surgery.ops.rewrite)
 # ---------------------------------------------------------------------------------------------
 
-_SOURCE = "_redilate_source"
 _SCALE = "_redilate_dispersed_scale"
 _DISPERSED = "_redilate_dispersed_weight"  # a non-persistent buffer: moves with .to(), not saved
 
@@ -227,7 +228,12 @@ def current_setting(conv: nn.Module) -> ConvSetting:
     """The setting a re-dilated conv would use on its next forward (OFF for a plain conv)."""
     if not is_redilated(conv):
         return OFF
-    return _resolve(getattr(conv, _SOURCE))
+    return _resolve(rewrite.source(conv))
+
+
+def dispersed_weight(conv: nn.Module) -> Tensor | None:
+    """The dispersed kernel attached to a re-dilated conv by :func:`redilate_` (None if none)."""
+    return conv._buffers.get(_DISPERSED) if is_redilated(conv) else None
 
 
 def _resolve(source: FactorSource) -> ConvSetting:
@@ -254,15 +260,16 @@ class BatchSplit:
             raise TransformError(f"BatchSplit needs positive row counts, got {self.parts!r}")
 
 
-class _RedilatedMixin:
-    """Forward of a class-swapped conv; ``_redilate_base`` names the class to restore."""
+class _RedilatedMixin(rewrite.Rewritten):
+    """Forward of a class-swapped conv."""
 
-    _redilate_base: type[nn.Module]
+    _rewrite_prefix = "Redilated"
+    _rewrite_attrs = (_SCALE,)
+    _rewrite_buffers = (_DISPERSED,)
 
     def forward(self, input: Tensor) -> Tensor:
         conv: Any = self
-        value = getattr(conv, _SOURCE)
-        value = value() if callable(value) else value
+        value = rewrite.read_setting(conv)
         if isinstance(value, BatchSplit):
             return _split_forward(conv, input, value)
         return _setting_forward(conv, input, _resolve(value))
@@ -275,7 +282,7 @@ def _setting_forward(conv: Any, input: Tensor, setting: ConvSetting) -> Tensor:
             raise TransformError(
                 "factor source asked for the dispersed kernel but redilate_ was given none"
             )
-        factor = setting.factor * getattr(conv, _SCALE)
+        factor = setting.factor * conv.__dict__[_SCALE]
         return redilated_conv(conv, input, factor, weight=weight)
     if setting.factor == 1.0:
         return conv._conv_forward(input, conv.weight, conv.bias)
@@ -297,39 +304,32 @@ def _split_forward(conv: Any, input: Tensor, split: BatchSplit) -> Tensor:
 class RedilatedConv2d(_RedilatedMixin, nn.Conv2d):
     """An ``nn.Conv2d`` swapped in place by :func:`redilate_`; never constructed directly."""
 
-    _redilate_base = nn.Conv2d
+    _rewrite_base = nn.Conv2d
 
 
 class RedilatedConv3d(_RedilatedMixin, nn.Conv3d):
     """An ``nn.Conv3d`` swapped in place by :func:`redilate_` (spatial dims only)."""
 
-    _redilate_base = nn.Conv3d
+    _rewrite_base = nn.Conv3d
 
 
-_SWAP_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv2d: RedilatedConv2d,
-    nn.Conv3d: RedilatedConv3d,
-}
+rewrite.register_swapped(_RedilatedMixin, nn.Conv2d, RedilatedConv2d)
+rewrite.register_swapped(_RedilatedMixin, nn.Conv3d, RedilatedConv3d)
 
 
 def _swap_class_for(cls: type[nn.Module]) -> type[nn.Module]:
-    """The re-dilated counterpart of ``cls``, made once per subclass that keeps conv's forward."""
-    if cls in _SWAP_CLASSES:
-        return _SWAP_CLASSES[cls]
+    """The re-dilated counterpart of ``cls``; a subclass must keep conv's own forward."""
     base = nn.Conv3d if issubclass(cls, nn.Conv3d) else nn.Conv2d
     if cls.forward is not base.forward:
         raise TransformError(
             f"{cls.__name__} overrides forward(); re-dilating it would drop that behaviour"
         )
-    mixin = RedilatedConv3d if base is nn.Conv3d else RedilatedConv2d
-    swapped = type(f"Redilated{cls.__name__}", (mixin, cls), {"_redilate_base": cls})
-    _SWAP_CLASSES[cls] = swapped
-    return swapped
+    return rewrite.swapped_class(_RedilatedMixin, cls)
 
 
 def is_redilated(conv: nn.Module) -> bool:
     """Whether ``conv`` is currently class-swapped by :func:`redilate_`."""
-    return isinstance(conv, _RedilatedMixin)
+    return rewrite.is_rewritten(conv, _RedilatedMixin)
 
 
 def redilate_(
@@ -349,8 +349,9 @@ def redilate_(
     multiplied by ``dispersed_factor_scale`` (1/scale of the transform; ScaleCrafter: f/2).
 
     Re-dilating an already re-dilated conv raises :class:`TransformError` unless
-    ``replace=True``, which updates the source (and dispersed kernel) in place.  Returns
-    ``conv`` itself.
+    ``replace=True``, which updates the source (and dispersed kernel) in place.  A conv whose
+    instance carries its own ``forward`` is refused (see :mod:`unet_surgery.ops.rewrite`).
+    Returns ``conv`` itself.
     """
     if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
         raise TransformError(
@@ -366,35 +367,19 @@ def redilate_(
                 f"dispersed weight {tuple(dispersed_weight.shape)} does not fit conv weight "
                 f"{tuple(conv.weight.shape)}"
             )
-    if is_redilated(conv):
-        if not replace:
-            raise TransformError(
-                "conv is already re-dilated; call restore_ first or pass replace=True"
-            )
-        _strip(conv)
-        swapped: type[nn.Module] = type(conv)
-    else:
-        swapped = _swap_class_for(type(conv))
-    conv.__class__ = swapped
-    object.__setattr__(conv, _SOURCE, factor)
-    object.__setattr__(conv, _SCALE, float(dispersed_factor_scale))
-    if dispersed_weight is not None:
-        conv.register_buffer(_DISPERSED, dispersed_weight.detach(), persistent=False)
+    if is_redilated(conv) and not replace:
+        raise TransformError("conv is already re-dilated; call restore_ first or pass replace=True")
+    swapped = type(conv) if is_redilated(conv) else _swap_class_for(type(conv))
+    buffers = {} if dispersed_weight is None else {_DISPERSED: dispersed_weight.detach()}
+    rewrite.install(
+        conv, swapped, factor, replace=replace,
+        attrs={_SCALE: float(dispersed_factor_scale)}, buffers=buffers,
+    )
     return conv
-
-
-def _strip(conv: nn.Module) -> None:
-    """Delete every attribute :func:`redilate_` added."""
-    for name in (_SOURCE, _SCALE):
-        conv.__dict__.pop(name, None)
-    if _DISPERSED in conv._buffers:
-        delattr(conv, _DISPERSED)
 
 
 def restore_(conv: nn.Module) -> nn.Module:
     """Undo :func:`redilate_`: original class back, added attributes gone.  Returns ``conv``."""
     if not is_redilated(conv):
         raise TransformError(f"{type(conv).__name__} is not re-dilated; nothing to restore")
-    _strip(conv)
-    conv.__class__ = type(conv)._redilate_base  # type: ignore[attr-defined]
-    return conv
+    return rewrite.restore(conv)

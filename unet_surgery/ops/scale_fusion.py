@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unet_surgery.errors import TransformError
+from unet_surgery.ops import rewrite
 
 __all__ = [
     "BLURS",
@@ -101,18 +102,18 @@ def _check_blur(blur: object) -> Blur:
     return blur  # type: ignore[return-value]
 
 
-def _scale_hw(scale: float | tuple[float, float] | None, grid: HW, window: HW) -> tuple[float, ...]:
+def _scale_hw(scale: float | tuple[float, float] | None, grid: HW, window: HW) -> tuple[float, float]:
     if scale is None:
         return grid[0] / window[0], grid[1] / window[1]
     values = scale if isinstance(scale, (tuple, list)) else (scale, scale)
     if len(values) != 2:
         raise TransformError(f"scale must be a number or a pair, got {scale!r}")
-    out = []
+    out: list[float] = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < float(v) < math.inf):
             raise TransformError(f"scale must be finite and > 0, got {scale!r}")
         out.append(float(v))
-    return tuple(out)
+    return out[0], out[1]
 
 
 def _ceil(value: float) -> int:
@@ -420,12 +421,10 @@ def level_hw(grid_hw: HW, window_hw: HW, num_tokens: int) -> tuple[HW, HW]:
 
 
 # ---------------------------------------------------------------------------------------------
-# In-place class swap
+# In-place class swap (the shared mechanism of unet_surgery.ops.rewrite)
 # ---------------------------------------------------------------------------------------------
 
-_SOURCE = "_fusion_source"
 _RNG = "_fusion_rng"  # (seed, torch.Generator) while a seeded setting has been used
-_ADDED = (_SOURCE, _RNG)
 
 
 def _resolve(source: Any) -> FusionSetting | None:
@@ -439,24 +438,25 @@ def current_fusion(attn: nn.Module) -> FusionSetting | None:
     """The setting a fused attention would use on its next forward (None if not fused/off)."""
     if not is_fused(attn):
         return None
-    setting = _resolve(attn.__dict__[_SOURCE])
+    setting = _resolve(rewrite.source(attn))
     return setting if setting is not None and setting.active else None
 
 
-class _FusedAttentionMixin:
+class _FusedAttentionMixin(rewrite.Rewritten):
     """Forward of a class-swapped attention; only un-masked 3-D self-attention is fused.
 
-    ``_fusion_base`` is the class to restore; ``_fusion_cross``/``_fusion_mask`` name the
-    base forward's second and third parameters (cross-attention input and mask).
+    ``_fusion_cross``/``_fusion_mask`` name the base forward's second and third parameters
+    (cross-attention input and mask).
     """
 
-    _fusion_base: type[nn.Module]
+    _rewrite_prefix = "Fused"
+    _rewrite_attrs = (_RNG,)
     _fusion_cross: str
     _fusion_mask: str
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-        base_forward = self._fusion_base.forward
-        setting = _resolve(self.__dict__[_SOURCE])
+        base_forward = self._rewrite_base.forward
+        setting = _resolve(rewrite.source(self))  # type: ignore[arg-type]
         cross = args[0] if args else kwargs.get(self._fusion_cross)
         mask = args[1] if len(args) > 1 else kwargs.get(self._fusion_mask)
         if (
@@ -499,9 +499,6 @@ class _FusedAttentionMixin:
         return held[1]
 
 
-_SWAP_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
-
-
 def _swap_class_for(cls: type[nn.Module]) -> type[nn.Module]:
     """The fused counterpart of an attention class, made once per class.
 
@@ -509,8 +506,6 @@ def _swap_class_for(cls: type[nn.Module]) -> type[nn.Module]:
     ``(hidden_states, encoder_hidden_states, attention_mask, **kw)`` or LDM
     ``(x, context, mask)``.
     """
-    if cls in _SWAP_CLASSES:
-        return _SWAP_CLASSES[cls]
     params = list(inspect.signature(cls.forward).parameters)[1:]
     if params[1:3] == ["encoder_hidden_states", "attention_mask"]:
         cross, mask = "encoder_hidden_states", "attention_mask"
@@ -522,15 +517,12 @@ def _swap_class_for(cls: type[nn.Module]) -> type[nn.Module]:
             "(hidden_states, encoder_hidden_states, attention_mask) nor an LDM attention "
             "(x, context, mask)"
         )
-    attrs = {"_fusion_base": cls, "_fusion_cross": cross, "_fusion_mask": mask}
-    swapped = type(f"Fused{cls.__name__}", (_FusedAttentionMixin, cls), attrs)
-    _SWAP_CLASSES[cls] = swapped
-    return swapped
+    return rewrite.swapped_class(_FusedAttentionMixin, cls, _fusion_cross=cross, _fusion_mask=mask)
 
 
 def is_fused(attn: nn.Module) -> bool:
     """Whether ``attn`` is currently class-swapped by :func:`fuse_attention_`."""
-    return isinstance(attn, _FusedAttentionMixin)
+    return rewrite.is_rewritten(attn, _FusedAttentionMixin)
 
 
 def fuse_attention_(attn: nn.Module, source: FusionSource, *, replace: bool = False) -> nn.Module:
@@ -541,7 +533,8 @@ def fuse_attention_(attn: nn.Module, source: FusionSource, *, replace: bool = Fa
     a cross-attention input, a mask, or non-token (4-D) input always run the original forward,
     which is also what fusion calls as ``attend``, so any attention processor keeps working.
     Fusing an already fused module raises :class:`TransformError` unless ``replace=True``
-    (which swaps the source and drops the jitter generator).  Returns ``attn``.
+    (which swaps the source and drops the jitter generator).  A module whose instance carries
+    its own ``forward`` is refused.  Returns ``attn``.
     """
     if not isinstance(attn, nn.Module):
         raise TransformError(f"scale fusion needs an attention nn.Module, got {type(attn)!r}")
@@ -549,31 +542,16 @@ def fuse_attention_(attn: nn.Module, source: FusionSource, *, replace: bool = Fa
         raise TransformError(
             f"fusion source must be a FusionSetting, None or a callable, got {source!r}"
         )
-    if "forward" in attn.__dict__:
+    if is_fused(attn) and not replace:
         raise TransformError(
-            "the module has an instance-level forward; fusing it would be bypassed"
+            "attention is already fused; call restore_attention_ first or pass replace=True"
         )
-    if is_fused(attn):
-        if not replace:
-            raise TransformError(
-                "attention is already fused; call restore_attention_ first or pass replace=True"
-            )
-        _strip(attn)
-    else:
-        attn.__class__ = _swap_class_for(type(attn))
-    attn.__dict__[_SOURCE] = source
-    return attn
-
-
-def _strip(attn: nn.Module) -> None:
-    for name in _ADDED:
-        attn.__dict__.pop(name, None)
+    swapped = type(attn) if is_fused(attn) else _swap_class_for(type(attn))
+    return rewrite.install(attn, swapped, source, replace=replace)
 
 
 def restore_attention_(attn: nn.Module) -> nn.Module:
     """Undo :func:`fuse_attention_`: original class back, added attributes gone."""
     if not is_fused(attn):
         raise TransformError(f"{type(attn).__name__} is not fused; nothing to restore")
-    _strip(attn)
-    attn.__class__ = type(attn)._fusion_base  # type: ignore[attr-defined]
-    return attn
+    return rewrite.restore(attn)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from unet_surgery.errors import TransformError
 
-__all__ = ["FactorSchedule", "progressive_factor", "step_index"]
+__all__ = ["FactorSchedule", "ScheduleSpec", "progressive_factor", "step_index"]
 
 
 def progressive_factor(factor: float, tau: float, step: int) -> float:
@@ -53,26 +54,24 @@ def _scalar_timestep(timestep: float | torch.Tensor) -> float:
     return float(t[0])
 
 
+def _tau_doc() -> Any:
+    return field(
+        default=None,
+        metadata={"doc": "active while step < tau, in steps of a `steps`-step sampler (null: every step)"},
+    )
+
+
 @dataclass(frozen=True)
-class FactorSchedule:
-    """Factor at each sampling step.
+class ScheduleSpec:
+    """When a pass is active over the sampling trajectory."""
 
-    ``factor``: the layer's factor f (1 = off).  ``tau``: the window -- dilate while
-    ``i < tau`` (``None``: every step).  ``steps``: the step count ``tau`` is expressed in
-    (the published value 50); for another step count ``n`` the window becomes
-    ``tau * n / steps``.  ``progressive``: ScaleCrafter's decaying rule inside the window.
-    """
-
-    factor: float = 1.0
-    tau: float | None = None
-    steps: int = 50
-    progressive: bool = False
+    tau: float | None = _tau_doc()
+    steps: int = field(default=50, metadata={"doc": "the step count tau is expressed in (published settings: 50)"})
+    progressive: bool = field(
+        default=False, metadata={"doc": "ScaleCrafter's decaying factor max(ceil(f*(tau-i)/tau), 2)"}
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.factor, bool) or not isinstance(self.factor, numbers.Real):
-            raise TransformError(f"factor must be a number, got {self.factor!r}")
-        if not math.isfinite(self.factor) or self.factor <= 0:
-            raise TransformError(f"factor must be finite and > 0, got {self.factor}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise TransformError(f"steps must be a positive integer, got {self.steps!r}")
         if self.tau is not None and (
@@ -82,6 +81,30 @@ class FactorSchedule:
             or self.tau < 0
         ):
             raise TransformError(f"tau must be a finite number >= 0 or None, got {self.tau!r}")
+
+    def with_factor(self, factor: float) -> FactorSchedule:
+        """This window carrying a layer's factor."""
+        return FactorSchedule(tau=self.tau, steps=self.steps, progressive=self.progressive, factor=factor)
+
+
+@dataclass(frozen=True)
+class FactorSchedule(ScheduleSpec):
+    """Factor at each sampling step: a :class:`ScheduleSpec` window carrying a factor.
+
+    ``factor``: the layer's factor f (1 = off).  ``tau``: the window -- dilate while
+    ``i < tau`` (``None``: every step).  ``steps``: the step count ``tau`` is expressed in
+    (the published value 50); for another step count ``n`` the window becomes
+    ``tau * n / steps``.  ``progressive``: ScaleCrafter's decaying rule inside the window.
+    """
+
+    factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.factor, bool) or not isinstance(self.factor, numbers.Real):
+            raise TransformError(f"factor must be a number, got {self.factor!r}")
+        if not math.isfinite(self.factor) or self.factor <= 0:
+            raise TransformError(f"factor must be finite and > 0, got {self.factor}")
+        super().__post_init__()
 
     # -- constructors named after the methods ------------------------------------------------
 

@@ -53,16 +53,17 @@ class NoiseDampedGuidance:
     """Pre/post forward hooks on the patched UNet; installed by :meth:`Patch.enable_noise_damped_cfg`."""
 
     def __init__(self, patch: Any) -> None:
+        from unet_surgery.passes.base import handler_for
+
         self.patch = patch
-        self.plans = [p for p in patch.plan.convs.values() if p.damped is not None]
-        if not self.plans:
+        self.handler: Any = handler_for("noise_damped_cfg")
+        if not patch.plan.entries(self.handler.type):
             raise SurgeryError(f"recipe {patch.recipe.name!r} has no noise_damped_cfg pass")
         self._rows: int | None = None
         self._handles: list[Any] = []
 
     def active(self) -> bool:
-        call = self.patch.tracker.current
-        return any(self.patch.factor_now(p.damped, call) != 1.0 for p in self.plans)
+        return bool(self.handler.guidance_active(self.patch, self.patch.tracker.current))
 
     def enable(self) -> None:
         if self._handles:

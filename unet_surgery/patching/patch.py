@@ -1,29 +1,34 @@
 """``apply(model, recipe) -> Patch`` and ``Patch.remove()``: in-place, weight-sharing rewrites.
 
-Selected convolutions are class-swapped (:func:`unet_surgery.ops.redilate_`), so parameters,
-``state_dict`` keys, LoRA loading and offloading are untouched; dispersed kernels are the only
-new tensors (non-persistent buffers that follow ``.to()``). A forward pre-hook records each
-UNet call's timestep and size, from which every layer reads its setting: schedules work inside
-any unmodified sampling loop. ``remove()`` restores the model bit for bit.
+Every layer a recipe selects is planned by its passes' handlers (:mod:`unet_surgery.passes`)
+and class-swapped once by its layer rewrite (:mod:`unet_surgery.ops.rewrite`), so parameters,
+``state_dict`` keys and LoRA loading are untouched; dispersed kernels are the only new tensors
+(non-persistent buffers that follow ``.to()``). A forward pre-hook records each UNet call's
+timestep and size, from which every layer reads its setting (the handlers' contributions
+folded in order): schedules work inside any unmodified sampling loop. ``remove()`` restores
+the model bit for bit.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from unet_surgery.errors import SurgeryError
 from unet_surgery.graph import UNetMap, map_unet
-from unet_surgery.ops.dispersion import disperse_kernel, dispersion_transform
-from unet_surgery.ops.redilate import BatchSplit, ConvSetting, is_redilated, redilate_, restore_
-from unet_surgery.patching.plan import AUTO, ConvPlan, FactorPlan, Plan, auto_factor, make_plan
+from unet_surgery.ops.redilate import BatchSplit
+from unet_surgery.passes.base import LayerPlan, Plan, make_plan, no_effect_reasons
 from unet_surgery.recipes.schema import Recipe
-from unet_surgery.runtime import DAMPED, MAIN, UNetCall, UNetCallTracker
+from unet_surgery.runtime import MAIN, UNetCall, UNetCallTracker
 
 PATCH_ATTR = "_unet_surgery_patch"
+
+
+class NoEffectWarning(UserWarning):
+    """A pass of the applied recipe cannot change anything (see ``no_effect_reasons``)."""
 
 
 class Patch:
@@ -35,7 +40,7 @@ class Patch:
         self.unet_map = unet_map
         self.plan = plan
         self.tracker = tracker
-        self._modules: list[nn.Module] = []
+        self._modules: list[tuple[nn.Module, LayerPlan]] = []
         self._hook: Any = None
         self.guidance: Any = None
         self.active = False
@@ -51,61 +56,31 @@ class Patch:
         s = self.recipe.vae_scale_factor
         return (max(1, h // s), max(1, w // s))
 
-    def factor_now(self, fp: FactorPlan | None, call: UNetCall | None) -> float:
-        """The factor ``fp`` gives for ``call`` (1 when off)."""
-        if fp is None:
-            return 1.0
-        factor = fp.factor
-        if factor == AUTO:
-            if call is None or not call.latent_hw[0]:
-                return 1.0
-            factor = auto_factor(call.latent_hw, self.base_latent_hw)
-        schedule = fp.schedule_for(float(factor))
-        if call is None or call.timestep is None:
-            return float(schedule.factor) if schedule.tau is None else 1.0
-        if self.tracker.timesteps and call.step is not None:
-            return schedule.factor_at_step(call.step, len(self.tracker.timesteps))
-        return schedule.factor_at_timestep(call.timestep, None, self.tracker.num_train_timesteps)
+    def layer_setting(self, layer: LayerPlan, branch: str, call: UNetCall | None) -> Any:
+        """A layer's setting on ``call`` in ``branch``: its passes folded in handler order."""
+        setting = layer.rewrite.off
+        for part in layer.parts:
+            setting = part.handler.setting(self, part.entry, branch, call, setting)
+        return setting
 
-    def active_now(self, schedule: Any, call: UNetCall | None) -> bool:
-        return self.factor_now(FactorPlan(2.0, schedule), call) != 1.0
-
-    def branch_setting(self, conv_plan: ConvPlan, branch: str, call: UNetCall | None) -> ConvSetting:
-        """A conv's setting in the main branch or the damped (noise-damped guidance) branch."""
-        fp = conv_plan.damped if branch == DAMPED else conv_plan.redilate
-        factor = self.factor_now(fp, call)
-        use_dispersed = False
-        if conv_plan.disperse is not None and factor != 1.0 and branch == MAIN:
-            transform, schedule = conv_plan.disperse
-            use_dispersed = self.active_now(schedule, call) and factor / transform.scale >= 1.0
-        return ConvSetting(factor=factor, use_dispersed=use_dispersed)
-
-    def conv_setting(self, conv_plan: ConvPlan) -> ConvSetting | BatchSplit:
+    def current_setting(self, layer: LayerPlan) -> Any:
+        """What ``layer`` runs with on the current UNet call (a BatchSplit while guidance splits)."""
         call = self.tracker.current
-        if call is not None and call.groups:
-            return BatchSplit(tuple((rows, self.branch_setting(conv_plan, branch, call)) for rows, branch in call.groups))
-        return self.branch_setting(conv_plan, MAIN, call)
+        if call is not None and call.groups and layer.rewrite.split_batches:
+            return BatchSplit(tuple((rows, self.layer_setting(layer, branch, call)) for rows, branch in call.groups))
+        return self.layer_setting(layer, MAIN, call)
 
     # --- install / remove ---------------------------------------------------------------
     def _install(self) -> None:
         model = self.model
         try:
-            for path, conv_plan in self.plan.convs.items():
-                conv = model.get_submodule(path)
-                dispersed = None
-                scale = 0.5
-                if conv_plan.disperse is not None:
-                    t, _ = conv_plan.disperse
-                    R = dispersion_transform(t.small, t.large, t.scale, t.input_size, t.eta)
-                    with torch.no_grad():
-                        dispersed = disperse_kernel(conv.weight, R)
-                    scale = 1.0 / t.scale
-                redilate_(conv, _setting_source(self, conv_plan), dispersed_weight=dispersed, dispersed_factor_scale=scale)
-                self._modules.append(conv)
-            if self.plan.attentions:
-                from unet_surgery.patching.attention import install_fusion
-
-                self._modules.extend(install_fusion(self))
+            for path, layer in self.plan.layers.items():
+                module = model.get_submodule(path)
+                extras: dict[str, Any] = {}
+                for part in layer.parts:
+                    extras.update(part.handler.prepare(module, part.entry))
+                layer.rewrite.install(module, _setting_source(self, layer), extras)
+                self._modules.append((module, layer))
             self._hook = model.register_forward_pre_hook(self.tracker.hook, with_kwargs=True)
             object.__setattr__(model, PATCH_ATTR, self)
             self.active = True
@@ -131,13 +106,8 @@ class Patch:
 
     def _uninstall(self) -> None:
         self.disable_noise_damped_cfg()
-        for module in reversed(self._modules):
-            if is_redilated(module):
-                restore_(module)
-            else:
-                from unet_surgery.patching.attention import restore_fusion
-
-                restore_fusion(module)
+        for module, layer in reversed(self._modules):
+            layer.rewrite.restore(module)
         self._modules.clear()
         if self._hook is not None:
             self._hook.remove()
@@ -171,8 +141,8 @@ class Patch:
         return "\n".join(lines)
 
 
-def _setting_source(patch: Patch, conv_plan: ConvPlan) -> Callable[[], ConvSetting | BatchSplit]:
-    return lambda: patch.conv_setting(conv_plan)
+def _setting_source(patch: Patch, layer: LayerPlan) -> Callable[[], Any]:
+    return lambda: patch.current_setting(layer)
 
 
 def current_patch(model: nn.Module) -> Patch | None:
@@ -206,6 +176,8 @@ def apply(
     recipe = load_recipe(recipe)
     unet_map = unet_map if unet_map is not None else map_unet(model)
     plan = make_plan(recipe, unet_map, filter_fn)
+    for reason in no_effect_reasons(recipe, plan):
+        warnings.warn(f"recipe {recipe.name!r}: {reason}", NoEffectWarning, stacklevel=2)
     tracker = UNetCallTracker(num_train_timesteps=num_train_timesteps)
     patch = Patch(model, recipe, unet_map, plan, tracker)
     patch._install()

@@ -1,14 +1,17 @@
-"""Declarative recipes: the schema, selectors and the shipped library."""
+"""Declarative recipes: the schema, selectors and the shipped library.
+
+The pass configs (``RedilatePass``...) are defined beside their handlers in
+:mod:`unet_surgery.passes` and re-exported here on first use.
+"""
+
+from typing import Any
 
 from unet_surgery.recipes.library import list_recipes, load_recipe, recipes_dir
 from unet_surgery.recipes.schema import (
-    DispersePass,
     LevelRange,
-    NoiseDampedCFGPass,
+    PassConfig,
     Recipe,
-    RedilatePass,
     SamplingSpec,
-    ScaleFusionPass,
     ScheduleSpec,
     Selector,
     TransformSpec,
@@ -21,6 +24,7 @@ __all__ = [
     "DispersePass",
     "LevelRange",
     "NoiseDampedCFGPass",
+    "PassConfig",
     "Recipe",
     "RedilatePass",
     "SamplingSpec",
@@ -36,3 +40,12 @@ __all__ = [
     "select",
     "to_data",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The built-in pass configs, imported lazily (the passes import this package)."""
+    if name in ("RedilatePass", "DispersePass", "NoiseDampedCFGPass", "ScaleFusionPass"):
+        import unet_surgery.passes as passes
+
+        return getattr(passes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -94,7 +94,7 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 
 
 _RecipeDumper.add_representer(list, _represent_list)
-_RecipeDumper.add_representer(tuple, _represent_list)
+_RecipeDumper.add_representer(tuple, _represent_list)  # type: ignore[arg-type]
 
 
 def dump_recipe(recipe: Recipe | dict[str, Any]) -> str:

@@ -8,23 +8,26 @@ reference cannot drift from the code. Regenerate with
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from typing import Any, Literal, Union
 
 from unet_surgery.recipes import schema
 
-SECTIONS: list[tuple[str, type]] = [
-    ("Recipe", schema.Recipe),
-    ("Pass: redilate", schema.RedilatePass),
-    ("Pass: disperse", schema.DispersePass),
-    ("Pass: noise_damped_cfg", schema.NoiseDampedCFGPass),
-    ("Pass: scale_fusion", schema.ScaleFusionPass),
-    ("Selector", schema.Selector),
-    ("ScheduleSpec", schema.ScheduleSpec),
-    ("TransformSpec", schema.TransformSpec),
-    ("SamplingSpec", schema.SamplingSpec),
-]
+
+def sections() -> list[tuple[str, type]]:
+    """The reference's sections: the recipe, every registered pass, then the shared specs."""
+    from unet_surgery.passes import pass_types
+
+    return [
+        ("Recipe", schema.Recipe),
+        *((f"Pass: {name}", cls) for name, cls in pass_types().items()),
+        ("Selector", schema.Selector),
+        ("ScheduleSpec", schema.ScheduleSpec),
+        ("TransformSpec", schema.TransformSpec),
+        ("SamplingSpec", schema.SamplingSpec),
+    ]
 
 
 def type_text(tp: Any) -> str:
@@ -33,9 +36,9 @@ def type_text(tp: Any) -> str:
         return "level (int or range `a..b`)"
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
+    if tp is schema.PassConfig:
+        return "pass"
     if origin in (Union, types.UnionType):
-        if all(dataclasses.is_dataclass(a) for a in args):
-            return "pass"
         return " or ".join(type_text(a) for a in args if a is not type(None)) + (
             " or null" if type(None) in args else ""
         )
@@ -45,7 +48,9 @@ def type_text(tp: Any) -> str:
         return "[" + ", ".join(type_text(a) for a in args) + "]"
     if origin is dict:
         return f"mapping {type_text(args[0])} → {type_text(args[1])}"
-    if dataclasses.is_dataclass(tp):
+    if tp is schema.TransformSpec:
+        return "[TransformSpec](#transformspec)"
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"[{tp.__name__}](#{tp.__name__.lower()})"
     return {int: "int", float: "number", str: "string", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -71,9 +76,9 @@ def schema_reference() -> str:
         " a test keeps this page equal to the code.",
         "",
     ]
-    for title, cls in SECTIONS:
-        anchor = cls.__name__.lower()
-        lines += [f"## {title} {{#{anchor}}}", "", (cls.__doc__ or "").strip(), ""]
+    for title, cls in sections():
+        anchor = "transformspec" if cls is schema.TransformSpec else cls.__name__.lower()
+        lines += [f"## {title} {{#{anchor}}}", "", inspect.cleandoc(cls.__doc__ or ""), ""]
         if hasattr(cls, "type") and isinstance(cls.type, str):
             lines += [f"`type: {cls.type}`", ""]
         lines += ["| field | type | default | meaning |", "|---|---|---|---|"]

@@ -13,10 +13,13 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
-from unet_surgery.errors import RecipeError
+from unet_surgery.errors import RecipeError, TransformError
+from unet_surgery.ops.dispersion import TransformParams
+from unet_surgery.ops.schedules import ScheduleSpec as ScheduleSpec
 
 Stage = Literal["down", "mid", "up"]
 Op = Literal["conv1d", "conv2d", "conv3d", "attention"]
@@ -62,93 +65,44 @@ class Selector:
     exclude: Selector | None = doc("layers matching this selector are dropped", default=None)
 
 
-@dataclass(frozen=True)
-class ScheduleSpec:
-    """When a pass is active over the sampling trajectory."""
-
-    tau: float | None = doc(
-        "active while step < tau, in steps of a `steps`-step sampler (null: every step)", default=None
-    )
-    steps: int = doc("the step count tau is expressed in (published settings: 50)", default=50)
-    progressive: bool = doc("ScaleCrafter's decaying factor max(ceil(f*(tau-i)/tau), 2)", default=False)
-
-
-@dataclass(frozen=True)
-class TransformSpec:
-    """Parameters of the dispersion least-squares problem (see the dispersion page)."""
-
-    small: int = doc("small (original) kernel size", default=3)
-    large: int = doc("large (dispersed) kernel size", default=5)
-    scale: int = doc("scale s of the structure-level equations", default=2)
-    input_size: int = doc("size n of the input patch of the least-squares problem", default=3)
-    eta: float = doc("weight of the pixel-level equations", default=0.05)
-
-
 OnMissing = Literal["error", "warn"]
 
+TransformSpec = TransformParams
+"""The ``transform`` section of a disperse pass: :class:`~unet_surgery.ops.TransformParams`."""
 
-@dataclass(frozen=True)
-class RedilatePass:
-    """Re-dilated convolutions (ScaleCrafter), with a per-step schedule."""
-
-    type: ClassVar[str] = "redilate"
-    select: Selector = doc("layers to re-dilate")
-    factor: float | Literal["auto"] | None = doc(
-        "factor for every selected layer without an entry in `factors`; auto: the current "
-        "latent size over the base size, floored (FreeScale's restrained dilation)",
-        default=None,
-    )
-    factors: dict[str, float] = doc("per-layer factors (path: factor), e.g. a published table", default_factory=dict)
-    schedule: ScheduleSpec = doc("when the pass is active", default_factory=ScheduleSpec)
-    on_missing: OnMissing = doc(
-        "a path in `select.paths`/`factors` the model lacks: error, or warn and report it", default="error"
-    )
+_BUILTIN_PASSES = ("RedilatePass", "DispersePass", "NoiseDampedCFGPass", "ScaleFusionPass")
+if TYPE_CHECKING:  # the lazy re-exports below, as the type checker should see them
+    from unet_surgery.passes import DispersePass, NoiseDampedCFGPass, RedilatePass, ScaleFusionPass  # noqa: F401
 
 
-@dataclass(frozen=True)
-class DispersePass:
-    """Dispersed kernels (ScaleCrafter): a 3x3 kernel becomes R @ W3 while the pass is active."""
+def __getattr__(name: str) -> Any:
+    """The built-in pass configs, defined beside their handlers in :mod:`unet_surgery.passes`."""
+    if name in _BUILTIN_PASSES:
+        import unet_surgery.passes as passes
 
-    type: ClassVar[str] = "disperse"
-    select: Selector = doc("convolutions to disperse")
-    transform: TransformSpec = doc("the least-squares problem R solves", default_factory=TransformSpec)
-    schedule: ScheduleSpec = doc("when the dispersed kernel is used (published: inflate_tau)", default_factory=ScheduleSpec)
-    on_missing: OnMissing = doc("a listed path the model lacks: error or warn", default="error")
+        return getattr(passes, name)
+    if name == "PASS_TYPES":
+        from unet_surgery.passes.base import pass_types
 
-
-@dataclass(frozen=True)
-class NoiseDampedCFGPass:
-    """Noise-damped guidance: the unconditional branch runs re-dilated by its own table."""
-
-    type: ClassVar[str] = "noise_damped_cfg"
-    select: Selector = doc("layers re-dilated in the damped (vanilla) branch")
-    factor: float | None = doc("factor for selected layers without an entry in `factors`", default=None)
-    factors: dict[str, float] = doc("per-layer factors of the damped branch", default_factory=dict)
-    schedule: ScheduleSpec = doc("steps with noise-damped guidance (published: ndcfg_tau)", default_factory=ScheduleSpec)
-    on_missing: OnMissing = doc("a listed path the model lacks: error or warn", default="error")
+        return pass_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True)
-class ScaleFusionPass:
-    """FreeScale's scale-fusion self-attention (global + windowed local, Gaussian fused)."""
+class PassConfig:
+    """Base of every pass config: a frozen dataclass with a ``type`` and a ``select``.
 
-    type: ClassVar[str] = "scale_fusion"
-    select: Selector = doc("attention ops to fuse (spatial self-attention only)")
-    blur: Literal["published", "volumetric", "spatial"] = doc(
-        "published: what the official code computes, a 2-D Gaussian over (w, channel) per token row; "
-        "volumetric: 3-D over (h, w, channel); spatial: over (h, w) only",
-        default="published",
-    )
-    jitter: bool = doc("shift each window by up to 1/8 window (seeded)", default=True)
-    seed: int = doc("seed of the window jitter", default=0)
-    fast_mode: bool = doc("global attention over strided sub-grids instead of all tokens", default=False)
-    schedule: ScheduleSpec = doc("when fusion is active", default_factory=ScheduleSpec)
+    The concrete configs live beside their handlers in :mod:`unet_surgery.passes` (one file
+    per pass) and are registered there; the parser finds them by ``type``.
+    """
+
+    type: ClassVar[str]
+
+    def validate(self, where: str) -> None:
+        """Checks across fields that the type hints cannot express; raise via :func:`fail`."""
 
 
-Pass = Union[RedilatePass, DispersePass, NoiseDampedCFGPass, ScaleFusionPass]  # noqa: UP007
-PASS_TYPES: dict[str, type] = {
-    cls.type: cls for cls in (RedilatePass, DispersePass, NoiseDampedCFGPass, ScaleFusionPass)
-}
+RECIPE_VERSION = 1
+SUPPORTED_RECIPE_VERSIONS = (1,)
 
 
 @dataclass(frozen=True)
@@ -160,7 +114,6 @@ class SamplingSpec:
     restart_step: int | None = doc("step each later stage restarts from (default int(0.3 * steps))", default=None)
     cosine_scale: float = doc("exponent of the cosine blend of forward noise (<= 1 advised for 8K)", default=2.0)
     cosine_scale_bg: float = doc("exponent where the detail mask is 0 (region-aware control)", default=1.0)
-    dilate_tau: int = doc("restrained dilation is active while step < dilate_tau", default=35)
 
 
 @dataclass(frozen=True)
@@ -170,12 +123,13 @@ class Recipe:
     name: str = doc("identifier, e.g. scalecrafter-sd15-2048x2048")
     base_resolution: tuple[int, int] = doc("training resolution (height, width) in pixels")
     target_resolutions: tuple[tuple[int, int], ...] = doc("resolutions (height, width) the recipe targets")
-    passes: tuple[Pass, ...] = doc("rewrites, applied in order")
+    passes: tuple[PassConfig, ...] = doc("rewrites, applied in order")
     description: str = doc("what the recipe does", default="")
     source: str | None = doc("where the settings come from", default=None)
     model: str | None = doc("architecture the recipe was written for (a preset name)", default=None)
     vae_scale_factor: int = doc("pixels per latent pixel (8 for SD-style VAEs, 1 for pixel-space models)", default=8)
     sampling: SamplingSpec | None = doc("self-cascade sampler settings", default=None)
+    version: int = doc("recipe format version; a file without one is read as version 1", default=RECIPE_VERSION)
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -193,8 +147,12 @@ def _key_path(path: str, key: Any) -> str:
     return f"{path}[{key!r}]"
 
 
-def _fail(path: str, message: str) -> typing.NoReturn:
+def fail(path: str, message: str) -> typing.NoReturn:
+    """Raise :class:`RecipeError` for the field at ``path``."""
     raise RecipeError(f"{path}: {message}" if path else message)
+
+
+_fail = fail
 
 
 def _parse_level(value: Any, path: str) -> LevelRange:
@@ -225,14 +183,14 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
     args = typing.get_args(tp)
     if tp is LevelRange:
         return _parse_level(value, path)
+    if tp is PassConfig:
+        return _parse_pass(value, path)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:
             return _parse(options[0], value, path)
-        if all(dataclasses.is_dataclass(a) for a in options):  # the pass union
-            return _parse_pass(value, path)
         errors = []
         for option in options:
             try:
@@ -259,7 +217,7 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
             _fail(path, f"expected a mapping, got {_describe(value)}")
         key_tp, val_tp = args
         return {_parse(key_tp, k, path): _parse(val_tp, v, _key_path(path, k)) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _parse_dataclass(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
@@ -305,16 +263,22 @@ def _parse_dataclass(cls: type, value: Any, path: str) -> Any:
             kwargs[name] = _parse(hints[name], value[name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             _fail(sub, "required field is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TransformError as exc:  # a dataclass that validates itself (schedules, transforms)
+        _fail(path, str(exc))
 
 
 def _parse_pass(value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         _fail(path, f"expected a mapping with a type, got {_describe(value)}")
+    from unet_surgery.passes.base import pass_types
+
+    types_ = pass_types()
     kind = value.get("type")
-    if not isinstance(kind, str) or kind not in PASS_TYPES:
-        _fail(f"{path}.type", f"expected one of {', '.join(PASS_TYPES)}, got {_describe(kind)}")
-    return _parse_dataclass(PASS_TYPES[kind], value, path)
+    if not isinstance(kind, str) or kind not in types_:
+        _fail(f"{path}.type", f"expected one of {', '.join(types_)}, got {_describe(kind)}")
+    return _parse_dataclass(types_[kind], value, path)
 
 
 def _check_recipe(recipe: Recipe) -> None:
@@ -332,25 +296,7 @@ def _check_recipe(recipe: Recipe) -> None:
     if not recipe.passes:
         _fail("passes", "a recipe needs at least one pass")
     for i, p in enumerate(recipe.passes):
-        where = f"passes[{i}]"
-        for key, factor in getattr(p, "factors", {}).items():
-            if factor <= 0:
-                _fail(_key_path(f"{where}.factors", key), f"factor must be > 0, got {factor}")
-        if isinstance(getattr(p, "factor", None), float) and p.factor <= 0:
-            _fail(f"{where}.factor", f"factor must be > 0, got {p.factor}")
-        if isinstance(p, (RedilatePass, NoiseDampedCFGPass)) and p.factor is None and not p.factors:
-            _fail(f"{where}.factor", "give a factor or a factors table")
-        schedule = p.schedule
-        if schedule.steps < 1:
-            _fail(f"{where}.schedule.steps", f"must be >= 1, got {schedule.steps}")
-        if schedule.tau is not None and schedule.tau < 0:
-            _fail(f"{where}.schedule.tau", f"must be >= 0, got {schedule.tau}")
-        if isinstance(p, DispersePass):
-            t = p.transform
-            if t.small % 2 == 0 or t.large % 2 == 0 or t.large <= t.small:
-                _fail(f"{where}.transform", f"need odd kernel sizes with large > small, got {t.small} -> {t.large}")
-            if t.scale < 1 or t.eta <= 0 or t.input_size < 1:
-                _fail(f"{where}.transform", "need scale >= 1, eta > 0 and input_size >= 1")
+        p.validate(f"passes[{i}]")
     s = recipe.sampling
     if s is not None:
         if not s.stages:
@@ -364,9 +310,34 @@ def _check_recipe(recipe: Recipe) -> None:
             _fail("sampling.restart_step", f"must be in [0, {s.steps}), got {s.restart_step}")
 
 
+def _check_version(document: Any) -> Any:
+    """Refuse an unknown format version before reading fields it may have added."""
+    if not isinstance(document, dict):
+        return document
+    version = document.get("version", RECIPE_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_RECIPE_VERSIONS:
+        _fail(
+            "version",
+            f"recipe format version {_describe(version)} is not one this unet-surgery reads "
+            f"({', '.join(map(str, SUPPORTED_RECIPE_VERSIONS))}); upgrade unet-surgery or rewrite the recipe",
+        )
+    sampling = document.get("sampling")
+    if isinstance(sampling, dict) and "dilate_tau" in sampling:
+        # Read by nothing in any version: the window of (restrained) dilation is the redilate
+        # pass's schedule.tau. Old files keep loading, with a warning.
+        warnings.warn(
+            "sampling.dilate_tau is ignored: the window of restrained dilation is the redilate "
+            "pass's schedule.tau; remove dilate_tau from the recipe",
+            UserWarning,
+            stacklevel=3,
+        )
+        document = {**document, "sampling": {k: v for k, v in sampling.items() if k != "dilate_tau"}}
+    return document
+
+
 def parse_recipe(document: Any) -> Recipe:
     """Validate a recipe document (the result of ``yaml.safe_load`` or ``json.load``)."""
-    recipe = _parse_dataclass(Recipe, document, "")
+    recipe = _parse_dataclass(Recipe, _check_version(document), "")
     _check_recipe(recipe)
     return recipe
 
@@ -380,9 +351,14 @@ def to_data(obj: Any) -> Any:
         return obj.to_data()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out: dict[str, Any] = {}
-        if hasattr(type(obj), "type") and isinstance(type(obj).type, str):
-            out["type"] = type(obj).type
+        kind = getattr(type(obj), "type", None)
+        if isinstance(kind, str):
+            out["type"] = kind
+        if isinstance(obj, Recipe):
+            out["version"] = obj.version
         for f in dataclasses.fields(obj):
+            if f.name == "version" and isinstance(obj, Recipe):
+                continue
             value = getattr(obj, f.name)
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING

@@ -169,7 +169,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents (scaled for the UNet) to an image in [-1, 1]."""
     cfg = vae.config
     z = latents.to(_module_dtype(vae)) / cfg.scaling_factor
@@ -179,7 +179,7 @@ def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def vae_encode(vae: nn.Module, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def vae_encode(vae: Any, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """An image to UNet latents by sampling the posterior (as FreeScale does)."""
     cfg = vae.config
     posterior = vae.encode(image.to(_module_dtype(vae))).latent_dist
@@ -199,7 +199,7 @@ def self_cascade(
     *,
     latent_channels: int,
     batch_size: int = 1,
-    vae: nn.Module | None = None,
+    vae: Any = None,
     vae_scale_factor: int | None = None,
     mask: Any = None,
     generator: torch.Generator | None = None,
@@ -314,6 +314,16 @@ def self_cascade(
     return CascadeOutput(latents=results[-1], stage_latents=results)
 
 
+def combine_cfg(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of a ``[uncond, cond]`` batch: ``u + w * (c - u)``.
+
+    The one place the combination is written (the pipelines, the cascade denoisers and the
+    noise-damped guidance tests all rely on this exact order of operations).
+    """
+    out_u, out_c = out.chunk(2)
+    return out_u + guidance_scale * (out_c - out_u)
+
+
 def cfg_denoiser(
     unet: nn.Module,
     cond: torch.Tensor,
@@ -331,21 +341,19 @@ def cfg_denoiser(
     stage that returns them; ``uncond=None`` or ``guidance_scale <= 1`` runs without guidance.
     """
     use_cfg = uncond is not None and guidance_scale > 1
+    negative: torch.Tensor = uncond if uncond is not None else cond
 
     def denoise(x: torch.Tensor, t: torch.Tensor, stage: CascadeStage) -> torch.Tensor:
         extra = added_cond_kwargs(stage) if callable(added_cond_kwargs) else added_cond_kwargs
         if use_cfg:
             model_input = torch.cat([x, x])
-            context = torch.cat([uncond, cond])
+            context = torch.cat([negative, cond])
         else:
             model_input, context = x, cond
         kwargs = dict(unet_kwargs)
         if extra is not None:
             kwargs["added_cond_kwargs"] = extra
         out = unet(model_input, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
-        if not use_cfg:
-            return out
-        out_u, out_c = out.chunk(2)
-        return out_u + guidance_scale * (out_c - out_u)
+        return combine_cfg(out, guidance_scale) if use_cfg else out
 
     return denoise

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -26,8 +27,8 @@ import torch
 from unet_surgery.errors import RecipeError, SurgeryError
 from unet_surgery.graph import UNetMap
 from unet_surgery.patching.patch import Patch, apply, current_patch
-from unet_surgery.recipes.schema import NoiseDampedCFGPass, Recipe, SamplingSpec
-from unet_surgery.sampling.cascade import CascadeOutput, CascadeStage, self_cascade
+from unet_surgery.recipes.schema import Recipe, SamplingSpec
+from unet_surgery.sampling.cascade import CascadeOutput, CascadeStage, combine_cfg, self_cascade
 
 # Supported pipeline class -> the method that receives the pipeline's CFG decision.
 # All of them batch the UNet input as [uncond, cond] under CFG (negative embeddings first;
@@ -69,9 +70,7 @@ class PipelinePatch:
         self.pipe = pipe
         self.patch = patch
         self.scheduler = pipe.scheduler
-        self.noise_damped = any(isinstance(p, NoiseDampedCFGPass) for p in patch.recipe.passes) and any(
-            c.damped is not None for c in patch.plan.convs.values()
-        )
+        self.noise_damped = bool(patch.plan.entries("noise_damped_cfg"))
         self.cfg: bool | None = None  # the last CFG decision the pipeline announced
         self._encoder_name = encoder_name
         self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
@@ -107,11 +106,20 @@ class PipelinePatch:
                 def wrapped(*args: Any, **kwargs: Any) -> Any:
                     try:
                         bound = signature.bind(*args, **kwargs)
-                        bound.apply_defaults()
-                        flag = bound.arguments.get("do_classifier_free_guidance")
-                    except TypeError:
-                        flag = None
-                    if flag is not None:
+                    except TypeError:  # the call itself is wrong: let the pipeline raise
+                        return original(*args, **kwargs)
+                    bound.apply_defaults()
+                    flag = bound.arguments.get("do_classifier_free_guidance")
+                    if flag is None:
+                        warnings.warn(
+                            f"{type(self.pipe).__name__}.{self._encoder_name} was called without "
+                            "do_classifier_free_guidance; noise-damped guidance cannot tell whether "
+                            "the batch is [uncond, cond] and stays off for this run",
+                            UserWarning,
+                            stacklevel=2,
+                        )
+                        self.cfg = False
+                    else:
                         self.cfg = bool(flag)
                     return original(*args, **kwargs)
 
@@ -137,6 +145,13 @@ class PipelinePatch:
             try:
                 cfg = bool(self.pipe.do_classifier_free_guidance)
             except (AttributeError, TypeError):
+                warnings.warn(
+                    f"{type(self.pipe).__name__} did not say whether it uses classifier-free "
+                    "guidance (no encoder call before set_timesteps, no do_classifier_free_guidance "
+                    "property); noise-damped guidance stays off for this run",
+                    UserWarning,
+                    stacklevel=2,
+                )
                 cfg = False
         self._set_guidance(cfg)
 
@@ -249,7 +264,7 @@ def self_cascade_sample(
             pipe, name, device, dtype, spec.stages[0], guidance_scale, prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
         )
-        batch = denoise.batch  # type: ignore[attr-defined]
+        batch = denoise.batch
         vae = getattr(pipe, "vae", None)
         out = self_cascade(
             denoise, pipe.scheduler, spec, latent_channels=unet.config.in_channels, batch_size=batch,
@@ -311,10 +326,7 @@ def _pipeline_denoiser(
         if added is not None:
             kwargs["added_cond_kwargs"] = added
         out = unet(model_input, t, **kwargs)[0]
-        if not cfg:
-            return out
-        out_u, out_c = out.chunk(2)
-        return out_u + guidance_scale * (out_c - out_u)
+        return combine_cfg(out, guidance_scale) if cfg else out
 
     denoise.batch = int(cond.shape[0])  # type: ignore[attr-defined]
     return denoise

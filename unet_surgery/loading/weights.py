@@ -1,40 +1,33 @@
-"""Resolve what a user names as a model (a preset, a diffusers folder, a checkpoint file).
+"""Reading UNet weights without executing pickled code, and building models around them.
 
-Loading never executes pickled code: weights are read with ``safetensors`` or
-``torch.load(weights_only=True)``. Architectures come from the file's ``config.json`` or, for
-single-file checkpoints, from the shipped presets recognised by key names and shapes.
+Weights are read with ``safetensors`` or ``torch.load(weights_only=True)``; a model is built on
+``meta`` and adopts the tensors (nothing is initialised twice). Architectures come from a
+folder's ``config.json`` or, for single files, from the shipped presets recognised by key
+names and shapes (:mod:`unet_surgery.loading.ldm_keys`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from unet_surgery.errors import CheckpointError, PresetError
+from unet_surgery.errors import CheckpointError
 from unet_surgery.io import read_json_object
-from unet_surgery.presets import PRESETS, build_unet, get_preset
+from unet_surgery.loading.ldm_keys import (
+    convert_ldm_unet,
+    detect_architecture,
+    detect_layout,
+)
+from unet_surgery.presets import PRESETS, get_preset
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-LDM_PREFIX = "model.diffusion_model."
-_CROSS_KEY = re.compile(r"(?:^|\.)attn2\.to_k\.weight$")
 
-
-@dataclass
-class ResolvedModel:
-    """A model ready to map or patch, and where it came from."""
-
-    model: nn.Module
-    kind: str  # "preset", "diffusers-folder", "single-file"
-    description: str
-    preset: str | None = None
-
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a weights file, without reading tensor data where the format allows."""
@@ -50,7 +43,6 @@ def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             raise CheckpointError(f"{path} is not a valid safetensors file ({_brief(exc)})") from exc
     state = load_state_dict(path, device="meta")
     return {k: tuple(v.shape) for k, v in state.items()}
-
 
 def load_state_dict(path: Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a weights file; pickles are loaded with ``weights_only=True``, never executed."""
@@ -78,180 +70,9 @@ def load_state_dict(path: Path, *, device: str | torch.device = "cpu") -> dict[s
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return dict(obj)
 
-
-def detect_architecture(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str]:
-    """(layout, preset) of a single-file UNet checkpoint from its keys and shapes.
-
-    layout is ``"ldm"`` (``model.diffusion_model.*`` or bare ``input_blocks.*``) or
-    ``"diffusers"``; the preset is recognised by the cross-attention width and SDXL's
-    additional embedding.
-    """
-    keys = list(shapes)
-    if any(k.startswith(LDM_PREFIX) for k in keys):
-        layout, unet_keys = "ldm", [k[len(LDM_PREFIX):] for k in keys if k.startswith(LDM_PREFIX)]
-        shapes = {k[len(LDM_PREFIX):]: v for k, v in shapes.items() if k.startswith(LDM_PREFIX)}
-    elif any(k.startswith("input_blocks.") for k in keys):
-        layout, unet_keys = "ldm", keys
-    elif "conv_in.weight" in shapes and any(k.startswith("down_blocks.") for k in keys):
-        layout, unet_keys = "diffusers", keys
-    else:
-        sample = ", ".join(keys[:3]) or "no tensors"
-        raise CheckpointError(f"unknown checkpoint layout: neither LDM nor diffusers UNet keys (first keys: {sample})")
-    context = {shapes[k][1] for k in unet_keys if _CROSS_KEY.search(k)}
-    if not context:
-        raise CheckpointError("unknown UNet: the checkpoint has no cross-attention (attn2.to_k) weights")
-    width = context.pop()
-    sdxl = any(k.startswith(("label_emb.", "add_embedding.")) for k in unet_keys)
-    if sdxl and width == 2048:
-        return layout, "sdxl"
-    if width == 768:
-        return layout, "sd15"
-    if width == 1024:
-        return layout, "sd21"
-    raise CheckpointError(f"unknown UNet: cross-attention width {width} matches no shipped preset (SD1.5 768, SD2.1 1024, SDXL 2048)")
-
-
-def resolve_model(spec: str, *, device: str | torch.device = "meta") -> ResolvedModel:
-    """Turn a preset name, a diffusers UNet folder or a checkpoint file into a model.
-
-    On ``meta`` only the architecture is built (enough to map); weights files are still
-    checked for readability so a corrupt file fails here, with its name.
-    """
-    path = Path(spec)
-    if path.is_dir():
-        return _from_diffusers_folder(path, device)
-    if path.suffix in WEIGHT_SUFFIXES or path.exists():
-        return _from_single_file(path, device)
-    if spec in PRESETS:
-        model = build_unet(spec, size="full", device=device)
-        return ResolvedModel(model, "preset", get_preset(spec).description, spec)
-    try:
-        get_preset(spec)  # raises PresetError naming the closest preset
-    except PresetError as exc:
-        raise PresetError(f"{spec!r} is neither an existing file or folder nor a preset: {exc}") from None
-    raise AssertionError("unreachable")
-
-
-def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedModel:
-    if (path / "unet" / "config.json").is_file():
-        path = path / "unet"  # a whole pipeline folder
-    config = _read_config(path)
-    class_name = config.get("_class_name")
-    cls = _diffusers_class(str(class_name), str(path / "config.json"))
-    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    if not weights:
-        raise CheckpointError(f"{path} has a config.json but no weights file (*.safetensors)")
-    for file in weights:
-        read_tensor_shapes(file)  # validates every shard before anything is built
-    if str(torch.device(device)) == "meta":
-        with torch.device("meta"):
-            model = cls.from_config(config)
-        model = model.to("meta")
-    else:
-        model = load_unet(path, device=device)
-    model.eval()
-    return ResolvedModel(model, "diffusers-folder", f"{class_name} from {path}")
-
-
-def _from_single_file(path: Path, device: str | torch.device) -> ResolvedModel:
-    shapes = read_tensor_shapes(path)
-    layout, preset = detect_architecture(shapes)
-    if str(torch.device(device)) != "meta":
-        model = load_unet(path, device=device)
-        return ResolvedModel(model, "single-file", f"{preset} ({layout} layout) from {path}", preset)
-    model = build_unet(preset, size="full", device="meta")
-    return ResolvedModel(model, "single-file", f"{preset} ({layout} layout) from {path}", preset)
-
-
 def _brief(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
-
-
-def describe(resolved: ResolvedModel) -> dict[str, Any]:
-    return {"kind": resolved.kind, "description": resolved.description, "preset": resolved.preset}
-
-
-# ----------------------------------------------------------------------------- real weights
-
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
-# Presets a single-file LDM/diffusers checkpoint can be (their diffusers twins), in the order tried.
-SINGLE_FILE_PRESETS = ("sd15", "sd21", "sdxl")
-_RESNET_RENAMES = (
-    ("in_layers.0.", "norm1."),
-    ("in_layers.2.", "conv1."),
-    ("emb_layers.1.", "time_emb_proj."),
-    ("out_layers.0.", "norm2."),
-    ("out_layers.3.", "conv2."),
-    ("skip_connection.", "conv_shortcut."),
-)
-_TOP_RENAMES = (
-    ("time_embed.0.", "time_embedding.linear_1."),
-    ("time_embed.2.", "time_embedding.linear_2."),
-    ("label_emb.0.0.", "add_embedding.linear_1."),
-    ("label_emb.0.2.", "add_embedding.linear_2."),
-    ("input_blocks.0.0.", "conv_in."),
-    ("out.0.", "conv_norm_out."),
-    ("out.2.", "conv_out."),
-)
-
-
-def _resnet(rest: str) -> str:
-    for old, new in _RESNET_RENAMES:
-        if rest.startswith(old):
-            return new + rest[len(old):]
-    return rest
-
-
-def ldm_to_diffusers_key(key: str, layers_per_block: int) -> str:
-    """The diffusers ``UNet2DConditionModel`` name of one LDM ``UNetModel`` key.
-
-    The LDM UNet numbers its blocks flatly: ``input_blocks[1 + i*(L+1) + j]`` is layer ``j`` of
-    level ``i`` (``[resnet, attention]``) and ``j == L`` the level's downsampler;
-    ``output_blocks[i*(L+1) + j]`` is ``[resnet, attention?, upsampler?]``. Unknown keys are
-    returned unchanged (the caller's exact key-set check then names them).
-    """
-    for old, new in _TOP_RENAMES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    parts = key.split(".", 3)
-    if len(parts) < 3:
-        return key
-    L = layers_per_block
-    if parts[0] == "input_blocks" and len(parts) == 4:
-        k, s, rest = int(parts[1]), int(parts[2]), parts[3]
-        i, j = divmod(k - 1, L + 1)
-        if j == L:
-            return f"down_blocks.{i}.downsamplers.0.conv." + rest.removeprefix("op.")
-        if s == 0:
-            return f"down_blocks.{i}.resnets.{j}.{_resnet(rest)}"
-        return f"down_blocks.{i}.attentions.{j}.{rest}"
-    if parts[0] == "middle_block":
-        s, rest = int(parts[1]), ".".join(parts[2:])
-        if s == 1:
-            return f"mid_block.attentions.0.{rest}"
-        return f"mid_block.resnets.{s // 2}.{_resnet(rest)}"
-    if parts[0] == "output_blocks" and len(parts) == 4:
-        k, s, rest = int(parts[1]), int(parts[2]), parts[3]
-        i, j = divmod(k, L + 1)
-        if s == 0:
-            return f"up_blocks.{i}.resnets.{j}.{_resnet(rest)}"
-        if rest.startswith("conv."):  # Upsample (slot 1 on attention-free levels, else 2)
-            return f"up_blocks.{i}.upsamplers.0.{rest}"
-        return f"up_blocks.{i}.attentions.{j}.{rest}"
-    return key
-
-
-def convert_ldm_unet(state: Mapping[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
-    """LDM UNet weights (``model.diffusion_model.`` prefix optional) renamed to diffusers keys.
-
-    Only the UNet's keys are taken (a full SD checkpoint also holds the VAE, text encoder and
-    EMA copies). Renaming only: tensors are shared, not copied.
-    """
-    if any(k.startswith(LDM_PREFIX) for k in state):
-        state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
-    return {ldm_to_diffusers_key(k, layers_per_block): v for k, v in state.items()}
-
 
 def _fit_shapes(state: dict[str, Any], expected: Mapping[str, torch.Size], where: str) -> dict[str, Any]:
     """Check ``state`` names exactly the model's tensors with the right shapes.
@@ -280,8 +101,7 @@ def _fit_shapes(state: dict[str, Any], expected: Mapping[str, torch.Size], where
         out[key] = value
     return out
 
-
-def _diffusers_class(class_name: str, where: str) -> type[nn.Module]:
+def _diffusers_class(class_name: str, where: str) -> Any:
     try:
         import diffusers
     except ImportError as exc:
@@ -291,9 +111,7 @@ def _diffusers_class(class_name: str, where: str) -> type[nn.Module]:
         raise CheckpointError(f"{where}: _class_name {class_name!r} is not a diffusers model class")
     return cls
 
-
 ALIGNMENT = 64
-
 
 def _aligned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy tensors whose data is not 64-byte aligned (safetensors packs them at any offset).
@@ -307,7 +125,6 @@ def _aligned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         value = state.pop(key)
         out[key] = value if value.data_ptr() % ALIGNMENT == 0 else value.clone()
     return out
-
 
 def _build_with_weights(
     build: Any, state: dict[str, torch.Tensor], where: str, device: str | torch.device, dtype: torch.dtype | None
@@ -328,7 +145,6 @@ def _build_with_weights(
         model.load_state_dict(state, strict=True)
     model = model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)
     return model.eval()
-
 
 def _folder_weights(folder: Path) -> list[Path]:
     """The weight files of a diffusers model folder: the plain set, else the fp16 variant.
@@ -359,12 +175,21 @@ def _folder_weights(folder: Path) -> list[Path]:
         + (f"; ambiguous weight files: {', '.join(p.name for p in others)}" if others else "")
     )
 
-
 def _read_config(folder: Path) -> dict[str, Any]:
     return read_json_object(
         folder / "config.json", missing=f"{folder} is not a diffusers UNet folder: config.json is missing"
     )
 
+
+def unet_folder(path: Path) -> tuple[Path, dict[str, Any], Any]:
+    """A diffusers UNet folder (or a pipeline folder's ``unet/``): its path, config and class."""
+    if (path / "unet" / "config.json").is_file():
+        path = path / "unet"  # a whole pipeline folder
+    config = _read_config(path)
+    return path, config, _diffusers_class(str(config.get("_class_name")), str(path / "config.json"))
+
+
+SINGLE_FILE_PRESETS = ("sd15", "sd21", "sdxl")
 
 def match_preset(class_name: str, config: Mapping[str, Any]) -> tuple[str, str] | None:
     """(preset, size) whose shipped config ``config`` agrees with, so inputs can be made for it."""
@@ -384,19 +209,16 @@ def match_preset(class_name: str, config: Mapping[str, Any]) -> tuple[str, str] 
                 return name, size
     return None
 
-
 def _tag(model: nn.Module, match: tuple[str, str] | None) -> nn.Module:
     if match is not None:
-        model.unet_surgery_preset, model.unet_surgery_size = match
+        tagged: Any = model  # plain attributes, not submodules
+        tagged.unet_surgery_preset, tagged.unet_surgery_size = match
     return model
 
 
 def _load_folder(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> nn.Module:
-    if (folder / "unet" / "config.json").is_file():
-        folder = folder / "unet"  # a whole pipeline folder
-    config = _read_config(folder)
+    folder, config, cls = unet_folder(folder)
     class_name = str(config.get("_class_name"))
-    cls = _diffusers_class(class_name, str(folder / "config.json"))
     state: dict[str, torch.Tensor] = {}
     for file in _folder_weights(folder):
         state.update(load_state_dict(file, device=device))
@@ -422,9 +244,10 @@ def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype
     from unet_surgery.presets import _quiet_diffusers, preset_config
 
     shapes = read_tensor_shapes(path)
-    ldm = any(k.startswith((LDM_PREFIX, "input_blocks.")) for k in shapes)
-    if not ldm and not ("conv_in.weight" in shapes and any(k.startswith("down_blocks.") for k in shapes)):
+    layout = detect_layout(shapes)
+    if layout is None:
         detect_architecture(shapes)  # raises the unknown-layout error
+    ldm = layout == "ldm"
     state = load_state_dict(path, device=device)
     if config is not None:
         candidates: list[tuple[dict[str, Any], tuple[str, str] | None]] = [(dict(config), None)]

@@ -1,0 +1,80 @@
+"""Resolve what a user names as a model (a preset, a diffusers folder, a checkpoint file).
+
+On ``meta`` only the architecture is built (enough to map or plan); with a real device the
+weights are loaded by :mod:`unet_surgery.loading.weights`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unet_surgery.errors import CheckpointError, PresetError
+from unet_surgery.loading.ldm_keys import detect_architecture
+from unet_surgery.loading.weights import WEIGHT_SUFFIXES, load_unet, read_tensor_shapes, unet_folder
+from unet_surgery.presets import PRESETS, build_unet, get_preset
+
+
+@dataclass
+class ResolvedModel:
+    """A model ready to map or patch, and where it came from."""
+
+    model: nn.Module
+    kind: str  # "preset", "diffusers-folder", "single-file"
+    description: str
+    preset: str | None = None
+
+def resolve_model(spec: str, *, device: str | torch.device = "meta") -> ResolvedModel:
+    """Turn a preset name, a diffusers UNet folder or a checkpoint file into a model.
+
+    On ``meta`` only the architecture is built (enough to map); weights files are still
+    checked for readability so a corrupt file fails here, with its name.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        return _from_diffusers_folder(path, device)
+    if path.suffix in WEIGHT_SUFFIXES or path.exists():
+        return _from_single_file(path, device)
+    if spec in PRESETS:
+        model = build_unet(spec, size="full", device=device)
+        return ResolvedModel(model, "preset", get_preset(spec).description, spec)
+    try:
+        get_preset(spec)  # raises PresetError naming the closest preset
+    except PresetError as exc:
+        raise PresetError(f"{spec!r} is neither an existing file or folder nor a preset: {exc}") from None
+    raise AssertionError("unreachable")
+
+
+def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedModel:
+    path, config, cls = unet_folder(path)
+    class_name = config.get("_class_name")
+    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not weights:
+        raise CheckpointError(f"{path} has a config.json but no weights file (*.safetensors)")
+    for file in weights:
+        read_tensor_shapes(file)  # validates every shard before anything is built
+    if str(torch.device(device)) == "meta":
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        model = model.to("meta")
+    else:
+        model = load_unet(path, device=device)
+    model.eval()
+    return ResolvedModel(model, "diffusers-folder", f"{class_name} from {path}")
+
+
+def _from_single_file(path: Path, device: str | torch.device) -> ResolvedModel:
+    shapes = read_tensor_shapes(path)
+    layout, preset = detect_architecture(shapes)
+    if str(torch.device(device)) != "meta":
+        model = load_unet(path, device=device)
+        return ResolvedModel(model, "single-file", f"{preset} ({layout} layout) from {path}", preset)
+    model = build_unet(preset, size="full", device="meta")
+    return ResolvedModel(model, "single-file", f"{preset} ({layout} layout) from {path}", preset)
+
+def describe(resolved: ResolvedModel) -> dict[str, Any]:
+    return {"kind": resolved.kind, "description": resolved.description, "preset": resolved.preset}

@@ -1,0 +1,36 @@
+"""Passes: one file per pass type, each a config dataclass plus its registered handler.
+
+Importing this package registers the built-in passes (in this order, which is the order
+error messages list them in). See :mod:`unet_surgery.passes.base` and ``docs/architecture.md``.
+"""
+
+from unet_surgery.passes.base import (
+    LayerRewrite,
+    PassHandler,
+    Plan,
+    handler_for,
+    make_plan,
+    no_effect_reasons,
+    pass_types,
+    register_pass,
+)
+
+from unet_surgery.passes.redilate import RedilatePass  # isort: skip
+from unet_surgery.passes.disperse import DispersePass  # isort: skip
+from unet_surgery.passes.noise_damped_cfg import NoiseDampedCFGPass  # isort: skip
+from unet_surgery.passes.scale_fusion import ScaleFusionPass  # isort: skip
+
+__all__ = [
+    "DispersePass",
+    "LayerRewrite",
+    "NoiseDampedCFGPass",
+    "PassHandler",
+    "Plan",
+    "RedilatePass",
+    "ScaleFusionPass",
+    "handler_for",
+    "make_plan",
+    "no_effect_reasons",
+    "pass_types",
+    "register_pass",
+]

@@ -1,0 +1,118 @@
+"""The ``disperse`` pass: ScaleCrafter's dispersed kernels, used in place of re-dilated ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from unet_surgery.errors import SelectionError
+from unet_surgery.graph.records import UNetMap
+from unet_surgery.ops.dispersion import TransformParams, disperse_kernel, dispersion_transform
+from unet_surgery.ops.redilate import ConvSetting, dispersed_weight
+from unet_surgery.passes.base import (
+    FilterFn,
+    PassHandler,
+    Plan,
+    active_now,
+    describe_schedule,
+    register_pass,
+    spatial_convs,
+    window_is_empty,
+)
+from unet_surgery.passes.layers import CONV
+from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
+from unet_surgery.runtime import MAIN, UNetCall
+
+KERNEL_SUFFIX, TRANSFORM_SUFFIX = ".dispersed_weight", ".dispersion_R"
+
+
+@dataclass(frozen=True)
+class DispersePass(PassConfig):
+    """Dispersed kernels (ScaleCrafter): a 3x3 kernel becomes R @ W3 while the pass is active."""
+
+    type: ClassVar[str] = "disperse"
+    select: Selector = doc("convolutions to disperse")
+    transform: TransformParams = doc("the least-squares problem R solves", default_factory=TransformParams)
+    schedule: ScheduleSpec = doc("when the dispersed kernel is used (published: inflate_tau)", default_factory=ScheduleSpec)
+    on_missing: OnMissing = doc("a listed path the model lacks: error or warn", default="error")
+
+
+@dataclass(frozen=True)
+class DisperseEntry:
+    transform: TransformParams
+    schedule: ScheduleSpec
+
+
+@register_pass
+class DisperseHandler(PassHandler[DispersePass]):
+    """Attaches ``R @ W`` to each conv; switches it on while the window is open and the
+    re-dilation factor is at least the transform's scale (the kernel already covers ``scale``)."""
+
+    type = "disperse"
+    config = DispersePass
+    rewrite = CONV
+    order = 10  # after re-dilation: it reads the factor re-dilation set
+
+    def plan(self, config: DispersePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
+        t = config.transform
+        for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
+            if rec.spatial_kernel != (t.small, t.small):
+                raise SelectionError(
+                    f"passes[{index}] (disperse): {rec.path} is not a spatial {t.small}x{t.small} convolution"
+                )
+            plan.add(rec.path, rec, self, DisperseEntry(t, config.schedule), index)
+
+    def check_plan(self, plan: Plan) -> None:
+        for path, layer in plan.layers.items():
+            if layer.entry(self.type) is not None and layer.entry("redilate") is None:
+                raise SelectionError(
+                    f"{path} is dispersed but not re-dilated: a dispersed kernel only "
+                    "replaces a re-dilated one (add it to a redilate pass)"
+                )
+
+    def describe(self, entry: DisperseEntry) -> str:
+        t = entry.transform
+        return f"{t.small}x{t.small} -> {t.large}x{t.large}, {describe_schedule(entry.schedule)}"
+
+    def prepare(self, module: nn.Module, entry: DisperseEntry) -> dict[str, Any]:
+        t = entry.transform
+        R = dispersion_transform(t.small, t.large, t.scale, t.input_size, t.eta)
+        with torch.no_grad():
+            kernel = disperse_kernel(module.weight, R)  # type: ignore[arg-type]
+        return {"dispersed_weight": kernel, "dispersed_factor_scale": 1.0 / t.scale}
+
+    def setting(self, patch: Any, entry: DisperseEntry, branch: str, call: UNetCall | None, current: ConvSetting) -> ConvSetting:
+        if branch != MAIN or current.factor == 1.0:
+            return current
+        use = active_now(patch, entry.schedule, call) and current.factor / entry.transform.scale >= 1.0
+        return ConvSetting(factor=current.factor, use_dispersed=use)
+
+    def adapter_tensors(self, path: str, module: nn.Module, entry: DisperseEntry) -> dict[str, torch.Tensor]:
+        kernel = dispersed_weight(module)
+        if kernel is None:
+            raise SelectionError(f"{path} is planned as dispersed but carries no dispersed kernel")
+        t = entry.transform
+        R = dispersion_transform(t.small, t.large, t.scale, t.input_size, t.eta)
+        return {
+            path + KERNEL_SUFFIX: kernel.detach().to("cpu").contiguous(),
+            path + TRANSFORM_SUFFIX: torch.tensor(R, dtype=torch.float64),
+        }
+
+    def no_effect_reasons(self, config: DispersePass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
+        reasons = []
+        if window_is_empty(config.schedule):
+            reasons.append(f"schedule.tau is {config.schedule.tau:g}: the dispersed kernel is never used")
+        if plan is None:
+            return reasons
+        mains = [plan.layers[path].entry("redilate") for path in plan.planned_by(index)]
+        factors = [m.factor for m in mains if m is not None]
+        numeric = [f for f in factors if isinstance(f, (int, float))]
+        if factors and len(numeric) == len(factors) and all(f / config.transform.scale < 1.0 for f in numeric):
+            reasons.append(
+                f"every dispersed layer's re-dilation factor is below the transform scale "
+                f"{config.transform.scale}: the dispersed kernel is never used"
+            )
+        return reasons

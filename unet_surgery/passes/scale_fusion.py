@@ -1,0 +1,97 @@
+"""The ``scale_fusion`` pass: FreeScale's scale-fusion self-attention.
+
+The token grid is the current latent size and the window the base (training) latent size;
+the layer scales both to its own level from its token count. At or below the base size the
+layer runs plain attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from unet_surgery.errors import SelectionError
+from unet_surgery.graph.records import AttentionRecord, UNetMap
+from unet_surgery.ops.scale_fusion import PUBLISHED_JITTER, FusionSetting
+from unet_surgery.passes.base import (
+    FilterFn,
+    PassHandler,
+    Plan,
+    active_now,
+    register_pass,
+    selection,
+    window_is_empty,
+)
+from unet_surgery.passes.layers import ATTENTION
+from unet_surgery.recipes.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc
+from unet_surgery.runtime import UNetCall
+
+
+@dataclass(frozen=True)
+class ScaleFusionPass(PassConfig):
+    """FreeScale's scale-fusion self-attention (global + windowed local, Gaussian fused)."""
+
+    type: ClassVar[str] = "scale_fusion"
+    select: Selector = doc("attention ops to fuse (spatial self-attention only)")
+    blur: Literal["published", "volumetric", "spatial"] = doc(
+        "published: what the official code computes, a 2-D Gaussian over (w, channel) per token row; "
+        "volumetric: 3-D over (h, w, channel); spatial: over (h, w) only",
+        default="published",
+    )
+    jitter: bool = doc("shift each window by up to 1/8 window (seeded)", default=True)
+    seed: int = doc("seed of the window jitter", default=0)
+    fast_mode: bool = doc("global attention over strided sub-grids instead of all tokens", default=False)
+    schedule: ScheduleSpec = doc("when fusion is active", default_factory=ScheduleSpec)
+
+
+@register_pass
+class ScaleFusionHandler(PassHandler[ScaleFusionPass]):
+    """Fuses spatial self-attention while the current latent exceeds the base latent."""
+
+    type = "scale_fusion"
+    config = ScaleFusionPass
+    rewrite = ATTENTION
+
+    def plan(self, config: ScaleFusionPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
+        for rec in selection(config, index, unet_map, plan, filter_fn).records:
+            if not isinstance(rec, AttentionRecord) or rec.kind != "self" or rec.axis != "spatial":
+                raise SelectionError(f"passes[{index}] (scale_fusion): {rec.path} is not a spatial self-attention")
+            plan.add(rec.path, rec, self, config, index)
+
+    def describe(self, entry: ScaleFusionPass) -> str:
+        return f"blur {entry.blur}, jitter {'on' if entry.jitter else 'off'}" + (", fast" if entry.fast_mode else "")
+
+    def setting(self, patch: Any, entry: ScaleFusionPass, branch: str, call: UNetCall | None, current: Any) -> FusionSetting | None:
+        if call is None or not call.latent_hw[0]:
+            return None
+        grid, window = call.latent_hw, patch.base_latent_hw
+        if grid[0] <= window[0] and grid[1] <= window[1]:
+            return None
+        if not active_now(patch, entry.schedule, call):
+            return None
+        return FusionSetting(
+            active=True,
+            grid_hw=grid,
+            window_hw=(min(window[0], grid[0]), min(window[1], grid[1])),
+            blur=entry.blur,
+            jitter=PUBLISHED_JITTER if entry.jitter else 0.0,
+            seed=entry.seed,
+            fast_mode=entry.fast_mode,
+        )
+
+    def freeze_error(self, path: str, setting: Any) -> str | None:
+        if setting is not None and setting.active and setting.jitter:
+            return (
+                f"{path} uses jittered scale fusion, whose random window offsets cannot be frozen "
+                "into a static program; export a recipe with jitter: false"
+            )
+        return None
+
+    def no_effect_reasons(self, config: ScaleFusionPass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
+        reasons = []
+        if window_is_empty(config.schedule):
+            reasons.append(f"schedule.tau is {config.schedule.tau:g}: no step is inside the window")
+        base = recipe.base_resolution
+        if all(h <= base[0] and w <= base[1] for h, w in recipe.target_resolutions):
+            reasons.append("no target resolution exceeds the base resolution: fusion never engages")
+        return reasons
