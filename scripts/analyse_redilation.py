@@ -310,12 +310,12 @@ def with_tau(recipe, frac: float):
 
 def subset_recipe(recipe, um, keep):
     """``recipe`` restricted to the convs ``keep(path)`` accepts (passes left empty are dropped)."""
-    from unet_surgery.patching.plan import make_plan
+    from unet_surgery.passes import make_plan
     from unet_surgery.recipes.schema import Selector
 
     passes = []
     for p in recipe.passes:
-        paths = tuple(path for path in make_plan(replace(recipe, passes=(p,)), um).convs if keep(path))
+        paths = tuple(path for path in make_plan(replace(recipe, passes=(p,)), um).layers if keep(path))
         if not paths:
             continue
         factors = {k: v for k, v in p.factors.items() if k in paths}

@@ -177,10 +177,10 @@ def grid_png(rows: list[DemoRow], path: str | Path, *, tile: int = 96) -> Path:
                   fill="black")
         for j, img in enumerate(r.images):
             arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-            im = Image.fromarray(np.ascontiguousarray(arr)).resize((tile, tile), Image.NEAREST)
+            im = Image.fromarray(np.ascontiguousarray(arr)).resize((tile, tile), Image.Resampling.NEAREST)
             canvas.paste(im, (label_w + j * (tile + 4), y))
             count = r.per_image[j]
-            shape = r.shapes[j] if j < len(r.shapes) and r.shapes[j] else ""
+            shape = (r.shapes[j] if j < len(r.shapes) else None) or ""
             wanted = SHAPES[r.labels[j]] if j < len(r.labels) else None
             ok = count == 1 and (wanted is None or shape == wanted)
             draw.text((label_w + j * (tile + 4) + 3, y + 2), f"{count}{shape[:1]}",

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import preset_map
 from unet_surgery import RecipeError, auto_recipe
-from unet_surgery.patching.plan import make_plan
+from unet_surgery.passes import make_plan
 from unet_surgery.recipes.auto import cascade_stages
 from unet_surgery.recipes.schema import RedilatePass, ScaleFusionPass
 
@@ -35,9 +35,10 @@ def test_auto_policy_dilates_exactly_freescales_sdxl_layers() -> None:
     unet_map = preset_map("sdxl")
     recipe = auto_recipe(unet_map, base=1024, target=4096)
     plan = make_plan(recipe, unet_map)
-    assert {p for p, c in plan.convs.items() if c.redilate} == FREESCALE_SDXL_DILATED
-    assert all(c.redilate.factor == "auto" for c in plan.convs.values() if c.redilate)
-    assert not plan.attentions  # scale fusion is off in the automatic policy
+    redilated = plan.entries("redilate")
+    assert set(redilated) == FREESCALE_SDXL_DILATED
+    assert all(e.factor == "auto" for e in redilated.values())
+    assert not plan.entries("scale_fusion")  # scale fusion is off in the automatic policy
 
 
 def test_auto_policy_uses_freescales_published_sampling_defaults() -> None:
@@ -59,8 +60,9 @@ def test_auto_policy_selects_the_same_layers_on_ldm_and_diffusers(ldm: str, diff
     for name in (ldm, diffusers):
         unet_map = preset_map(name)
         plan = make_plan(auto_recipe(unet_map, base=512, target=2048), unet_map)
-        plans.append(Counter((p.record.level, p.record.stage, p.record.kernel, p.record.stride)
-                             for p in plan.convs.values() if p.redilate))
+        records = {c.path: c for c in unet_map.convs}
+        plans.append(Counter((records[p].level, records[p].stage, records[p].kernel, records[p].stride)
+                             for p in plan.entries("redilate")))
     assert plans[0] == plans[1]
     # SD1.5/2.1: four levels; the deepest (3) has 2 down resnets (4 convs) and the mid block's
     # 2 resnets (4 convs); one strided conv downsamples level 2 into it.

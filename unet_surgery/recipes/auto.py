@@ -35,15 +35,9 @@ from typing import Literal
 
 from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import ConvRecord, UNetMap
-from unet_surgery.recipes.schema import (
-    LevelRange,
-    Recipe,
-    RedilatePass,
-    SamplingSpec,
-    ScaleFusionPass,
-    ScheduleSpec,
-    Selector,
-)
+from unet_surgery.ops.schedules import ScheduleSpec
+from unet_surgery.passes import RedilatePass, ScaleFusionPass
+from unet_surgery.recipes.schema import LevelRange, Recipe, SamplingSpec, Selector
 
 Policy = Literal["auto", "scalecrafter"]
 POLICIES: tuple[str, ...] = ("auto", "scalecrafter")
@@ -53,7 +47,7 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in pair):
         raise RecipeError(f"{name}: expected a positive int or (height, width), got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair[0], pair[1]
 
 
 def auto_factors(scale: float, levels: range) -> dict[int, float]:

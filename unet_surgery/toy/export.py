@@ -186,7 +186,7 @@ def load_toy_folder(
         raise CheckpointError(f"{path} has no {CLASS_EMBEDDING_FILE} (the toy's class tokens)")
     weight = load_file(str(emb_file)).get("weight")
     num_classes = int(meta["num_classes"])
-    unet = load_unet(path, device=device, dtype=dtype)
+    unet: Any = load_unet(path, device=device, dtype=dtype)
     expected = (num_classes + 1, unet.config.cross_attention_dim)
     if weight is None or tuple(weight.shape) != expected:
         got = None if weight is None else tuple(weight.shape)

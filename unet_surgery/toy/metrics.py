@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -365,7 +366,7 @@ def analyse_image(
 def analyse_images(
     images: torch.Tensor | np.ndarray,
     labels: Sequence[int] | torch.Tensor | np.ndarray | None = None,
-    **params: float,
+    **params: Any,
 ) -> list[ImageStats]:
     """:func:`analyse_image` over a ``(N, 3, H, W)`` batch, with optional requested labels."""
     if labels is None:
