@@ -6,7 +6,7 @@ model.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from unet_surgery.errors import (
     CheckpointError,
