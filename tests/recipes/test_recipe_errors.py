@@ -48,6 +48,8 @@ def test_the_base_document_is_valid() -> None:
         (("base_resolution",), [512], "base_resolution: expected a list of 2 values"),
         (("passes", 0, "select", "stage"), ["middle"], "passes[0].select.stage[0]: expected one of down, mid, up"),
         (("passes", 0, "schedule", "progressive"), "yes", "passes[0].schedule.progressive: expected true or false"),
+        # an odd table key is quoted in the error path (found by the fuzz test below in CI)
+        (("passes", 2, "factors"), {":": 0.0}, "passes[2].factors[':']: factor must be > 0, got 0.0"),
     ],
 )
 def test_errors_name_the_field(path, value, message) -> None:

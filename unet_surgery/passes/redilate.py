@@ -28,6 +28,7 @@ from unet_surgery.recipes.schema import (
     Selector,
     doc,
     fail,
+    key_path,
 )
 from unet_surgery.runtime import MAIN, UNetCall
 
@@ -36,7 +37,7 @@ def check_factors(config: Any, where: str) -> None:
     """Factors must be positive, and a pass needs a factor or a table (redilate, ndcfg)."""
     for key, factor in config.factors.items():
         if factor <= 0:
-            fail(f"{where}.factors.{key}", f"factor must be > 0, got {factor}")
+            fail(key_path(f"{where}.factors", key), f"factor must be > 0, got {factor}")
     if isinstance(config.factor, float) and config.factor <= 0:
         fail(f"{where}.factor", f"factor must be > 0, got {config.factor}")
     if config.factor is None and not config.factors:

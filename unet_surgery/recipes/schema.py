@@ -140,11 +140,12 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _key_path(path: str, key: Any) -> str:
+def key_path(path: str, key: Any) -> str:
     """``path.key`` for names and module paths, ``path['odd key']`` for anything else."""
     if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][\w.\-*]*", key):
         return f"{path}.{key}" if path else key
     return f"{path}[{key!r}]"
+
 
 
 def fail(path: str, message: str) -> typing.NoReturn:
@@ -216,7 +217,7 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             _fail(path, f"expected a mapping, got {_describe(value)}")
         key_tp, val_tp = args
-        return {_parse(key_tp, k, path): _parse(val_tp, v, _key_path(path, k)) for k, v in value.items()}
+        return {_parse(key_tp, k, path): _parse(val_tp, v, key_path(path, k)) for k, v in value.items()}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _parse_dataclass(tp, value, path)
     if tp is bool:
@@ -254,7 +255,7 @@ def _parse_dataclass(cls: type, value: Any, path: str) -> Any:
     allowed = set(fields) | ({"type"} if "type" in hints else set())
     unknown = [k for k in value if k not in allowed]
     if unknown:
-        where = _key_path(path, unknown[0])
+        where = key_path(path, unknown[0])
         _fail(where, f"unknown field (expected one of {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
