@@ -116,6 +116,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return err[0]
 
 
+@pytest.mark.requires_ldm
 def test_cli_apply_out_writes_a_patched_folder_and_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ldm = build_unet("ldm_sd15", size="tiny", device="cpu")
     checkpoint = tmp_path / "tiny-sd15.safetensors"

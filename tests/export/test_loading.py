@@ -43,6 +43,7 @@ def ldm_vs_diffusers(ldm: nn.Module, unet: nn.Module) -> float:
     return float((a - b).abs().max())
 
 
+@pytest.mark.requires_ldm
 def test_ldm_single_file_loads_the_exact_weights_of_its_diffusers_twin(tmp_path: Path) -> None:
     ldm = tiny_ldm()
     state = write_ldm_file(tmp_path / "sd15-ldm.safetensors", ldm)
@@ -59,6 +60,7 @@ def test_ldm_single_file_loads_the_exact_weights_of_its_diffusers_twin(tmp_path:
     assert ldm_vs_diffusers(ldm, unet) < 1e-5
 
 
+@pytest.mark.requires_ldm
 def test_half_precision_and_pickle_free_ckpt(tmp_path: Path) -> None:
     ldm = tiny_ldm()
     half = write_ldm_file(tmp_path / "half.safetensors", ldm, torch.float16)
@@ -95,6 +97,7 @@ def test_diffusers_folders_plain_sharded_fp16_variant_and_pipeline(tmp_path: Pat
     assert all(torch.equal(v, state[k].half()) for k, v in variant.state_dict().items())
 
 
+@pytest.mark.requires_ldm
 def test_sdxl_shaped_ldm_unet_converts_exactly(tmp_path: Path) -> None:
     """SDXL's layout (three levels, the first without attention, linear projections; deeper
     transformers: the sdkit LDM code only runs depth 1) against a diffusers model from a config."""
@@ -137,6 +140,7 @@ def test_full_size_sdxl_is_recognised_from_shapes() -> None:
     assert detect_architecture(shapes) == ("diffusers", "sdxl")
 
 
+@pytest.mark.requires_ldm
 def test_unknown_or_mismatched_checkpoints_are_refused(tmp_path: Path) -> None:
     save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, str(tmp_path / "bert.safetensors"))
     with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
