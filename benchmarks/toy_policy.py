@@ -16,21 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from unet_surgery.demo import DemoRow, grid_png
-from unet_surgery.graph import map_unet
+from unet_surgery.demo import DemoConfig, DemoRow, grid_png, run_demo
 from unet_surgery.recipes import Recipe
 from unet_surgery.recipes.auto import auto_recipe, cascade_recipe
-from unet_surgery.toy import load_toy
-from unet_surgery.toy.metrics import analyse_images, summarise
 from unet_surgery.toy.model import TOY_NAMES
-from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample_recipe
+from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 BASE = 32
 HELD_OUT = tuple(range(9000, 9032))
@@ -69,30 +63,11 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def evaluate(toys: list[str], sizes: list[int], methods: list[str], seeds: tuple[int, ...],
              steps: int, guidance: float, log: Callable[[str], None] = print) -> list[DemoRow]:
-    rows = []
-    jobs = [(t, s, m) for t in toys for s in sizes for m in methods if s != BASE or m == "baseline"]
-    labels = torch.tensor([s % 3 for s in seeds])
-    loaded: dict[str, Any] = {}
-    for i, (toy_name, size, method) in enumerate(jobs, 1):
-        if toy_name not in loaded:
-            loaded.clear()
-            toy = load_toy(toy_name)
-            loaded[toy_name] = (toy, map_unet(toy.unet, latent_hw=(64, 64)))
-        toy, unet_map = loaded[toy_name]
-        recipe = METHODS[method](unet_map, size) if size != BASE else None
-        t0 = time.perf_counter()
-        images = sample_recipe(toy, recipe, labels, seeds=seeds, size=size, steps=steps,
-                               guidance_scale=guidance, unet_map=unet_map)
-        seconds = time.perf_counter() - t0
-        stats = analyse_images(images)
-        summary = summarise(stats, labels=labels.tolist())
-        rows.append(DemoRow(toy_name, method, size, None if recipe is None else recipe.description,
-                            images, summary, seconds, [s.num_objects for s in stats],
-                            [s.shape for s in stats], labels.tolist()))
-        log(f"[{i}/{len(jobs)}] {toy_name:<5} {size:>3}px {method:<13} {seconds:6.1f} s  "
-            f"one {summary['frac_one']:.0%}  none {summary['frac_none']:.0%}  "
-            f"several {summary['frac_multi']:.0%}  class {summary['frac_class_kept']:.0%}")
-    return rows
+    """The demo's row loop (:func:`unet_surgery.demo.run_demo`) with this script's methods."""
+    cfg = DemoConfig(toys=tuple(toys), sizes=tuple(sizes), methods=tuple(methods), seeds=seeds,
+                     steps=steps, guidance_scale=guidance)
+    return run_demo(cfg, progress=log,
+                    recipes=lambda method, unet_map, size: None if size == BASE else METHODS[method](unet_map, size))
 
 
 def table(rows: list[DemoRow]) -> str:

@@ -86,9 +86,13 @@ def _unet_calls(recipe: Recipe | None, steps: int) -> int:
     """UNet calls a row makes: steps, plus each later cascade stage's steps after its restart."""
     if recipe is None or recipe.sampling is None:
         return steps
+    from dataclasses import replace
+
+    from unet_surgery.sampling import restart_step_of
+
     restart = recipe.sampling.restart_step
-    restart = int(0.3 * steps) if restart is None else min(restart, steps - 1)
-    return steps + (len(recipe.sampling.stages) - 1) * (steps - restart)
+    spec = replace(recipe.sampling, steps=steps, restart_step=None if restart is None else min(restart, steps - 1))
+    return steps + (len(spec.stages) - 1) * (steps - restart_step_of(spec))
 
 
 class _RowProgress:
@@ -108,10 +112,22 @@ class _RowProgress:
             self.bar.close()
 
 
+RecipeFor = Callable[[str, Any, int], Recipe | None]
+
+
 def run_demo(
-    cfg: DemoConfig, *, progress: Callable[[str], None] = print, bars: bool = False
+    cfg: DemoConfig,
+    *,
+    progress: Callable[[str], None] = print,
+    bars: bool = False,
+    recipes: RecipeFor | None = None,
 ) -> list[DemoRow]:
-    """Sample every (toy, size, method) of ``cfg``; ``bars`` shows a progress bar per row."""
+    """Sample every (toy, size, method) of ``cfg``; ``bars`` shows a progress bar per row.
+
+    ``recipes(method, unet_map, size)`` gives each row's recipe (default: :func:`recipe_for`);
+    the benchmarks pass their own to compare more methods.
+    """
+    make_recipe = recipes or recipe_for
     rows: list[DemoRow] = []
     jobs = cfg.jobs()
     labels = torch.tensor([s % 3 for s in cfg.seeds])
@@ -122,7 +138,7 @@ def run_demo(
             toy_cache.clear()  # one toy in memory at a time
             toy_cache[toy_name] = (toy, map_unet(toy.unet, latent_hw=(64, 64)))
         toy, unet_map = toy_cache[toy_name]
-        recipe = recipe_for(method, unet_map, size)
+        recipe = make_recipe(method, unet_map, size)
         desc = f"[{i}/{len(jobs)}] {toy_name} {method} {size}x{size}"
         bar = _RowProgress(toy.unet, _unet_calls(recipe, cfg.steps), desc, bars)
         t0 = time.perf_counter()
