@@ -32,16 +32,22 @@ from torch import nn
 from unet_surgery.errors import PresetError
 from unet_surgery.graph.inputs import CALL_SPECS, call_inputs, facts_from_config
 
-PRESETS: tuple[str, ...] = (
-    "sd15",
-    "sd21",
-    "sdxl",
-    "animatediff",
-    "modelscope_t2v",
-    "svd",
-    "ldm_sd15",
-    "ldm_sd21",
-)
+
+@cache
+def _read_json(filename: str) -> dict[str, Any]:
+    """Read one packaged architecture file (cached; callers get deep copies)."""
+    try:
+        text = resources.files("unet_surgery.architectures").joinpath(filename).read_text("utf-8")
+        data = json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PresetError(f"cannot read architecture file {filename!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PresetError(f"architecture file {filename!r} must hold a JSON object")
+    return data
+
+
+PRESETS: tuple[str, ...] = tuple(_read_json("presets.json")["presets"])
+"""Preset names, in the order of ``architectures/presets.json``."""
 SIZES: tuple[str, ...] = ("full", "tiny")
 
 _DIFFUSERS_HINT = "install the diffusers extra: pip install 'unet-surgery[diffusers]'"
@@ -95,103 +101,6 @@ class Preset:
         return (self.base_height // self.vae_scale_factor, self.base_width // self.vae_scale_factor)
 
 
-# Everything that is not in config.json. Parameter counts were computed by building each
-# config with the installed diffusers / sdkit and match the published checkpoints
-# (SD1.5 859,520,964; SD2.1 865,910,724; SDXL 2,567,463,684; see docs/presets.md).
-_META: dict[str, dict[str, Any]] = {
-    "sd15": dict(
-        family="diffusers",
-        model_class="UNet2DConditionModel",
-        description="Stable Diffusion 1.5 UNet (CLIP ViT-L/14 text, 768-d context).",
-        source="runwayml/stable-diffusion-v1-5 (unet/config.json)",
-        config_file="sd15.json",
-        base_height=512,
-        base_width=512,
-        num_frames=None,
-        full_param_count=859_520_964,
-    ),
-    "sd21": dict(
-        family="diffusers",
-        model_class="UNet2DConditionModel",
-        description="Stable Diffusion 2.1 base 512 UNet (OpenCLIP ViT-H, linear projections).",
-        source="stabilityai/stable-diffusion-2-1-base (unet/config.json)",
-        config_file="sd21.json",
-        base_height=512,
-        base_width=512,
-        num_frames=None,
-        full_param_count=865_910_724,
-    ),
-    "sdxl": dict(
-        family="diffusers",
-        model_class="UNet2DConditionModel",
-        description="SDXL base 1.0 UNet (3 levels, 2048-d context, text_time added conditioning).",
-        source="stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json)",
-        config_file="sdxl.json",
-        base_height=1024,
-        base_width=1024,
-        num_frames=None,
-        full_param_count=2_567_463_684,
-    ),
-    "animatediff": dict(
-        family="diffusers",
-        model_class="UNetMotionModel",
-        description="AnimateDiff: SD1.5 UNet + motion adapter v1-5-2 via UNetMotionModel.from_unet2d.",
-        source="runwayml/stable-diffusion-v1-5 (unet) + guoyww/animatediff-motion-adapter-v1-5-2",
-        config_file="sd15.json",
-        adapter_config_file="animatediff_motion_adapter.json",
-        base_height=512,
-        base_width=512,
-        num_frames=16,
-        full_param_count=1_312_730_244,
-    ),
-    "modelscope_t2v": dict(
-        family="diffusers",
-        model_class="UNet3DConditionModel",
-        description="ModelScope text-to-video 1.7B UNet3DConditionModel (trained at 256x256).",
-        source="damo-vilab/text-to-video-ms-1.7b (unet/config.json)",
-        config_file="modelscope_t2v.json",
-        base_height=256,
-        base_width=256,
-        num_frames=16,
-        full_param_count=1_411_233_860,
-    ),
-    "svd": dict(
-        family="diffusers",
-        model_class="UNetSpatioTemporalConditionModel",
-        description="Stable Video Diffusion img2vid UNet (8 input channels, image conditioning).",
-        source="stabilityai/stable-video-diffusion-img2vid (unet/config.json; -xt differs "
-        "only in num_frames=25)",
-        config_file="svd.json",
-        base_height=576,
-        base_width=1024,
-        num_frames=14,
-        full_param_count=1_524_623_082,
-    ),
-    "ldm_sd15": dict(
-        family="ldm",
-        model_class="UNetModel",
-        description="Original CompVis LDM UNetModel with SD1.5's architecture (v1-inference.yaml).",
-        source="CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml",
-        config_file="ldm_sd15.json",
-        base_height=512,
-        base_width=512,
-        num_frames=None,
-        full_param_count=859_520_964,
-    ),
-    "ldm_sd21": dict(
-        family="ldm",
-        model_class="UNetModel",
-        description="Original LDM UNetModel with SD2.1-base's architecture (v2-inference.yaml).",
-        source="Stability-AI/stablediffusion configs/stable-diffusion/v2-inference.yaml",
-        config_file="ldm_sd21.json",
-        base_height=512,
-        base_width=512,
-        num_frames=None,
-        full_param_count=865_910_724,
-    ),
-}
-
-
 # ----------------------------------------------------------------------------- lookup
 
 
@@ -222,7 +131,7 @@ def _check_name(name: str) -> str:
     if not isinstance(name, str):
         raise PresetError(f"preset name must be a string, got {type(name).__name__}")
     key = name.strip().lower()
-    if key in _META:
+    if key in PRESETS:
         return key
     close = _closest(key)
     hint = f" Did you mean {close!r}?" if close else ""
@@ -235,17 +144,9 @@ def _check_size(size: str) -> str:
     return size
 
 
-@cache
-def _read_json(filename: str) -> dict[str, Any]:
-    """Read one packaged architecture file (cached; callers get deep copies)."""
-    try:
-        text = resources.files("unet_surgery.architectures").joinpath(filename).read_text("utf-8")
-        data = json.loads(text)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PresetError(f"cannot read architecture file {filename!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise PresetError(f"architecture file {filename!r} must hold a JSON object")
-    return data
+def _meta(key: str) -> dict[str, Any]:
+    """What ``presets.json`` says of a preset beyond its config (a copy)."""
+    return dict(_read_json("presets.json")["presets"][key])
 
 
 def _tiny_overrides(key: str) -> dict[str, Any]:
@@ -265,7 +166,7 @@ def preset_config(name: str, *, size: str = "full") -> dict[str, Any]:
     """
     key = _check_name(name)
     _check_size(size)
-    meta = _META[key]
+    meta = _meta(key)
     cfg = copy.deepcopy(_read_json(meta["config_file"]))
     if meta["family"] == "ldm":
         if size == "tiny":
@@ -288,7 +189,7 @@ def get_preset(name: str) -> Preset:
 
 @cache
 def _get_preset(key: str) -> Preset:
-    meta = dict(_META[key])
+    meta = _meta(key)
     cfg = preset_config(key)
     if meta["family"] == "ldm":
         params = cfg["params"]
@@ -362,7 +263,7 @@ def _strip_private(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _construct(key: str, size: str) -> nn.Module:
     """Instantiate the preset's module on whatever device/RNG context is active."""
-    meta = _META[key]
+    meta = _meta(key)
     cfg = preset_config(key, size=size)
     if meta["family"] == "ldm":
         if cfg.get("target") != _LDM_CLASS:
@@ -398,7 +299,7 @@ def build_unet(
     key = _check_name(name)
     _check_size(size)
     target = torch.device(device)
-    is_ldm = _META[key]["family"] == "ldm"
+    is_ldm = _meta(key)["family"] == "ldm"
     if is_ldm and target.type != "meta" and dtype != torch.float32:
         raise PresetError(
             f"{key}: the LDM UNetModel only runs with float32 weights (its GroupNorm32 upcasts "

@@ -199,3 +199,38 @@ def test_timesteps_reach_the_patch_for_a_karras_scheduler() -> None:
         tp.run(pipe, {**kwargs, "num_inference_steps": 4})
         handle.remove()
     assert steps == [0, 1, 2, 3]
+
+
+def _unet_rows_after(pipe) -> int:
+    """Rows conv_in sees when the UNet gets a guided [uncond, cond] batch of 2 at the first step."""
+    rows, handle = conv_in_batches(pipe)
+    x = torch.randn(2, 4, 16, 16)
+    t = pipe.scheduler.timesteps[0]
+    pipe.unet(x, t, encoder_hidden_states=torch.randn(2, 5, 32))
+    handle.remove()
+    return rows[0]
+
+
+def test_unknown_guidance_warns_and_keeps_noise_damped_guidance_off() -> None:
+    """No encoder call and no do_classifier_free_guidance property: a warning, guidance off."""
+    pipe, _ = tp.sd()
+    with apply_to_pipeline(pipe, recipe_for("sd"), unet_map=preset_map("sd15", "tiny")) as patch:
+        # a fresh pipeline has no _guidance_scale yet, so its do_classifier_free_guidance fails
+        with pytest.warns(UserWarning, match="did not say whether it uses classifier-free guidance"):
+            pipe.scheduler.set_timesteps(3)
+        assert _unet_rows_after(pipe) == 2
+        patch.patch.enable_noise_damped_cfg()  # the observation can see the other case
+        assert _unet_rows_after(pipe) == 3
+
+
+def test_encoder_call_without_the_guidance_flag_warns_and_keeps_guidance_off() -> None:
+    pipe, kwargs = tp.sd()
+    with apply_to_pipeline(pipe, recipe_for("sd"), unet_map=preset_map("sd15", "tiny")) as patch:
+        with pytest.warns(UserWarning, match="called without do_classifier_free_guidance"):
+            pipe.encode_prompt(None, "cpu", 1, None, prompt_embeds=kwargs["prompt_embeds"])
+        pipe.scheduler.set_timesteps(3)
+        assert patch.cfg is False and _unet_rows_after(pipe) == 2
+        pipe.encode_prompt(None, "cpu", 1, True, prompt_embeds=kwargs["prompt_embeds"],
+                           negative_prompt_embeds=kwargs["negative_prompt_embeds"])
+        pipe.scheduler.set_timesteps(3)
+        assert patch.cfg is True and _unet_rows_after(pipe) == 3

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unet_surgery.sampling.cascade import combine_cfg
 from unet_surgery.toy.model import ToyDiffusion, make_ddim_scheduler
 
 __all__ = [
@@ -104,8 +105,7 @@ def sample(
         if callback is not None:
             callback(i, int(t))
         eps = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
-        eps_uncond, eps_cond = eps.chunk(2)
-        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        eps = combine_cfg(eps, guidance_scale)
         if eta > 0:
             step = scheduler.step(eps, t, x, eta=eta, variance_noise=per_seed_noise())
         else:
