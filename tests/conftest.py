@@ -17,6 +17,10 @@ import unet_surgery
 from unet_surgery.graph import UNetMap, map_unet
 from unet_surgery.presets import build_unet
 
+# The library's own map cache (unet_surgery.graph.cache) goes to a temporary folder, never the
+# user's; its keys carry a digest of the mapper code, so stale entries are never read.
+os.environ.setdefault("UNET_SURGERY_CACHE", str(Path(tempfile.gettempdir()) / "unet-surgery-test-cache"))
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per xdist worker: with -n 2 on 2 cores, more threads only contend.
     torch.set_num_threads(1)
@@ -48,7 +52,7 @@ def preset_map(name: str, size: str = "full") -> UNetMap:
         if file.exists():
             return UNetMap.from_dict(json.loads(file.read_text()))
         device = "meta" if size == "full" else "cpu"
-        unet_map = map_unet(build_unet(name, size=size, device=device))
+        unet_map = map_unet(build_unet(name, size=size, device=device), cache=False)
         tmp = file.with_suffix(".tmp")
         tmp.write_text(unet_map.to_json())
         tmp.replace(file)

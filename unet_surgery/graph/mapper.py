@@ -7,6 +7,7 @@ from typing import Any, Literal
 from torch import nn
 
 from unet_surgery.errors import MappingError
+from unet_surgery.graph import cache as map_cache
 from unet_surgery.graph.analysis import analyse_graph
 from unet_surgery.graph.capture import export_unet
 from unet_surgery.graph.inputs import ProbeSpec, probe_spec
@@ -24,6 +25,7 @@ def map_unet(
     latent_hw: tuple[int, int] = (128, 128),
     frames: int = 2,
     method: Method = "auto",
+    cache: bool = True,
 ) -> UNetMap:
     """Map the convolutions, attention ops and skip connections of a diffusion UNet.
 
@@ -40,9 +42,16 @@ def map_unet(
         latent_hw: latent height and width of the probe input.
         frames: number of frames for video UNets.
         method: ``"auto"``, ``"export"`` or ``"probe"``.
+        cache: reuse the map of an identical architecture (:mod:`unet_surgery.graph.cache`);
+            only for the default probe inputs (``inputs=None``).
     """
     if not isinstance(model, nn.Module):
         raise MappingError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if cache and inputs is None:
+        probe = {"latent_hw": list(latent_hw), "frames": frames, "method": method}
+        return map_cache.cached_map(
+            model, probe, lambda: map_unet(model, latent_hw=latent_hw, frames=frames, method=method, cache=False)
+        )
     spec = _spec(model, inputs, sample_key, latent_hw, frames)
     errors: list[str] = []
     if method in ("auto", "export"):

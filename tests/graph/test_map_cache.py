@@ -1,0 +1,118 @@
+"""The map cache: one map per architecture, never a stale one.
+
+Expected values: a map computed without the cache (``preset_map`` maps with ``cache=False``),
+and counts of how often the build function runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import preset_map
+from unet_surgery.errors import MappingError
+from unet_surgery.graph import cache as map_cache
+from unet_surgery.graph import map_unet, mapper
+from unet_surgery.graph.records import UNetMap
+from unet_surgery.presets import build_unet
+
+PROBE = {"latent_hw": [128, 128], "frames": 2, "method": "auto"}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNET_SURGERY_CACHE", str(tmp_path))
+    monkeypatch.delenv("UNET_SURGERY_NO_MAP_CACHE", raising=False)
+    map_cache.clear_memory()
+    yield tmp_path
+    map_cache.clear_memory()
+
+
+def small(dilation: int = 1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=dilation, dilation=dilation), nn.SiLU(), nn.Conv2d(8, 4, 1))
+
+
+class Builds:
+    """A build function that counts its calls and returns a distinct small map each time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> UNetMap:
+        self.calls += 1
+        return UNetMap(model_class=f"Build{self.calls}", method="export", convs=[], attentions=[], skips=[],
+                       num_levels=1, probe_latent=(1, 4, 8, 8))
+
+
+def test_same_architecture_other_weights_device_and_dtype_share_one_entry() -> None:
+    build = Builds()
+    first = map_cache.cached_map(small(seed=0), PROBE, build)
+    again = map_cache.cached_map(small(seed=1).double(), PROBE, build)
+    on_meta = map_cache.cached_map(small(seed=2).to("meta"), PROBE, build)
+    assert build.calls == 1
+    assert first.to_dict() == again.to_dict() == on_meta.to_dict()
+    again.notes.append("edited by a caller")  # callers get copies: the entry is untouched
+    assert map_cache.cached_map(small(), PROBE, build).notes == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["dilation", "shape", "probe", "code", "torch"],
+)
+def test_anything_a_map_depends_on_changes_the_key(change: str, monkeypatch) -> None:
+    build = Builds()
+    map_cache.cached_map(small(), PROBE, build)
+    model, probe = small(), PROBE
+    if change == "dilation":  # same parameters, other conv setting
+        model = small(dilation=2)
+    elif change == "shape":
+        model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 4, 1))
+    elif change == "probe":
+        probe = {**PROBE, "latent_hw": [64, 96]}
+    elif change == "code":
+        monkeypatch.setattr(map_cache, "code_digest", lambda: "another mapper")
+    elif change == "torch":
+        monkeypatch.setattr(torch, "__version__", "9.9.9")
+    out = map_cache.cached_map(model, probe, build)
+    assert build.calls == 2 and out.model_class == "Build2"
+
+
+def test_entries_survive_the_process_and_corrupt_ones_are_rebuilt(private_cache) -> None:
+    build = Builds()
+    map_cache.cached_map(small(), PROBE, build)
+    map_cache.clear_memory()  # a new process: only the folder is left
+    assert map_cache.cached_map(small(), PROBE, build).model_class == "Build1" and build.calls == 1
+    (file,) = (private_cache / "maps").glob("*.json")
+    file.write_text("{not json")
+    map_cache.clear_memory()
+    assert map_cache.cached_map(small(), PROBE, build).model_class == "Build2"
+    assert json.loads(file.read_text())["model_class"] == "Build2"  # and the entry is repaired
+
+
+def test_the_cache_can_be_switched_off(monkeypatch, private_cache) -> None:
+    monkeypatch.setenv("UNET_SURGERY_NO_MAP_CACHE", "1")
+    build = Builds()
+    map_cache.cached_map(small(), PROBE, build)
+    map_cache.cached_map(small(), PROBE, build)
+    assert build.calls == 2 and not (private_cache / "maps").exists()
+
+
+def test_map_unet_maps_an_architecture_once(monkeypatch) -> None:
+    """The second map of a tiny SD1.5 (other seed, on meta) runs no export and no probe, and
+    both equal the map computed without the cache."""
+    fresh = preset_map("sd15", "tiny").to_dict()
+    first = map_unet(build_unet("sd15", size="tiny", device="cpu", seed=0))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mapped again")
+
+    monkeypatch.setattr(mapper, "export_unet", refuse)
+    monkeypatch.setattr(mapper, "probe_unet", refuse)
+    second = map_unet(build_unet("sd15", size="tiny", device="meta", seed=1))
+    assert first.to_dict() == second.to_dict() == fresh
+    with pytest.raises(MappingError, match="mapped again"):  # cache=False always maps
+        map_unet(build_unet("sd15", size="tiny", device="meta"), cache=False)
