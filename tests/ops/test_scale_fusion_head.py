@@ -30,6 +30,7 @@ from diffusers.models.attention_processor import Attention
 from einops import rearrange
 from torch import nn
 
+from tests.conftest import preset_map
 from unet_surgery import apply
 from unet_surgery.ops.scale_fusion import fusion_window, scale_fusion
 from unet_surgery.presets import build_unet, example_inputs
@@ -340,20 +341,13 @@ LAYERS = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1",  # level 1
           "down_blocks.2.attentions.0.transformer_blocks.1.attn1"]  # level 2
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl_map():
-    from tests.conftest import preset_map
-
-    return preset_map("sdxl", "tiny")
-
-
 @pytest.mark.parametrize(("target", "fast", "jitter"), [
     ((512, 256), False, True),   # 2:1, 2x area
     ((256, 512), True, False),   # 1:2, fast strides (1, 2)
     ((512, 512), True, True),    # square, 4x area
     ((768, 256), False, False),  # 3:1: level-2 window 2 = floor(10 / 4), the official int()
 ], ids=["512x256", "256x512-fast", "512x512-fast", "768x256"])
-def test_pass_matches_head(tiny_sdxl_map, target, fast, jitter):
+def test_pass_matches_head(target, fast, jitter):
     """A recipe's scale_fusion on a tiny SDXL: two attn1 layers against the transcription."""
     model = build_unet("sdxl", size="tiny", device="cpu", dtype=torch.float64)
     plain = {p: copy.deepcopy(model.get_submodule(p)) for p in LAYERS}
@@ -368,7 +362,7 @@ def test_pass_matches_head(tiny_sdxl_map, target, fast, jitter):
               "passes": [{"type": "scale_fusion", "select": {"op": ["attention"], "kind": ["self"], "axis": ["spatial"]},
                           "jitter": jitter, "fast_mode": fast}]}
     inputs = example_inputs(model, height=target[0], width=target[1], dtype=torch.float64)
-    with apply(model, recipe, unet_map=tiny_sdxl_map), torch.no_grad():
+    with apply(model, recipe, unet_map=preset_map("sdxl", "tiny")), torch.no_grad():
         model(**inputs)
     for p in LAYERS:
         x, out = seen[p]
