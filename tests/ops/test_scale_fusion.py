@@ -1,5 +1,9 @@
 """Scale-fusion self-attention: the op against a deliberately literal transcription of the
-published formula, the blur variants, fast mode, jitter and the in-place class swap."""
+published formula, the blur variants, fast mode, jitter and the in-place class swap.
+
+The official HEAD code itself (windows, strides, 3-D blur) is transcribed in
+``test_scale_fusion_head.py``; here ``_blur_reference`` keeps the earlier official blur
+(``published-2024``) beside it."""
 
 from __future__ import annotations
 
@@ -75,11 +79,12 @@ def _blur_reference(x: torch.Tensor, k: int, blur: str) -> torch.Tensor:
     """Full (non-separable) Gaussian convolutions of a (B, h, w, C) tensor, zero padded."""
     g = _gauss1d(k).to(x.dtype)
     _, h, _, c = x.shape
-    if blur == "published":
-        # The official gaussian_filter on its (B, h, w, C) tensor: conv2d sees h as channels.
+    if blur == "published-2024":
+        # The official gaussian_filter before 0b2f58f/b7c40ae (e.g. 94b6b59) on its
+        # (B, h, w, C) tensor: conv2d with groups=shape[1] sees h as its channels.
         kernel = (g[:, None] * g[None, :])[None, None].repeat(h, 1, 1, 1)
         return F.conv2d(x, kernel, padding=k // 2, groups=h)
-    if blur == "volumetric":
+    if blur in ("published", "volumetric"):  # HEAD: conv3d over each item's (h, w, C)
         kernel = g[:, None, None] * g[None, :, None] * g[None, None, :]
         return F.conv3d(x[:, None], kernel[None, None], padding=k // 2)[:, 0]
     kernel = (g[:, None] * g[None, :])[None, None].repeat(c, 1, 1, 1)
@@ -87,7 +92,7 @@ def _blur_reference(x: torch.Tensor, k: int, blur: str) -> torch.Tensor:
     return out.permute(0, 2, 3, 1)
 
 
-def _reference(attend, x, grid, window, blur="published", fast=False):
+def _reference(attend, x, grid, window, blur="published", fast=False, scale=None):
     """G(local) + (global - G(global)) with one attention call per window / sub-grid."""
     b, n, c = x.shape
     gh, gw = grid
@@ -103,7 +108,7 @@ def _reference(attend, x, grid, window, blur="published", fast=False):
             value[:, h0 : h0 + wh, w0 : w0 + ww] += attend(tokens).reshape(b, wh, ww, c)
             count[:, h0 : h0 + wh, w0 : w0 + ww] += 1
     local = torch.where(count > 0, value / count, value)
-    s_h, s_w = gh / wh, gw / ww
+    s_h, s_w = scale if scale is not None else (gh / wh, gw / ww)
     if fast:
         th, tw = math.ceil(s_h), math.ceil(s_w)
         glob = torch.zeros_like(xs)
@@ -134,7 +139,7 @@ LDM = [False, pytest.param(True, marks=pytest.mark.requires_ldm, id="ldm")]
 @given(
     grid=grids,
     window=windows,
-    blur=st.sampled_from(["published", "volumetric", "spatial"]),
+    blur=st.sampled_from(["published", "published-2024", "volumetric", "spatial"]),
     fast=st.booleans(),
 )
 def test_matches_direct_reference(ldm, grid, window, blur, fast):
@@ -156,7 +161,7 @@ def test_matches_direct_reference(ldm, grid, window, blur, fast):
         ((9, 30), (8, 8)),
     ],
 )
-@pytest.mark.parametrize("blur", ["published", "volumetric", "spatial"])
+@pytest.mark.parametrize("blur", ["published", "published-2024", "spatial"])
 def test_matches_direct_reference_fp32_at_sd_like_shapes(grid, window, blur):
     attn = _diffusers_attn(torch.float32)
     x = torch.randn(2, grid[0] * grid[1], C)
@@ -232,7 +237,7 @@ def _impulse(h=7, w=6, c=9):
     return x
 
 
-@pytest.mark.parametrize("blur", ["published", "volumetric", "spatial"])
+@pytest.mark.parametrize("blur", ["published", "published-2024", "volumetric", "spatial"])
 @pytest.mark.parametrize("k", [3, 5])
 def test_blur_equals_full_kernel_convolution(blur, k):
     x = torch.randn(2, 7, 6, 9, dtype=torch.float64)
@@ -247,27 +252,35 @@ def test_spatial_blur_never_mixes_channels_published_does():
     flat = x.reshape(1, -1, 9)
     spatial = gaussian_blur(flat, (7, 6), 3, blur="spatial").reshape(x.shape)
     published = gaussian_blur(flat, (7, 6), 3, blur="published").reshape(x.shape)
-    volumetric = gaussian_blur(flat, (7, 6), 3, blur="volumetric").reshape(x.shape)
+    old = gaussian_blur(flat, (7, 6), 3, blur="published-2024").reshape(x.shape)
     others = [c for c in range(9) if c != 4]
     assert torch.count_nonzero(spatial[..., others]) == 0
     assert spatial[0, :, :, 4].sum() == pytest.approx(1.0)
     assert torch.count_nonzero(published[..., 3]) > 0 and torch.count_nonzero(published[..., 5]) > 0
-    assert torch.count_nonzero(volumetric[..., 3]) > 0
-    # The published filter runs conv2d over (w, C) with h as its channel axis: no mixing in h.
+    assert torch.count_nonzero(old[..., 3]) > 0 and torch.count_nonzero(old[..., 5]) > 0
+    # The 2024 filter ran conv2d over (w, C) with h as its channel axis: no mixing in h;
+    # HEAD's conv3d mixes all three axes.
     rows = [r for r in range(7) if r != 3]
-    assert torch.count_nonzero(published[:, rows]) == 0
-    assert torch.count_nonzero(volumetric[:, rows]) > 0
-    torch.testing.assert_close(published.sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.count_nonzero(old[:, rows]) == 0
+    assert torch.count_nonzero(published[:, rows]) > 0
+    for blurred in (published, old):
+        torch.testing.assert_close(blurred.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_volumetric_is_published():
+    x = torch.randn(2, 7 * 6, 9, dtype=torch.float64)
+    a = gaussian_blur(x, (7, 6), 5, blur="volumetric")
+    assert torch.equal(a, gaussian_blur(x, (7, 6), 5, blur="published"))
 
 
 def test_blur_variants_change_the_fused_output():
     attn = _diffusers_attn()
     x = torch.randn(2, 16 * 16, C, dtype=_dtype(attn))
+    blurs = ("published", "published-2024", "spatial")
     with torch.no_grad():
-        outs = {
-            b: scale_fusion(attn, x, (16, 16), (8, 8), blur=b) for b in ("published", "spatial")
-        }
+        outs = {b: scale_fusion(attn, x, (16, 16), (8, 8), blur=b) for b in blurs}
     assert not torch.allclose(outs["published"], outs["spatial"])
+    assert not torch.allclose(outs["published"], outs["published-2024"])
 
 
 # --------------------------------------------------------------------------- jitter
@@ -328,6 +341,12 @@ def test_patched_module_equals_scale_fusion(ldm, fast):
 def test_setting_at_latent_level_is_rescaled_to_the_layer():
     assert level_hw((128, 96), (64, 64), 64 * 48) == ((64, 48), (32, 32))
     assert level_hw((100, 75), (64, 64), 13 * 10) == ((13, 10), (8, 8))
+    # The official window at a level is int(sub / scale_factor): 3:1 SDXL (3072x1024) has
+    # sub_w = int(128 / 3) = 42, so int(42 / 2) = 21 and int(42 / 4) = 10 tokens; the grid
+    # halves with ceil like a strided conv (an odd 25 gives 13).
+    assert level_hw((384, 128), (128, 42), 192 * 64) == ((192, 64), (64, 21))
+    assert level_hw((384, 128), (128, 42), 96 * 32) == ((96, 32), (32, 10))
+    assert level_hw((50, 25), (16, 5), 25 * 13) == ((25, 13), (8, 2))
     with pytest.raises(TransformError):
         level_hw((16, 16), (8, 8), 100)
     attn, plain = _diffusers_attn(), _diffusers_attn()
@@ -364,6 +383,25 @@ def test_cross_attention_masked_and_inactive_calls_are_untouched(ldm):
         state["setting"] = _setting()
         assert torch.equal(attn(x), fused)
         assert current_fusion(attn) == _setting()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_setting_scale_reaches_the_op(fast):
+    """scale_hw sets the kernel and fast strides: a 32x16 grid with a 16x8 window and scale
+    (2, 1) (the official 2:1 numbers) is not the default scale grid / window = (2, 2)."""
+    attn, plain = _diffusers_attn(), _diffusers_attn()
+    setting = _setting(grid_hw=(32, 16), window_hw=(16, 8), scale_hw=(2, 1), fast_mode=fast)
+    fuse_attention_(attn, setting)
+    x = torch.randn(1, 32 * 16, C, dtype=_dtype(attn))
+    with torch.no_grad():
+        got = attn(x)
+        expected = _reference(plain, x, (32, 16), (16, 8), "published", fast, scale=(2, 1))
+        assert torch.equal(got, scale_fusion(plain, x, (32, 16), (16, 8), fast_mode=fast, scale=(2, 1)))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        if fast:  # strides (2, 1), not (2, 2)
+            assert not torch.allclose(got, scale_fusion(plain, x, (32, 16), (16, 8), fast_mode=True))
+    with pytest.raises(TransformError):
+        _setting(scale_hw=(0, 1))
 
 
 def test_any_attention_processor_is_used_as_attend():

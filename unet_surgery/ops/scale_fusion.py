@@ -7,11 +7,13 @@ result and the high frequencies of the local one::
 
     out = G(local) + (global - G(global))
 
-``G`` is a Gaussian blur (kernel size ``2 * ceil(max(s_h, s_w)) - 1``, sigma 1, zero padding),
-``s = grid / window`` the scale factor of the layer.  ``local`` averages attention over windows
-of ``window_hw`` tokens placed at a stride of half a window (optionally jittered), ``global`` is
-the layer's plain attention over all tokens (or, in ``fast_mode``, attention over the strided
-sub-grids ``h::s_h, w::s_w``).
+``G`` is a Gaussian blur (kernel size ``2 * ceil(max(s_h, s_w)) - 1``, sigma 1, zero padding;
+by default 3-D over (h, w, channel) as the official code computes it since March 2025),
+``s = (s_h, s_w)`` the per-axis scale of the layer (``grid / window`` unless given).  ``local``
+averages attention over windows of ``window_hw`` tokens placed at a stride of half a window
+(optionally jittered), ``global`` is the layer's plain attention over all tokens (or, in
+``fast_mode``, attention over the strided sub-grids ``h::s_h, w::s_w``).  :func:`fusion_window`
+gives the official window and scale for a grid and a training-size grid.
 
 Two layers of API, as for re-dilation:
 
@@ -48,6 +50,7 @@ __all__ = [
     "current_fusion",
     "fuse_attention_",
     "fusion_kernel_size",
+    "fusion_window",
     "gaussian_blur",
     "is_fused",
     "level_hw",
@@ -56,11 +59,22 @@ __all__ = [
     "window_starts",
 ]
 
-Blur: TypeAlias = Literal["published", "volumetric", "spatial"]
-BLURS: tuple[str, ...] = ("published", "volumetric", "spatial")
-"""``published``: (w, channel) per token row, exactly what the official code computes;
-``volumetric``: 3-D over (h, w, channel), as the reference notes describe it;
-``spatial``: 2-D over (h, w), every channel on its own."""
+Blur: TypeAlias = Literal["published", "published-2024", "volumetric", "spatial"]
+BLURS: tuple[str, ...] = ("published", "published-2024", "volumetric", "spatial")
+"""``published``: 3-D over (h, w, channel) of every batch item, what the official code computes
+at its HEAD (d5a2256, since the "fix filter" commits 0b2f58f/b7c40ae of 2025-03-07);
+``published-2024``: (w, channel) per token row, what the official code computed before those
+commits (e.g. 94b6b59, December 2024); ``volumetric``: an alias of ``published`` (its name
+before the official code moved to the 3-D blur); ``spatial``: 2-D over (h, w), every channel
+on its own."""
+
+_BLUR_DIMS: dict[str, tuple[int, ...]] = {
+    "published": (1, 2, 3),
+    "published-2024": (2, 3),
+    "volumetric": (1, 2, 3),
+    "spatial": (1, 2),
+}
+"""Axes of the ``(B, h, w, C)`` token grid each blur runs its 1-D Gaussian along."""
 
 PUBLISHED_JITTER = 0.125
 """The published jitter range: up to 1/8 of the window in each direction."""
@@ -124,6 +138,24 @@ def _ceil(value: float) -> int:
 def fusion_kernel_size(scale_hw: tuple[float, float]) -> int:
     """Blur kernel size ``2 * ceil(max(s_h, s_w)) - 1`` (the published rule, ceil for s not int)."""
     return 2 * _ceil(max(scale_hw)) - 1
+
+
+def fusion_window(grid_hw: HW, base_hw: HW) -> tuple[HW, tuple[float, float]]:
+    """The official window and per-axis scale for a token grid and the training-size grid.
+
+    FreeScale's ``scale_forward`` (HEAD d5a2256) takes ``s = (s_h, s_w)`` from the target size
+    and gives the axis with the larger scale a window of the training size and the other axis
+    ``floor(grid / max(s))`` tokens (``sub_w = int(128 / ratio_hw)``): both sides are
+    ``grid / max(s_h, s_w)``, the windows keep the image's aspect ratio, and at square sizes
+    the window is the training grid.  ``s`` also sets the blur size and the fast-mode strides,
+    so it is returned rather than re-derived as ``grid / window``.  Exact integer arithmetic:
+    the official float ``int(128 / ratio)`` gives the same windows at every size it runs at.
+    """
+    (gh, gw), (bh, bw) = _check_hw(grid_hw, "grid_hw"), _check_hw(base_hw, "base_hw")
+    # s_h >= s_w: h gets the training size, w its share; else the other way round.
+    window = (bh, gw * bh // gh) if gh * bw >= gw * bh else (gh * bw // gw, bw)
+    window = (max(1, min(window[0], gh)), max(1, min(window[1], gw)))
+    return window, (gh / bh, gw / bw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,10 +323,11 @@ def gaussian_blur(
     """Blur tokens ``(B, h*w, C)`` with the fusion Gaussian; returns the same shape.
 
     Separable passes with zero padding equal the full 2-D/3-D zero-padded convolution exactly
-    (in real arithmetic).  ``published`` blurs along w and the channel axis of every token row
-    -- what the official ``gaussian_filter`` does to its (B, h, w, C) tensor, since ``conv2d``
-    takes h as its channel axis; ``volumetric`` adds the h axis (the 3-D blur the reference
-    notes describe); ``spatial`` blurs h and w only and never mixes channels.
+    (in real arithmetic).  ``published`` (alias ``volumetric``) blurs along h, w and the channel
+    axis -- the official ``gaussian_filter`` since March 2025, a ``conv3d`` over each batch
+    item's (h, w, C) volume; ``published-2024`` blurs along w and C of every token row -- the
+    earlier ``conv2d``, which took h as its channel axis; ``spatial`` blurs h and w only and
+    never mixes channels.
     """
     _check_blur(blur)
     if kernel_size <= 1:
@@ -302,8 +335,7 @@ def gaussian_blur(
     b, n, c = x.shape
     kernel = _gaussian_1d(kernel_size, sigma)
     grid = x.reshape(b, grid_hw[0], grid_hw[1], c)
-    dims = {"published": (2, 3), "volumetric": (1, 2, 3), "spatial": (1, 2)}[blur]
-    for dim in dims:
+    for dim in _BLUR_DIMS[blur]:
         grid = _blur_dim(grid, dim, kernel)
     return grid.reshape(b, n, c)
 
@@ -333,7 +365,8 @@ def scale_fusion(
     to it, and when it covers the whole grid the result is ``attend(hidden_states)`` exactly.
     ``jitter`` (a window fraction, published 1/8) shifts every window by a random amount drawn
     from ``generator`` (CPU; None = torch's global RNG) with the input zero-padded by that
-    range.  ``scale`` overrides ``s = grid / window`` for the blur size and fast-mode strides.
+    range.  ``scale`` overrides ``s = grid / window`` for the blur size and fast-mode strides
+    (:func:`fusion_window` gives the official windows together with their scale).
     ``chunk_size`` caps windows per ``attend`` call (default: as many as fit in half the token
     count of the global call).
     """
@@ -371,11 +404,14 @@ def scale_fusion(
 class FusionSetting:
     """What a fused self-attention does on one forward.
 
-    ``grid_hw``/``window_hw`` are the token grid and the training-size window, either at the
-    layer's own level or at any finer level (e.g. latent size and training latent size): a
-    patched layer divides both by the power of two that makes the grid match its token count
-    (``ceil`` per halving, as strided 3x3 downsamplers do).  ``seed`` None draws jitter from
-    torch's global RNG; an int seeds a per-layer generator that advances on every forward.
+    ``grid_hw``/``window_hw`` are the token grid and the window, either at the layer's own
+    level or at any finer level (e.g. latent size and a window in latent tokens): a patched
+    layer divides both by the power of two that makes the grid match its token count (the grid
+    with ``ceil`` per halving, as strided 3x3 downsamplers do; the window with ``floor``, as
+    the official ``int(sub / scale_factor)``).  ``scale_hw`` is the per-axis scale for the blur
+    size and fast-mode strides (None: ``grid / window`` at the layer's level); it is the same
+    at every level.  ``seed`` None draws jitter from torch's global RNG; an int seeds a
+    per-layer generator that advances on every forward.
     """
 
     active: bool = True
@@ -385,9 +421,12 @@ class FusionSetting:
     jitter: float = PUBLISHED_JITTER
     seed: int | None = None
     fast_mode: bool = False
+    scale_hw: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         _check_blur(self.blur)
+        if self.scale_hw is not None:
+            object.__setattr__(self, "scale_hw", _scale_hw(self.scale_hw, (1, 1), (1, 1)))
         object.__setattr__(self, "jitter", _check_jitter(self.jitter))
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
@@ -408,15 +447,17 @@ FusionSource: TypeAlias = FusionSetting | Callable[[], FusionSetting | None] | N
 def level_hw(grid_hw: HW, window_hw: HW, num_tokens: int) -> tuple[HW, HW]:
     """Grid and window at the level that has ``num_tokens`` tokens.
 
-    Halves both (``ceil``) until the grid has ``num_tokens`` tokens, at most 8 times; raises
-    :class:`TransformError` when no level fits.
+    Halves both until the grid has ``num_tokens`` tokens, at most 8 times: the grid with
+    ``ceil`` (a strided 3x3 downsampler's output size), the window with ``floor`` (the official
+    ``int(sub / scale_factor)``, never below 1); the two agree wherever the window is a power
+    of two times the level's.  Raises :class:`TransformError` when no level fits.
     """
     grid, window = _check_hw(grid_hw, "grid_hw"), _check_hw(window_hw, "window_hw")
     for _ in range(9):
         if grid[0] * grid[1] == num_tokens:
             return grid, window
         grid = (-(-grid[0] // 2), -(-grid[1] // 2))
-        window = (-(-window[0] // 2), -(-window[1] // 2))
+        window = (max(1, window[0] // 2), max(1, window[1] // 2))
     raise TransformError(f"no downsampling level of grid {tuple(grid_hw)} has {num_tokens} tokens")
 
 
@@ -486,6 +527,7 @@ class _FusedAttentionMixin(rewrite.Rewritten):
             jitter=setting.jitter,
             generator=self._fusion_generator(setting),
             fast_mode=setting.fast_mode,
+            scale=setting.scale_hw,
         )
 
     def _fusion_generator(self, setting: FusionSetting) -> torch.Generator | None:

@@ -1,7 +1,9 @@
 """The ``scale_fusion`` pass: FreeScale's scale-fusion self-attention.
 
-The token grid is the current latent size and the window the base (training) latent size;
-the layer scales both to its own level from its token count. At or below the base size the
+The token grid is the current latent size; window and scale follow the official code
+(:func:`~unet_surgery.ops.scale_fusion.fusion_window`): ``s`` per axis is latent / base latent
+and the window is ``grid / max(s)`` per side, the base latent size at square sizes. The layer
+scales grid and window to its own level from its token count. At or below the base size the
 layer runs plain attention.
 """
 
@@ -12,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import AttentionRecord, UNetMap
-from unet_surgery.ops.scale_fusion import PUBLISHED_JITTER, FusionSetting
+from unet_surgery.ops.scale_fusion import PUBLISHED_JITTER, FusionSetting, fusion_window
 from unet_surgery.passes.base import (
     FilterFn,
     PassHandler,
@@ -33,9 +35,10 @@ class ScaleFusionPass(PassConfig):
 
     type: ClassVar[str] = "scale_fusion"
     select: Selector = doc("attention ops to fuse (spatial self-attention only)")
-    blur: Literal["published", "volumetric", "spatial"] = doc(
-        "published: what the official code computes, a 2-D Gaussian over (w, channel) per token row; "
-        "volumetric: 3-D over (h, w, channel); spatial: over (h, w) only",
+    blur: Literal["published", "published-2024", "volumetric", "spatial"] = doc(
+        "published: what the official code computes (HEAD, since 2025-03-07), a 3-D Gaussian over "
+        "(h, w, channel); published-2024: the official code before that, 2-D over (w, channel) per "
+        "token row; volumetric: alias of published; spatial: over (h, w) only",
         default="published",
     )
     jitter: bool = doc("shift each window by up to 1/8 window (seeded)", default=True)
@@ -64,15 +67,17 @@ class ScaleFusionHandler(PassHandler[ScaleFusionPass]):
     def setting(self, patch: Any, entry: ScaleFusionPass, branch: str, call: UNetCall | None, current: Any) -> FusionSetting | None:
         if call is None or not call.latent_hw[0]:
             return None
-        grid, window = call.latent_hw, patch.base_latent_hw
-        if grid[0] <= window[0] and grid[1] <= window[1]:
+        grid, base = call.latent_hw, patch.base_latent_hw
+        if grid[0] <= base[0] and grid[1] <= base[1]:
             return None
         if not active_now(patch, entry.schedule, call):
             return None
+        window, scale = fusion_window(grid, base)
         return FusionSetting(
             active=True,
             grid_hw=grid,
-            window_hw=(min(window[0], grid[0]), min(window[1], grid[1])),
+            window_hw=window,
+            scale_hw=scale,
             blur=entry.blur,
             jitter=PUBLISHED_JITTER if entry.jitter else 0.0,
             seed=entry.seed,
