@@ -50,7 +50,7 @@ def ref_fourier_filter(x_in: torch.Tensor, threshold: int, scale: float) -> torc
     """diffusers.utils.torch_utils.fourier_filter (0.42.1), transcribed."""
     x = x_in
     B, C, H, W = x.shape
-    if (W & (W - 1)) != 0 or (H & (H - 1)) != 0:
+    if (W & (W - 1)) != 0 or (H & (H - 1)) != 0:  # noqa: SIM114  (both branches kept as published)
         x = x.to(dtype=torch.float32)
     elif x.dtype != torch.float32:
         x = x.to(dtype=torch.float32)
