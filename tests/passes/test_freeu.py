@@ -291,3 +291,54 @@ def test_selection_errors_and_no_effect() -> None:
     model = build_unet("sd15", size="tiny", device="meta")
     with pytest.warns(NoEffectWarning, match="factor of the selected stages is 1"):
         apply(model, recipe_of(FreeUPass(b1=1.0, b2=1.0, s1=1.0, s2=1.0)), unet_map=unet_map).remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["animatediff", "modelscope_t2v"])
+def test_video_unets_equal_diffusers_enable_freeu(name: str) -> None:
+    # UNetMotionModel and UNet3DConditionModel have diffusers' FreeU too (resolution_idx 0, 1).
+    model = build_unet(name, size="tiny", device="cpu", dtype=torch.float64)
+    randomize_zero_init_(model, 3, include_constant=True)
+    inputs = example_inputs(model, height=128, width=128, dtype=torch.float64)
+    expected = run(with_diffusers_freeu(model, SD15), inputs)
+    unet_map = preset_map(name, "tiny")
+    with apply(model, freeu_recipe(unet_map, base=512, **SD15), unet_map=unet_map) as patch:
+        assert {p: e.stage for p, e in patch.plan.entries("freeu").items()} == DIFFUSERS_STAGES
+        ours = run(model, inputs)
+    assert (expected - run(model, inputs)).abs().max() > 1e-2
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_adapter_round_trip(tmp_path) -> None:
+    from unet_surgery.export import load_patch, save_patch
+
+    model = tiny64("sd15")
+    inputs = example_inputs(model, height=64, width=64, dtype=torch.float64)
+    unet_map = preset_map("sd15", "tiny")
+    with apply(model, "freeu-sd15", unet_map=unet_map) as patch:
+        expected = run(model, inputs)
+        save_patch(patch, tmp_path / "adapter")
+    with load_patch(model, tmp_path / "adapter", unet_map=unet_map) as reloaded:
+        assert reloaded.plan.paths("skip_merges") == sorted(DIFFUSERS_STAGES)
+        assert torch.equal(run(model, inputs), expected)
+
+
+@pytest.mark.slow
+def test_pt2_phases_equal_the_eager_model(tmp_path) -> None:
+    # A FreeU window of one step out of two: two static programs, each equal to eager FreeU.
+    from unet_surgery.export import Pt2Runner, export_pt2
+
+    model = build_unet("sd15", size="tiny", device="cpu")
+    inputs = example_inputs(model, height=128, width=128)
+    config = FreeUPass(schedule=ScheduleSpec(tau=1, steps=2), **SD15)
+    with apply(model, recipe_of(config), unet_map=preset_map("sd15", "tiny")) as patch:
+        export_pt2(patch, tmp_path / "pt2", height=128, width=128, num_steps=2)
+        runner = Pt2Runner(tmp_path / "pt2")
+        assert runner.manifest["step_phase"] == [0, 1]
+        patch.set_timesteps(runner.timesteps)
+        outputs = []
+        for t in runner.timesteps:
+            eager = run(model, {**inputs, "timestep": torch.full((1,), int(t))})
+            assert torch.equal(runner(inputs["sample"], torch.tensor(int(t)), inputs["encoder_hidden_states"]), eager)
+            outputs.append(eager)
+    assert not torch.equal(outputs[0], outputs[1])
