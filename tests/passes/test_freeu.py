@@ -22,7 +22,7 @@ from torch import nn
 from tests.conftest import preset_map
 from unet_surgery import apply
 from unet_surgery.errors import RecipeError, SelectionError
-from unet_surgery.ops.freeu import FreeUSetting, fourier_filter, freeu_merge
+from unet_surgery.ops.freeu import FreeUSetting, backbone_scale, fourier_filter, freeu_merge
 from unet_surgery.passes import make_plan
 from unet_surgery.passes.freeu import FreeUPass
 from unet_surgery.patching.patch import NoEffectWarning
@@ -72,6 +72,27 @@ def ref_apply_freeu(resolution_idx: int, hidden_states: torch.Tensor, res_hidden
         b, s = (kw["b1"], kw["s1"]) if resolution_idx == 0 else (kw["b2"], kw["s2"])
         half = hidden_states.shape[1] // 2
         hidden_states[:, :half] = hidden_states[:, :half] * b
+        res_hidden_states = ref_fourier_filter(res_hidden_states, threshold=1, scale=s)
+    return hidden_states, res_hidden_states
+
+
+def ref_v2_backbone(h: torch.Tensor, b: float, half: int) -> torch.Tensor:
+    """FreeU README from 2023-10-18, ``Free_UNetModel.forward``, the backbone part of a stage,
+    transcribed (the published ``h[:, :640]`` is the first half of 1280 channels: ``half``)."""
+    hidden_mean = h.mean(1).unsqueeze(1)
+    B = hidden_mean.shape[0]
+    hidden_max, _ = torch.max(hidden_mean.view(B, -1), dim=-1, keepdim=True)
+    hidden_min, _ = torch.min(hidden_mean.view(B, -1), dim=-1, keepdim=True)
+    hidden_mean = (hidden_mean - hidden_min.unsqueeze(2).unsqueeze(3)) / (hidden_max - hidden_min).unsqueeze(2).unsqueeze(3)
+    h[:, :half] = h[:, :half] * ((b - 1) * hidden_mean + 1)
+    return h
+
+
+def ref_apply_freeu_v2(resolution_idx: int, hidden_states: torch.Tensor, res_hidden_states: torch.Tensor, **kw: Any):
+    """``ref_apply_freeu`` with the v2 backbone scaling, at diffusers' stages."""
+    if resolution_idx in (0, 1):
+        b, s = (kw["b1"], kw["s1"]) if resolution_idx == 0 else (kw["b2"], kw["s2"])
+        hidden_states = ref_v2_backbone(hidden_states, b, hidden_states.shape[1] // 2)
         res_hidden_states = ref_fourier_filter(res_hidden_states, threshold=1, scale=s)
     return hidden_states, res_hidden_states
 
@@ -140,6 +161,12 @@ def test_merge_is_apply_freeu_then_cat(skip_first: bool) -> None:
     assert torch.equal(x, torch.cat([s, h] if skip_first else [h, s], dim=1))  # input untouched
 
 
+def test_structure_backbone_scaling_is_the_v2_code() -> None:
+    h = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(backbone_scale(h, 1.3, structure=True), ref_v2_backbone(h.clone(), 1.3, 3), rtol=0, atol=1e-12)
+    assert torch.equal(backbone_scale(h, 1.3), torch.cat([h[:, :3] * 1.3, h[:, 3:]], 1))
+
+
 # ----------------------------------------------------------------------------- whole models
 
 
@@ -171,6 +198,27 @@ def test_pass_equals_diffusers_enable_freeu_in_float64(name: str, settings: dict
     assert (expected - plain).abs().max() > 1e-2  # FreeU really changes the output
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours, transcribed, rtol=0, atol=1e-6)
+
+
+def test_structure_scaling_equals_diffusers_blocks_with_the_v2_code() -> None:
+    # No library implements v2 at diffusers' stages; the reference is diffusers' up blocks
+    # calling the transcribed v2 code. 128 px: the lowest level is 2x2 (a 1x1 map has no range).
+    model = tiny64("sd15")
+    inputs = example_inputs(model, height=128, width=128, dtype=torch.float64)
+    import diffusers.models.unets.unet_2d_blocks as blocks
+
+    original = blocks.apply_freeu
+    blocks.apply_freeu = ref_apply_freeu_v2
+    try:
+        expected = run(with_diffusers_freeu(model, SD15), inputs)
+    finally:
+        blocks.apply_freeu = original
+    unet_map = preset_map("sd15", "tiny")
+    with apply(model, recipe_of(FreeUPass(backbone_scaling="structure", **SD15)), unet_map=unet_map):
+        ours = run(model, inputs)
+    constant = run(with_diffusers_freeu(model, SD15), inputs)
+    assert (expected - constant).abs().max() > 1e-3  # v2 is not v1
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
 def test_apply_remove_is_bit_exact() -> None:

@@ -59,10 +59,23 @@ def fourier_filter(x: Tensor, threshold: int, scale: float) -> Tensor:
     return torch.fft.ifftn(freq, dim=(-2, -1)).real.to(x.dtype)
 
 
-def backbone_scale(h: Tensor, factor: float) -> Tensor:
-    """The first half of ``h``'s channels (dim 1) times ``factor``; a new tensor."""
+def backbone_scale(h: Tensor, factor: float, *, structure: bool = False) -> Tensor:
+    """The first half of ``h``'s channels (dim 1) times ``factor``; a new tensor.
+
+    ``structure``: FreeU's v2 ("structure-related") scaling from its README of 2023-10-18:
+    the factor becomes ``(factor - 1) * m + 1`` per pixel, ``m`` the channel mean of ``h``
+    min-max normalised over each sample's map (a constant map divides by zero, as published).
+    """
     half = h.shape[1] // 2
-    return torch.cat([h[:, :half] * factor, h[:, half:]], dim=1)
+    if not structure:
+        return torch.cat([h[:, :half] * factor, h[:, half:]], dim=1)
+    mean = h.mean(1, keepdim=True)
+    flat = mean.reshape(h.shape[0], -1)
+    shape = (h.shape[0],) + (1,) * (h.ndim - 1)
+    lo = flat.min(dim=-1).values.reshape(shape)
+    hi = flat.max(dim=-1).values.reshape(shape)
+    scale = (factor - 1) * ((mean - lo) / (hi - lo)) + 1
+    return torch.cat([h[:, :half] * scale, h[:, half:]], dim=1)
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,8 @@ class FreeUSetting:
     """What a FreeU'd module does to its input on one call.
 
     ``hidden_channels``/``skip_channels`` split the concatenated input (``skip_first`` when
-    the skip operand comes first); ``backbone`` is ``b``, ``skip`` is ``s``.
+    the skip operand comes first); ``backbone`` is ``b``, ``skip`` is ``s``; ``structure``
+    selects FreeU v2's structure-related backbone scaling (:func:`backbone_scale`).
     """
 
     hidden_channels: int
@@ -79,6 +93,7 @@ class FreeUSetting:
     backbone: float = 1.0
     skip: float = 1.0
     threshold: int = 1
+    structure: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_channels", "skip_channels", "threshold"):
@@ -106,7 +121,7 @@ def freeu_merge(x: Tensor, setting: FreeUSetting) -> Tensor:
         s, h = x[:, :skip], x[:, skip:]
     else:
         h, s = x[:, :hidden], x[:, hidden:]
-    h = backbone_scale(h, setting.backbone)
+    h = backbone_scale(h, setting.backbone, structure=setting.structure)
     s = fourier_filter(s, setting.threshold, setting.skip)
     return torch.cat([s, h] if setting.skip_first else [h, s], dim=1)
 

@@ -14,7 +14,7 @@ stage 2 the next one up, as diffusers' ``resolution_idx`` 0 and 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -54,6 +54,11 @@ class FreeUPass(PassConfig):
     s1: float = doc("skip factor of stage 1: scales the low-frequency square of the skip's spectrum", default=0.9)
     s2: float = doc("skip factor of stage 2", default=0.2)
     threshold: int = doc("half side of the scaled square of the centred spectrum", default=1)
+    backbone_scaling: Literal["constant", "structure"] = doc(
+        "constant: the first half of the backbone channels times b (diffusers, FreeU v1); structure: "
+        "times (b - 1) * m + 1, m the min-max normalised channel mean (FreeU README v2, 2023-10-18)",
+        default="constant",
+    )
     schedule: ScheduleSpec = doc("when FreeU is active", default_factory=ScheduleSpec)
 
     def validate(self, where: str) -> None:
@@ -79,10 +84,12 @@ class FreeUEntry:
     skip: float
     threshold: int
     schedule: ScheduleSpec
+    structure: bool = False
 
     def setting(self) -> FreeUSetting:
         return FreeUSetting(
-            self.hidden_channels, self.skip_channels, self.skip_first, self.backbone, self.skip, self.threshold
+            self.hidden_channels, self.skip_channels, self.skip_first, self.backbone, self.skip, self.threshold,
+            self.structure,
         )
 
 
@@ -93,7 +100,10 @@ def _install(module: nn.Module, source: Any, extras: dict[str, Any]) -> None:
 def _summary(setting: FreeUSetting | None) -> dict[str, Any] | None:
     if setting is None:
         return None
-    return {"backbone": setting.backbone, "skip": setting.skip, "threshold": setting.threshold}
+    row: dict[str, Any] = {"backbone": setting.backbone, "skip": setting.skip, "threshold": setting.threshold}
+    if setting.structure:
+        row["structure"] = True
+    return row
 
 
 MERGE = LayerRewrite(
@@ -201,12 +211,14 @@ class FreeUHandler(PassHandler[FreeUPass]):
                 skip=config.s1 if stage == 1 else config.s2,
                 threshold=config.threshold,
                 schedule=config.schedule,
+                structure=config.backbone_scaling == "structure",
             )
             plan.add(path, None, self, entry, index)
 
     def describe(self, entry: FreeUEntry) -> str:
         return (
-            f"stage {entry.stage}: backbone x{entry.backbone:g}, skip low frequencies x{entry.skip:g} "
+            f"stage {entry.stage}: backbone x{entry.backbone:g}{' (structure)' if entry.structure else ''}, "
+            f"skip low frequencies x{entry.skip:g} "
             f"(threshold {entry.threshold}), {describe_schedule(entry.schedule)}"
         )
 
