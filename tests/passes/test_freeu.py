@@ -391,3 +391,21 @@ def test_pt2_phases_equal_the_eager_model(tmp_path) -> None:
             outputs.append(eager)
     plain = [run(model, {**inputs, "timestep": torch.full((1,), int(t))}) for t in runner.timesteps]
     assert not torch.equal(outputs[0], plain[0]) and torch.equal(outputs[1], plain[1])
+
+
+def test_builder_on_the_toy_unet_equals_enable_freeu() -> None:
+    # The toy is a diffusers UNet2DConditionModel with one layer per block: 2 merges per stage.
+    from unet_surgery.graph import map_unet
+    from unet_surgery.toy.model import load_toy
+
+    unet = copy.deepcopy(load_toy("toy").unet).double().eval()
+    unet_map = map_unet(unet, latent_hw=(64, 64))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, unet.config.in_channels, 64, 64, generator=gen, dtype=torch.float64)
+    context = torch.randn(1, 1, unet.config.cross_attention_dim, generator=gen, dtype=torch.float64)
+    inputs = {"sample": x, "timestep": torch.tensor([500]), "encoder_hidden_states": context}
+    expected = run(with_diffusers_freeu(unet, SD15), inputs)
+    with apply(unet, freeu_recipe(unet_map, base=64, vae_scale_factor=1, **SD15), unet_map=unet_map) as patch:
+        assert sorted(patch.plan.entries("freeu")) == [f"up_blocks.{i}.resnets.{j}" for i in (0, 1) for j in (0, 1)]
+        ours = run(unet, inputs)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
