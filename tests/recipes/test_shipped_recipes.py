@@ -111,3 +111,30 @@ def test_recipe_reference_page_is_generated_from_the_schema() -> None:
 
     page = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
     assert page.read_text() == schema_reference(), "run: python -m unet_surgery.recipes.reference > docs/recipe-reference.md"
+
+
+# FreeU factors as published (shared reference notes: the official ScaleCrafter scripts for SD1.5
+# and SD2.1, FreeScale's for SDXL); diffusers patches every resnet of up_blocks 0 and 1
+# (resolution_idx 0 and 1), LDM the same merges in output_blocks 0-5.
+FREEU_PUBLISHED = {
+    "freeu-sd15": {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2},
+    "freeu-sd21": {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2},
+    "freeu-sdxl": {"b1": 1.1, "b2": 1.2, "s1": 0.6, "s2": 0.4},
+}
+FREEU_MERGES = {
+    "diffusers": [f"up_blocks.{i}.resnets.{j}" for i in (0, 1) for j in range(3)],
+    "ldm": [f"output_blocks.{k}.0" for k in range(6)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FREEU_PUBLISHED))
+def test_freeu_recipe_has_the_published_factors_and_selects_the_diffusers_merges(name: str) -> None:
+    recipe = load_recipe(name)
+    (config,) = recipe.passes
+    assert type(config).type == "freeu" and config.threshold == 1 and config.schedule.tau is None
+    assert {k: getattr(config, k) for k in ("b1", "b2", "s1", "s2")} == FREEU_PUBLISHED[name]
+    models = [recipe.model] + ([f"ldm_{recipe.model}"] if recipe.model != "sdxl" else [])
+    for model_name in models:
+        plan = make_plan(recipe, preset_map(model_name))
+        layout = "ldm" if model_name.startswith("ldm_") else "diffusers"
+        assert sorted(plan.entries("freeu"), key=FREEU_MERGES[layout].index) == FREEU_MERGES[layout]

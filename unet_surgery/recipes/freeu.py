@@ -1,0 +1,75 @@
+"""FreeU recipes for any mapped UNet: the selection comes from the map, never from names.
+
+FreeU acts at the two lowest-resolution up levels that merge skip connections (diffusers'
+``resolution_idx`` 0 and 1). Those levels are read from the map's skip records, so the same
+call serves SD1.5 (levels 3 and 2), SDXL (2 and 1), the LDM layouts and the toy UNets.
+"""
+
+from __future__ import annotations
+
+from unet_surgery.errors import RecipeError
+from unet_surgery.graph.records import UNetMap
+from unet_surgery.passes.freeu import FreeUPass, stage_levels
+from unet_surgery.recipes.schema import LevelRange, Recipe, ScheduleSpec, Selector
+
+SETTINGS: dict[str, dict[str, float]] = {
+    # ScaleCrafter's official scripts switch FreeU on with these (reference notes).
+    "sd15": {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2},
+    "sd21": {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2},
+    # FreeScale's official SDXL scripts (reference notes), also diffusers' FreeU guide.
+    "sdxl": {"b1": 1.1, "b2": 1.2, "s1": 0.6, "s2": 0.4},
+}
+"""Published FreeU factors per backbone (the shipped ``freeu-*`` recipes)."""
+
+
+def freeu_pass(
+    unet_map: UNetMap,
+    *,
+    b1: float = 1.2,
+    b2: float = 1.4,
+    s1: float = 0.9,
+    s2: float = 0.2,
+    threshold: int = 1,
+    schedule: ScheduleSpec | None = None,
+) -> FreeUPass:
+    """A ``freeu`` pass selecting, by level, the skip merges of FreeU's two stages in ``unet_map``."""
+    levels = stage_levels(unet_map)
+    if not levels:
+        raise RecipeError(f"{unet_map.model_class} has no skip concatenation: FreeU has nothing to act on")
+    return FreeUPass(
+        select=Selector(stage=("up",), level=LevelRange(min(levels), max(levels))),
+        b1=b1,
+        b2=b2,
+        s1=s1,
+        s2=s2,
+        threshold=threshold,
+        schedule=schedule or ScheduleSpec(),
+    )
+
+
+def freeu_recipe(
+    unet_map: UNetMap,
+    *,
+    base: int | tuple[int, int],
+    b1: float = 1.2,
+    b2: float = 1.4,
+    s1: float = 0.9,
+    s2: float = 0.2,
+    threshold: int = 1,
+    schedule: ScheduleSpec | None = None,
+    name: str | None = None,
+    model: str | None = None,
+    vae_scale_factor: int = 8,
+) -> Recipe:
+    """A one-pass FreeU recipe for ``unet_map`` at its training resolution ``base`` (pixels)."""
+    size = (base, base) if isinstance(base, int) else (int(base[0]), int(base[1]))
+    config = freeu_pass(unet_map, b1=b1, b2=b2, s1=s1, s2=s2, threshold=threshold, schedule=schedule)
+    return Recipe(
+        name=name or f"freeu-{(model or unet_map.model_class).lower()}",
+        base_resolution=size,
+        target_resolutions=(size,),
+        passes=(config,),
+        description=f"FreeU (b1={b1:g}, b2={b2:g}, s1={s1:g}, s2={s2:g}) at the two lowest-resolution up levels",
+        model=model,
+        vae_scale_factor=vae_scale_factor,
+    )
