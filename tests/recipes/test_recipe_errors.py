@@ -40,7 +40,7 @@ def test_the_base_document_is_valid() -> None:
     [
         (("passes", 0, "select", "level"), "deep", "passes[0].select.level: expected int or range, got 'deep'"),
         (("passes", 0, "factor"), -1, "passes[0].factor: factor must be > 0"),
-        (("passes", 0, "type"), "freeu", "passes[0].type: expected one of redilate"),
+        (("passes", 0, "type"), "no_such_pass", "passes[0].type: expected one of redilate"),
         (("passes", 1, "transform", "large"), 4, "passes[1].transform: large kernel size must be odd, got 4"),
         (("passes", 3, "blur"), "box", "passes[3].blur: expected one of published, published-2024, volumetric, spatial, got 'box'"),
         (("sampling", "stages"), [[1024, 1024], [512, 512]], "sampling.stages[1]: stages must not shrink"),
