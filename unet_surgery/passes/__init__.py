@@ -19,9 +19,11 @@ from unet_surgery.passes.redilate import RedilatePass  # isort: skip
 from unet_surgery.passes.disperse import DispersePass  # isort: skip
 from unet_surgery.passes.noise_damped_cfg import NoiseDampedCFGPass  # isort: skip
 from unet_surgery.passes.scale_fusion import ScaleFusionPass  # isort: skip
+from unet_surgery.passes.fouriscale import FouriScalePass  # isort: skip
 
 __all__ = [
     "DispersePass",
+    "FouriScalePass",
     "LayerRewrite",
     "NoiseDampedCFGPass",
     "PassHandler",

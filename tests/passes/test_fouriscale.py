@@ -1,0 +1,332 @@
+"""FouriScale: the ``fouriscale`` pass against a transcription of the official code.
+
+The reference below transcribes LeonHLJ/FouriScale (``model.py``: ``FouriConvProcessor`` and
+``FouriConvProcessor_XL``; ``text2image.py`` / ``text2image_xl.py``: the per-step dilation and
+the layer lists in ``assets/layer_settings``). The official loop batches ``[uncond, cond,
+cond]``: the first two thirds get the strong mask (and, on SDXL, the full dilation), the last
+third (FouriScale guidance) the weak one. The pass acts on a ``[uncond, cond]`` batch and must
+equal the first two thirds. One deliberate change in the transcription: the official code
+filters in float32 (``.type(torch.float32)``, ``torch.arange(H).float()``); here in the input's
+dtype, so the comparison is at float64 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tests.conftest import preset_map
+from unet_surgery import apply
+from unet_surgery.ops.lowpass import LowPass, lowpass_filter
+from unet_surgery.presets import build_unet, example_inputs, randomize_zero_init_
+
+# ----------------------------------------------------------------------------- transcription
+# assets/layer_settings/sd1.5.txt (= sd2.1.txt) and sdxl.txt, typed from the official repository.
+OFFICIAL_SD15_LAYERS = """
+down_blocks.2.resnets.0.conv1 down_blocks.2.resnets.0.conv2 down_blocks.2.resnets.1.conv1
+down_blocks.2.resnets.1.conv2 down_blocks.2.downsamplers.0.conv down_blocks.3.resnets.0.conv1
+down_blocks.3.resnets.0.conv2 down_blocks.3.resnets.1.conv1 down_blocks.3.resnets.1.conv2
+up_blocks.0.resnets.0.conv1 up_blocks.0.resnets.0.conv2 up_blocks.0.resnets.1.conv1
+up_blocks.0.resnets.1.conv2 up_blocks.0.resnets.2.conv1 up_blocks.0.resnets.2.conv2
+up_blocks.0.upsamplers.0.conv up_blocks.1.resnets.0.conv1 up_blocks.1.resnets.0.conv2
+up_blocks.1.resnets.1.conv1 up_blocks.1.resnets.1.conv2 up_blocks.1.resnets.2.conv1
+up_blocks.1.resnets.2.conv2 up_blocks.1.upsamplers.0.conv up_blocks.2.resnets.0.conv1
+up_blocks.2.resnets.0.conv2 up_blocks.2.resnets.1.conv1 up_blocks.2.resnets.1.conv2
+up_blocks.2.resnets.2.conv1 up_blocks.2.resnets.2.conv2 up_blocks.2.upsamplers.0.conv
+mid_block.resnets.0.conv1 mid_block.resnets.0.conv2 mid_block.resnets.1.conv1 mid_block.resnets.1.conv2
+""".split()
+OFFICIAL_SDXL_LAYERS = """
+down_blocks.2.resnets.0.conv1 down_blocks.2.resnets.0.conv2 down_blocks.2.resnets.1.conv1
+down_blocks.2.resnets.1.conv2 up_blocks.0.resnets.0.conv1 up_blocks.0.resnets.0.conv2
+up_blocks.0.resnets.1.conv1 up_blocks.0.resnets.1.conv2 up_blocks.0.resnets.2.conv1
+up_blocks.0.resnets.2.conv2 up_blocks.0.upsamplers.0.conv up_blocks.1.resnets.0.conv1
+up_blocks.1.resnets.0.conv2 up_blocks.1.resnets.1.conv1 up_blocks.1.resnets.1.conv2
+up_blocks.1.resnets.2.conv1 up_blocks.1.resnets.2.conv2 mid_block.resnets.0.conv1
+mid_block.resnets.0.conv2 mid_block.resnets.1.conv1 mid_block.resnets.1.conv2
+""".split()
+
+
+def official_lowpass_filter(input: Tensor, h_scale: float, w_scale: float, value: float) -> Tensor:
+    B, C, H, W = input.shape
+    H, R_h = H // 2, max(H // 8, 1)
+    W, R_w = W // 2, max(W // 8, 1)
+    ones_h = torch.ones(H, dtype=input.dtype)
+    ones_w = torch.ones(W, dtype=input.dtype)
+    if R_h == 0:
+        mask_h = ones_h
+    else:
+        mask_h = torch.min(torch.max((1 - value) / R_h * (H / h_scale + 1 - torch.arange(H, dtype=input.dtype)) + 1,
+                                     ones_h * value), ones_h)
+    if R_w == 0:
+        mask_w = ones_w
+    else:
+        mask_w = torch.min(torch.max((1 - value) / R_w * (W / w_scale + 1 - torch.arange(W, dtype=input.dtype)) + 1,
+                                     ones_w * value), ones_w)
+    mask = torch.ger(mask_h, mask_w)
+    mask = torch.cat((torch.flip(mask, [1]), mask), 1)
+    mask = torch.cat((torch.flip(mask, [0]), mask), 0)
+    return mask.unsqueeze(0).unsqueeze(0).repeat(B // 3, C, 1, 1)
+
+
+def official_weak_lowpass_filter(input: Tensor, h_scale: float, w_scale: float, value: float) -> Tensor:
+    B, C, H, W = input.shape
+    H, R_h = H // 2, (h_scale - 1) * H // (h_scale * 2)
+    W, R_w = W // 2, (w_scale - 1) * W // (w_scale * 2)
+    ones_h = torch.ones(H, dtype=input.dtype)
+    ones_w = torch.ones(W, dtype=input.dtype)
+    if R_h == 0:
+        mask_h = ones_h
+    else:
+        mask_h = torch.min(torch.max((1 - value) / R_h * (H / h_scale + 1 - torch.arange(H, dtype=input.dtype)) + 1,
+                                     ones_h * value), ones_h)
+    if R_w == 0:
+        mask_w = ones_w
+    else:
+        mask_w = torch.min(torch.max((1 - value) / R_w * (W / w_scale + 1 - torch.arange(W, dtype=input.dtype)) + 1,
+                                     ones_w * value), ones_w)
+    mask = torch.ger(mask_h, mask_w)
+    mask = torch.cat((torch.flip(mask, [1]), mask), 1)
+    mask = torch.cat((torch.flip(mask, [0]), mask), 0)
+    return mask.unsqueeze(0).unsqueeze(0).repeat(B // 3, C, 1, 1)
+
+
+def official_filtered(module: nn.Conv2d, input: Tensor, dilation: float, h_base: float, w_base: float,
+                      value: float, weak_value: float, weak_scale_floor: bool) -> Tensor:
+    """The ``if self.apply_filter:`` block of both processors (float32 cast dropped)."""
+    filtered_input = input
+    r = int(max(math.ceil(filtered_input.shape[-2] / h_base), math.ceil(filtered_input.shape[-1] / w_base)))
+    padding_size = (int(h_base * r), int(w_base * r))
+    if (filtered_input.shape[-2], filtered_input.shape[-1]) == padding_size:
+        pad_flag = False
+    else:
+        padding_height = padding_size[0] - filtered_input.shape[-2]
+        padding_width = padding_size[1] - filtered_input.shape[-1]
+        filtered_input = F.pad(filtered_input, (0, padding_width, 0, padding_height))
+        pad_flag = True
+    filtered_input_fft = torch.fft.fftn(filtered_input, dim=(-2, -1))
+    filtered_input_fft = torch.fft.fftshift(filtered_input_fft, dim=(-2, -1))
+    mask = official_lowpass_filter(filtered_input, max(dilation / module.stride[0], 1),
+                                   max(dilation / module.stride[1], 1), value=value)
+    if weak_scale_floor:  # SD1.5/2.1 processor
+        weak_mask = official_weak_lowpass_filter(filtered_input, max(dilation / module.stride[0], 1),
+                                                 max(dilation / module.stride[1], 1), value=weak_value)
+    else:  # SDXL processor
+        weak_mask = official_weak_lowpass_filter(filtered_input, dilation / module.stride[0],
+                                                 dilation / module.stride[1], value=weak_value)
+    low = filtered_input_fft * torch.cat([mask, mask, weak_mask], 0)
+    low = torch.fft.ifftshift(low, dim=(-2, -1))
+    low = torch.fft.ifftn(low, dim=(-2, -1)).real
+    if pad_flag:
+        low = low[:, :, :low.shape[-2] - padding_height, :low.shape[-1] - padding_width]
+    return low
+
+
+def _set_dilation(module: nn.Conv2d, d: float) -> None:
+    module.dilation = (int(math.ceil(d)), int(math.ceil(d)))
+    module.padding = (int(module.dilation[-2] * (module.weight.shape[-2] - 1) // 2),
+                      int(module.dilation[-1] * (module.weight.shape[-1] - 1) // 2))
+
+
+class OfficialFouriConv:
+    """``FouriConvProcessor`` (``xl=False``) or ``FouriConvProcessor_XL`` (``xl=True``)."""
+
+    def __init__(self, module, dilation, *, h_base=1.0, w_base=1.0, target_size=None, base_size=None,
+                 xl=False, apply_filter=False, activate=False):
+        self.module, self.dilation, self.xl = module, float(dilation), xl
+        self.h_base, self.w_base = h_base, w_base
+        self.target_size, self.base_size = target_size, base_size
+        self.apply_filter, self.activate = apply_filter, activate
+
+    def __call__(self, input: Tensor, **kwargs) -> Tensor:
+        module = self.module
+        if not self.activate or self.dilation == 1:
+            return module._conv_forward(input, module.weight, module.bias)
+        ori_dilation, ori_padding = module.dilation, module.padding
+        _set_dilation(module, self.dilation)
+        if self.apply_filter:
+            if self.xl:
+                down_ratio = self.target_size[0] / input.shape[-2]
+                h_base, w_base = self.base_size[0] / down_ratio, self.base_size[1] / down_ratio
+                input = official_filtered(module, input, self.dilation, h_base, w_base, 0.6, 0.6, False)
+            else:
+                input = official_filtered(module, input, self.dilation, self.h_base, self.w_base, 0.0, 0.0, True)
+        if self.xl:
+            B = len(input)
+            output = module._conv_forward(input[:B // 3 * 2], module.weight, module.bias)
+            _set_dilation(module, max(self.dilation / 1.5, 1))
+            weak_output = module._conv_forward(input[-B // 3:], module.weight, module.bias)
+            output = torch.cat([output, weak_output], 0)
+        else:
+            output = module._conv_forward(input, module.weight, module.bias)
+        module.dilation, module.padding = ori_dilation, ori_padding
+        return output
+
+
+def official_cur_dilation(dilation: float, i: int, start_step: int, stop_step: int, progressive: bool = True) -> float:
+    """text2image.py's per-step dilation."""
+    if progressive and i >= start_step:
+        return max((dilation - 1.0) * ((stop_step - i) / (stop_step - start_step)) + 1.0, 1.0)
+    return dilation
+
+
+def install_official(model: nn.Module, layers: list[str], i: int, *, dilation: float, start: int, stop: int,
+                     xl: bool, base_latent: tuple[int, int], latent: tuple[int, int], levels: dict[str, int]) -> None:
+    """pipeline_processor's loop body: a processor per listed layer for step ``i``.
+
+    ``levels`` gives the layer's base feature size divisor (the official SD ``base_settings``
+    file lists 64 / 2**level per layer; here the tiny base latent over the same power of 2).
+    """
+    for name, module in model.named_modules():
+        if name in layers:
+            cur = official_cur_dilation(dilation, i, start, stop)
+            apply_filter = "upsamplers" not in name
+            div = 2 ** levels[name]
+            if xl:
+                module.forward = OfficialFouriConv(
+                    module, cur, target_size=(latent[0] * 8, latent[1] * 8),
+                    base_size=(base_latent[0] * 8, base_latent[1] * 8), xl=True,
+                    activate=i < stop, apply_filter=apply_filter)
+            else:
+                module.forward = OfficialFouriConv(
+                    module, cur, h_base=base_latent[0] / div, w_base=base_latent[1] / div,
+                    activate=i < stop, apply_filter=apply_filter)
+
+
+# SD base_settings for the tiny SD1.5 layout (4 levels, like sd1.5.txt: 64, 32, 16, 8 at 512).
+SD15_LEVEL = {p: int(p.split(".")[1]) if p.startswith("down") else (3 if p.startswith("mid") else 3 - int(p.split(".")[1]))
+              for p in OFFICIAL_SD15_LAYERS}
+SDXL_LEVEL = {p: 0 for p in OFFICIAL_SDXL_LAYERS}  # unused: the XL processor derives its base
+
+
+# ----------------------------------------------------------------------------- helpers
+TIMESTEPS = [float(t) for t in range(981, 0, -20)]  # 50 DDIM "leading" timesteps (steps_offset 1)
+
+
+def _three(value):
+    """[u, c] -> [u, c, c] along dim 0 (what the official loop feeds the UNet)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 2:
+        return torch.cat([value[:1], value[1:], value[1:]])
+    if isinstance(value, dict):
+        return {k: _three(v) for k, v in value.items()}
+    return value
+
+
+def _double(value):
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _double(v) for k, v in value.items()}
+    return value
+
+
+def _run(model: nn.Module, inputs: dict) -> Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def _models(name: str) -> tuple[nn.Module, nn.Module]:
+    model = build_unet(name, size="tiny", device="cpu")
+    randomize_zero_init_(model)
+    model = model.double()
+    return model, copy.deepcopy(model)
+
+
+def _recipe(layers: list[str], base_px: tuple[int, int], *, start: int, stop: int, value: float) -> dict:
+    ups = [p for p in layers if "upsamplers" in p]
+    rest = [p for p in layers if "upsamplers" not in p]
+    common = {"start_step": start, "stop_step": stop, "mask_value": value}
+    return {
+        "name": "fouriscale-test", "base_resolution": list(base_px), "target_resolutions": [[base_px[0] * 2, base_px[1] * 2]],
+        "passes": [
+            {"type": "fouriscale", "select": {"paths": rest}, **common},
+            *([{"type": "fouriscale", "select": {"paths": ups}, "filter": False, **common}] if ups else []),
+        ],
+    }
+
+
+CASES = {
+    # name: official layers, xl, levels, base latent
+    "sd15": (OFFICIAL_SD15_LAYERS, False, SD15_LEVEL, (16, 16)),
+    "sdxl": (OFFICIAL_SDXL_LAYERS, True, SDXL_LEVEL, (16, 16)),
+}
+
+
+# ----------------------------------------------------------------------------- UNet level
+
+
+@pytest.mark.parametrize("latent", [(32, 32), (32, 64)], ids=["square", "wide"])
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_patched_unet_equals_official_transcription(name: str, latent: tuple[int, int]) -> None:
+    layers, xl, levels, base_latent = CASES[name]
+    start, stop, value = (20, 35, 0.6) if xl else (20, 35, 0.0)
+    model, reference = _models(name)
+    inputs = _double(example_inputs(model, batch=2, height=latent[0] * 8, width=latent[1] * 8))
+    dilation = max(math.ceil(latent[0] / base_latent[0]), math.ceil(latent[1] / base_latent[1]))
+    recipe = _recipe(layers, (base_latent[0] * 8, base_latent[1] * 8), start=start, stop=stop, value=value)
+    plain = {}
+    patch = apply(model, recipe, unet_map=preset_map(name, "tiny"))
+    patch.set_timesteps(TIMESTEPS)
+    for i in (3, 20, 27, 34, 35, 45):  # full dilation, progressive (fractional), outside the window
+        step_inputs = dict(inputs, timestep=torch.tensor(TIMESTEPS[i], dtype=torch.float64))
+        ours = _run(model, step_inputs)
+        install_official(reference, layers, i, dilation=dilation, start=start, stop=stop, xl=xl,
+                         base_latent=base_latent, latent=latent, levels=levels)
+        official = _run(reference, {k: _three(v) for k, v in step_inputs.items()})
+        for mod in reference.modules():
+            mod.__dict__.pop("forward", None)
+        torch.testing.assert_close(ours, official[:2], rtol=0, atol=1e-6)
+        plain[i] = _run(reference, step_inputs)
+        if i < stop:
+            assert (ours - plain[i]).abs().max() > 1e-4  # the pass really acts inside the window
+        else:
+            assert torch.equal(ours, plain[i])
+    patch.remove()
+
+
+# ----------------------------------------------------------------------------- op level
+
+
+@pytest.mark.parametrize("value", [0.0, 0.6])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    ("hw", "base", "scale"),
+    [((16, 16), (8, 8), 2.0), ((12, 20), (8, 8), 1.6), ((10, 6), (4, 6), 3.0), ((16, 32), (16, 16), 2.5)],
+)
+def test_filter_equals_official_mask_and_padding(hw, base, scale, stride, value) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, *hw, generator=gen, dtype=torch.float64)
+    conv = nn.Conv2d(5, 5, 3, stride=stride, padding=1)
+    # target_h == H: the layer's base size is base_hw itself
+    ours = lowpass_filter(x, LowPass(scale, base, hw[0], value), (stride, stride))
+    ours_weak = lowpass_filter(x, LowPass(scale, base, hw[0], value, weak=True), (stride, stride))
+    official = official_filtered(conv, torch.cat([x, x, x]), scale, base[0], base[1], value, value, True)
+    torch.testing.assert_close(ours, official[:3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours_weak, official[6:], rtol=0, atol=1e-12)
+    assert ours.shape == x.shape
+
+
+def test_filter_base_follows_the_layer_size() -> None:
+    # At a layer 4 times smaller than the latent, the base is 4 times smaller too (official XL).
+    x = torch.randn(1, 2, 8, 12, dtype=torch.float64)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    ours = lowpass_filter(x, LowPass(2.0, (16, 16), 32, 0.6), (1, 1))
+    official = official_filtered(conv, torch.cat([x, x, x]), 2.0, 16 / (32 / 8), 16 / (32 / 8), 0.6, 0.6, False)
+    torch.testing.assert_close(ours, official[:1], rtol=0, atol=1e-12)
+
+
+def test_filter_identities() -> None:
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    # A floor of 1 keeps every frequency; so does a strided conv at scale <= stride.
+    torch.testing.assert_close(lowpass_filter(x, LowPass(2.0, (4, 4), 8, 1.0), (1, 1)), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lowpass_filter(x, LowPass(2.0, (4, 4), 8, 0.0), (2, 2)), x, rtol=0, atol=1e-12)
+    # A constant image is pure DC, which every mask keeps.
+    c = torch.full((1, 1, 8, 8), 3.0, dtype=torch.float64)
+    torch.testing.assert_close(lowpass_filter(c, LowPass(4.0, (8, 8), 8, 0.0), (1, 1)), c, rtol=0, atol=1e-12)
+    # Half precision is filtered in float32 and cast back.
+    h = lowpass_filter(x.half(), LowPass(2.0, (4, 4), 8, 0.0), (1, 1))
+    assert h.dtype == torch.float16
