@@ -336,3 +336,89 @@ def test_filter_identities() -> None:
     # Half precision is filtered in float32 and cast back.
     h = lowpass_filter(x.half(), LowPass(2.0, (4, 4), 8, 0.0), (1, 1))
     assert h.dtype == torch.float16
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+@pytest.mark.parametrize(
+    ("name", "base", "target", "window", "value"),
+    [  # configs/*.yaml of the official repository
+        ("sd15", (512, 512), (1024, 1024), (10, 30), 0.0),
+        ("sd15", (512, 512), (1280, 1280), (10, 30), 0.0),
+        ("sd21", (512, 512), (1024, 2048), (20, 35), 0.0),
+        ("sd15", (512, 512), (2048, 2048), (20, 35), 0.0),
+        ("sdxl", (1024, 1024), (2048, 2048), (20, 35), 0.6),
+        ("sdxl", (1024, 1024), (4096, 4096), (20, 35), 0.6),
+    ],
+)
+def test_builder_selects_the_official_layers(name, base, target, window, value) -> None:
+    from unet_surgery.passes import make_plan
+    from unet_surgery.recipes.fouriscale import fouriscale_recipe
+
+    listed = OFFICIAL_SDXL_LAYERS if name == "sdxl" else OFFICIAL_SD15_LAYERS
+    unet_map = preset_map(name, "full")
+    recipe = fouriscale_recipe(unet_map, base, target)
+    plan = make_plan(recipe, unet_map)
+    assert sorted(plan.layers) == sorted(listed)
+    unfiltered = sorted(p for c in recipe.passes if not c.filter for p in c.select.paths)
+    assert unfiltered == sorted(p for p in listed if "upsamplers" in p)
+    for c in recipe.passes:
+        assert (c.start_step, c.stop_step, c.mask_value, c.dilation, c.progressive) == (*window, value, "auto", True)
+
+
+# ----------------------------------------------------------------------------- patch mechanics
+
+
+def test_apply_remove_is_bit_exact() -> None:
+    model = copy.deepcopy(_built("sd15"))
+    inputs = _double(example_inputs(model, batch=2, height=128, width=128))
+    inputs["timestep"] = torch.tensor(TIMESTEPS[25], dtype=torch.float64)
+    before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+    base = _run(model, inputs)
+    patch = apply(model, _recipe(OFFICIAL_SD15_LAYERS, (64, 64), start=20, stop=35, value=0.0),
+                  unet_map=preset_map("sd15", "tiny"))
+    patch.set_timesteps(TIMESTEPS)
+    assert model.state_dict().keys() == before.keys()
+    assert not torch.equal(_run(model, inputs), base)
+    patch.remove()
+    assert torch.equal(_run(model, inputs), base)
+    after = model.state_dict()
+    assert all(after[k].data_ptr() == p and torch.equal(after[k], v) for k, (p, v) in before.items())
+    assert all(type(m).__name__ != "RedilatedConv2d" for m in model.modules())
+
+
+def test_composes_with_noise_damped_cfg() -> None:
+    """FouriScale on the main branch, ScaleCrafter's damped branch on its own table.
+
+    Expected (the published noise-damped formula): uncond' = eps_v(u) and
+    cond' = eps_v(u) + eps_d(c) - eps_d(u), with eps_d the official FouriScale UNet and eps_v
+    the UNet whose listed convs are dilated by 2 (no filter; integer dilation in the official
+    processor), every other conv plain.
+    """
+    damped = ["down_blocks.3.resnets.0.conv1", "mid_block.resnets.0.conv1", "mid_block.resnets.1.conv2",
+              "down_blocks.1.resnets.0.conv1"]
+    model, reference = _models("sd15")
+    base_latent, latent, i = (8, 8), (16, 16), 27
+    recipe = _recipe(OFFICIAL_SD15_LAYERS, (64, 64), start=20, stop=35, value=0.0)
+    recipe["passes"].append({"type": "noise_damped_cfg", "select": {"paths": damped}, "factor": 2, "schedule": {"tau": 30}})
+    inputs = _double(example_inputs(model, batch=2, height=128, width=128))
+    inputs["timestep"] = torch.tensor(TIMESTEPS[i], dtype=torch.float64)
+    patch = apply(model, recipe, unet_map=preset_map("sd15", "tiny"))
+    patch.set_timesteps(TIMESTEPS)
+    patch.enable_noise_damped_cfg()
+    ours = _run(model, inputs)
+    patch.remove()
+
+    install_official(reference, OFFICIAL_SD15_LAYERS, i, dilation=2, start=20, stop=35, xl=False,
+                     base_latent=base_latent, latent=latent, levels=SD15_LEVEL)
+    eps_d = _run(reference, {k: _three(v) for k, v in inputs.items()})[:2]
+    for mod in reference.modules():
+        mod.__dict__.pop("forward", None)
+    for name in damped:
+        conv = reference.get_submodule(name)
+        conv.forward = OfficialFouriConv(conv, 2, activate=True, apply_filter=False)
+    eps_v = _run(reference, {k: v[:1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == 2 else v
+                             for k, v in inputs.items()})
+    expected = torch.cat([eps_v, eps_v + eps_d[1:] - eps_d[:1]])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
