@@ -28,28 +28,65 @@ from unet_surgery.presets import build_unet, example_inputs, randomize_zero_init
 
 # ----------------------------------------------------------------------------- transcription
 # assets/layer_settings/sd1.5.txt (= sd2.1.txt) and sdxl.txt, typed from the official repository.
-OFFICIAL_SD15_LAYERS = """
-down_blocks.2.resnets.0.conv1 down_blocks.2.resnets.0.conv2 down_blocks.2.resnets.1.conv1
-down_blocks.2.resnets.1.conv2 down_blocks.2.downsamplers.0.conv down_blocks.3.resnets.0.conv1
-down_blocks.3.resnets.0.conv2 down_blocks.3.resnets.1.conv1 down_blocks.3.resnets.1.conv2
-up_blocks.0.resnets.0.conv1 up_blocks.0.resnets.0.conv2 up_blocks.0.resnets.1.conv1
-up_blocks.0.resnets.1.conv2 up_blocks.0.resnets.2.conv1 up_blocks.0.resnets.2.conv2
-up_blocks.0.upsamplers.0.conv up_blocks.1.resnets.0.conv1 up_blocks.1.resnets.0.conv2
-up_blocks.1.resnets.1.conv1 up_blocks.1.resnets.1.conv2 up_blocks.1.resnets.2.conv1
-up_blocks.1.resnets.2.conv2 up_blocks.1.upsamplers.0.conv up_blocks.2.resnets.0.conv1
-up_blocks.2.resnets.0.conv2 up_blocks.2.resnets.1.conv1 up_blocks.2.resnets.1.conv2
-up_blocks.2.resnets.2.conv1 up_blocks.2.resnets.2.conv2 up_blocks.2.upsamplers.0.conv
-mid_block.resnets.0.conv1 mid_block.resnets.0.conv2 mid_block.resnets.1.conv1 mid_block.resnets.1.conv2
-""".split()
-OFFICIAL_SDXL_LAYERS = """
-down_blocks.2.resnets.0.conv1 down_blocks.2.resnets.0.conv2 down_blocks.2.resnets.1.conv1
-down_blocks.2.resnets.1.conv2 up_blocks.0.resnets.0.conv1 up_blocks.0.resnets.0.conv2
-up_blocks.0.resnets.1.conv1 up_blocks.0.resnets.1.conv2 up_blocks.0.resnets.2.conv1
-up_blocks.0.resnets.2.conv2 up_blocks.0.upsamplers.0.conv up_blocks.1.resnets.0.conv1
-up_blocks.1.resnets.0.conv2 up_blocks.1.resnets.1.conv1 up_blocks.1.resnets.1.conv2
-up_blocks.1.resnets.2.conv1 up_blocks.1.resnets.2.conv2 mid_block.resnets.0.conv1
-mid_block.resnets.0.conv2 mid_block.resnets.1.conv1 mid_block.resnets.1.conv2
-""".split()
+OFFICIAL_SD15_LAYERS = [
+    "down_blocks.2.resnets.0.conv1",
+    "down_blocks.2.resnets.0.conv2",
+    "down_blocks.2.resnets.1.conv1",
+    "down_blocks.2.resnets.1.conv2",
+    "down_blocks.2.downsamplers.0.conv",
+    "down_blocks.3.resnets.0.conv1",
+    "down_blocks.3.resnets.0.conv2",
+    "down_blocks.3.resnets.1.conv1",
+    "down_blocks.3.resnets.1.conv2",
+    "up_blocks.0.resnets.0.conv1",
+    "up_blocks.0.resnets.0.conv2",
+    "up_blocks.0.resnets.1.conv1",
+    "up_blocks.0.resnets.1.conv2",
+    "up_blocks.0.resnets.2.conv1",
+    "up_blocks.0.resnets.2.conv2",
+    "up_blocks.0.upsamplers.0.conv",
+    "up_blocks.1.resnets.0.conv1",
+    "up_blocks.1.resnets.0.conv2",
+    "up_blocks.1.resnets.1.conv1",
+    "up_blocks.1.resnets.1.conv2",
+    "up_blocks.1.resnets.2.conv1",
+    "up_blocks.1.resnets.2.conv2",
+    "up_blocks.1.upsamplers.0.conv",
+    "up_blocks.2.resnets.0.conv1",
+    "up_blocks.2.resnets.0.conv2",
+    "up_blocks.2.resnets.1.conv1",
+    "up_blocks.2.resnets.1.conv2",
+    "up_blocks.2.resnets.2.conv1",
+    "up_blocks.2.resnets.2.conv2",
+    "up_blocks.2.upsamplers.0.conv",
+    "mid_block.resnets.0.conv1",
+    "mid_block.resnets.0.conv2",
+    "mid_block.resnets.1.conv1",
+    "mid_block.resnets.1.conv2",
+]
+OFFICIAL_SDXL_LAYERS = [
+    "down_blocks.2.resnets.0.conv1",
+    "down_blocks.2.resnets.0.conv2",
+    "down_blocks.2.resnets.1.conv1",
+    "down_blocks.2.resnets.1.conv2",
+    "up_blocks.0.resnets.0.conv1",
+    "up_blocks.0.resnets.0.conv2",
+    "up_blocks.0.resnets.1.conv1",
+    "up_blocks.0.resnets.1.conv2",
+    "up_blocks.0.resnets.2.conv1",
+    "up_blocks.0.resnets.2.conv2",
+    "up_blocks.0.upsamplers.0.conv",
+    "up_blocks.1.resnets.0.conv1",
+    "up_blocks.1.resnets.0.conv2",
+    "up_blocks.1.resnets.1.conv1",
+    "up_blocks.1.resnets.1.conv2",
+    "up_blocks.1.resnets.2.conv1",
+    "up_blocks.1.resnets.2.conv2",
+    "mid_block.resnets.0.conv1",
+    "mid_block.resnets.0.conv2",
+    "mid_block.resnets.1.conv1",
+    "mid_block.resnets.1.conv2",
+]
 
 
 def official_lowpass_filter(input: Tensor, h_scale: float, w_scale: float, value: float) -> Tensor:
@@ -128,7 +165,7 @@ def official_filtered(module: nn.Conv2d, input: Tensor, dilation: float, h_base:
 
 
 def _set_dilation(module: nn.Conv2d, d: float) -> None:
-    module.dilation = (int(math.ceil(d)), int(math.ceil(d)))
+    module.dilation = (int(math.ceil(d)), int(math.ceil(d)))  # noqa: RUF046  (as published)
     module.padding = (int(module.dilation[-2] * (module.weight.shape[-2] - 1) // 2),
                       int(module.dilation[-1] * (module.weight.shape[-1] - 1) // 2))
 

@@ -60,7 +60,7 @@ def fouriscale_layers(unet_map: UNetMap) -> tuple[list[str], list[str]]:
         if upsampler:
             if level >= ups_min:
                 upsamplers.append(conv.path)
-        elif conv.stage in ("down", "mid") and level >= down_min or conv.stage == "up" and level >= up_min:
+        elif (conv.stage in ("down", "mid") and level >= down_min) or (conv.stage == "up" and level >= up_min):
             filtered.append(conv.path)
         previous = conv
     return filtered, upsamplers
