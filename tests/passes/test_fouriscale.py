@@ -133,6 +133,9 @@ def official_weak_lowpass_filter(input: Tensor, h_scale: float, w_scale: float, 
     return mask.unsqueeze(0).unsqueeze(0).repeat(B // 3, C, 1, 1)
 
 
+FILTER_EFFECT: list[float] = []  # how much each official filter call changed its input (not official)
+
+
 def official_filtered(module: nn.Conv2d, input: Tensor, dilation: float, h_base: float, w_base: float,
                       value: float, weak_value: float, weak_scale_floor: bool) -> Tensor:
     """The ``if self.apply_filter:`` block of both processors (float32 cast dropped)."""
@@ -161,6 +164,7 @@ def official_filtered(module: nn.Conv2d, input: Tensor, dilation: float, h_base:
     low = torch.fft.ifftn(low, dim=(-2, -1)).real
     if pad_flag:
         low = low[:, :, :low.shape[-2] - padding_height, :low.shape[-1] - padding_width]
+    FILTER_EFFECT.append(float((low[: len(low) // 3 * 2] - input[: len(low) // 3 * 2]).abs().max()))
     return low
 
 
@@ -293,9 +297,9 @@ def _recipe(layers: list[str], base_px: tuple[int, int], *, start: int, stop: in
 
 
 CASES = {
-    # name: official layers, xl, levels, base latent
-    "sd15": (OFFICIAL_SD15_LAYERS, False, SD15_LEVEL, (8, 8)),
-    "sdxl": (OFFICIAL_SDXL_LAYERS, True, SDXL_LEVEL, (8, 8)),
+    # name: official layers, xl, levels
+    "sd15": (OFFICIAL_SD15_LAYERS, False, SD15_LEVEL),
+    "sdxl": (OFFICIAL_SDXL_LAYERS, True, SDXL_LEVEL),
 }
 
 
@@ -303,10 +307,13 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    ("name", "latent"), [("sd15", (16, 16)), ("sd15", (16, 32)), ("sdxl", (16, 16))], ids=["sd15", "sd15-wide", "sdxl"]
+    ("name", "latent", "base_latent"),
+    [("sd15", (16, 16), (4, 4)), ("sd15", (16, 32), (8, 8)), ("sdxl", (16, 16), (4, 4))],
+    ids=["sd15", "sd15-wide", "sdxl"],
 )
-def test_patched_unet_equals_official_transcription(name: str, latent: tuple[int, int]) -> None:
-    layers, xl, levels, base_latent = CASES[name]
+def test_patched_unet_equals_official_transcription(name: str, latent: tuple[int, int], base_latent: tuple[int, int]) -> None:
+    """Dilation 4, so that the masks cut frequencies even on tiny feature maps."""
+    layers, xl, levels = CASES[name]
     start, stop, value = (20, 35, 0.6) if xl else (20, 35, 0.0)
     model, reference = _models(name)
     inputs = _double(example_inputs(model, batch=2, height=latent[0] * 8, width=latent[1] * 8))
@@ -319,14 +326,16 @@ def test_patched_unet_equals_official_transcription(name: str, latent: tuple[int
         ours = _run(model, step_inputs)
         install_official(reference, layers, i, dilation=dilation, start=start, stop=stop, xl=xl,
                          base_latent=base_latent, latent=latent, levels=levels)
+        FILTER_EFFECT.clear()
         official = _run(reference, {k: _three(v) for k, v in step_inputs.items()})
+        assert (max(FILTER_EFFECT, default=0.0) > 1e-2) == (i < stop)  # the official filter really filters
         for mod in reference.modules():
             mod.__dict__.pop("forward", None)
         torch.testing.assert_close(ours, official[:2], rtol=0, atol=1e-6)
         assert (ours - official[:2]).abs().max() < 1e-9  # float64 rounding, far below the tolerance
         if i >= stop:  # outside the window: the plain UNet, bit for bit
             assert torch.equal(ours, _run(reference, step_inputs))
-        elif latent[0] == latent[1]:  # the pass really acts inside the window
+        elif latent == (16, 16):  # the pass really acts inside the window
             assert (ours - _run(reference, step_inputs)).abs().max() > 1e-4
     patch.remove()
 
@@ -459,3 +468,28 @@ def test_composes_with_noise_damped_cfg() -> None:
                              for k, v in inputs.items()})
     expected = torch.cat([eps_v, eps_v + eps_d[1:] - eps_d[:1]])
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("latent", "value"), [((16, 32), 0.0), ((24, 24), 0.6)])
+def test_setting_follows_the_official_schedule(latent: tuple[int, int], value: float) -> None:
+    """Per step: dilation ceil(d_i), filter scale d_i, base and target as the official XL processor."""
+    from unet_surgery.ops.redilate import ConvSetting
+    from unet_surgery.runtime import MAIN, UNetCall
+
+    model = build_unet("sd15", size="tiny", device="meta")
+    recipe = _recipe(OFFICIAL_SD15_LAYERS, (64, 64), start=10, stop=30, value=value)
+    patch = apply(model, recipe, unet_map=preset_map("sd15", "tiny"))
+    patch.set_timesteps(TIMESTEPS)
+    dilation = max(math.ceil(latent[0] / 8), math.ceil(latent[1] / 8))  # text2image.py
+    filtered = patch.plan.layers["mid_block.resnets.0.conv1"]
+    upsampler = patch.plan.layers["up_blocks.0.upsamplers.0.conv"]
+    for i, t in enumerate(TIMESTEPS):
+        call = UNetCall(timestep=t, latent_hw=latent, batch=2, step=i)
+        cur = official_cur_dilation(dilation, i, 10, 30)
+        if i < 30:  # activate=i < stop_step
+            lowpass = LowPass(cur, (8, 8), latent[0], value)
+            assert patch.layer_setting(filtered, MAIN, call) == ConvSetting(math.ceil(cur), False, lowpass)
+            assert patch.layer_setting(upsampler, MAIN, call) == ConvSetting(math.ceil(cur), False, None)
+        else:
+            assert patch.layer_setting(filtered, MAIN, call) == ConvSetting(1.0, False, None)
+    patch.remove()
