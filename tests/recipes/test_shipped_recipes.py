@@ -138,3 +138,42 @@ def test_freeu_recipe_has_the_published_factors_and_selects_the_diffusers_merges
         plan = make_plan(recipe, preset_map(model_name))
         layout = "ldm" if model_name.startswith("ldm_") else "diffusers"
         assert sorted(plan.entries("freeu"), key=FREEU_MERGES[layout].index) == FREEU_MERGES[layout]
+# FouriScale: the official configs (LeonHLJ/FouriScale configs/*.yaml), typed here:
+# recipe -> (start_step, stop_step, latent_height, latent_width, layer list, mask floor).
+FOURISCALE_CONFIGS = {
+    "fouriscale-sd15-1024x1024": (10, 30, 128, 128, "sd", 0.0),
+    "fouriscale-sd15-1280x1280": (10, 30, 160, 160, "sd", 0.0),
+    "fouriscale-sd15-2048x1024": (20, 35, 128, 256, "sd", 0.0),
+    "fouriscale-sd15-2048x2048": (20, 35, 256, 256, "sd", 0.0),
+    "fouriscale-sd21-1024x1024": (10, 30, 128, 128, "sd", 0.0),
+    "fouriscale-sd21-1280x1280": (10, 30, 160, 160, "sd", 0.0),
+    "fouriscale-sd21-2048x1024": (20, 35, 128, 256, "sd", 0.0),
+    "fouriscale-sd21-2048x2048": (20, 35, 256, 256, "sd", 0.0),
+    "fouriscale-sdxl-2048x2048": (20, 35, 256, 256, "xl", 0.6),
+    "fouriscale-sdxl-2560x2560": (20, 35, 320, 320, "xl", 0.6),
+    "fouriscale-sdxl-4096x4096": (20, 35, 512, 512, "xl", 0.6),
+}
+
+
+def test_every_fouriscale_recipe_is_listed() -> None:
+    assert sorted(n for n in list_recipes() if n.startswith("fouriscale-")) == sorted(FOURISCALE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(FOURISCALE_CONFIGS))
+def test_fouriscale_recipe_is_the_official_config(name: str) -> None:
+    from tests.passes.test_fouriscale import OFFICIAL_SD15_LAYERS, OFFICIAL_SDXL_LAYERS
+
+    start, stop, lh, lw, layers, value = FOURISCALE_CONFIGS[name]
+    recipe = load_recipe(name)
+    assert recipe.target_resolutions == ((lh * 8, lw * 8),)
+    listed = OFFICIAL_SD15_LAYERS if layers == "sd" else OFFICIAL_SDXL_LAYERS
+    filtered = {p for c in recipe.passes if c.filter for p in c.select.paths}
+    plain = {p for c in recipe.passes if not c.filter for p in c.select.paths}
+    assert filtered | plain == set(listed) and not filtered & plain
+    assert plain == {p for p in listed if "upsamplers" in p}  # apply_filter=("upsamplers" not in name)
+    for c in recipe.passes:
+        assert (c.dilation, c.start_step, c.stop_step, c.steps, c.progressive, c.mask_value) == (
+            "auto", start, stop, 50, True, value
+        )
+    unet_map = preset_map(name.split("-")[1], "full")
+    assert set(make_plan(recipe, unet_map).layers) == set(listed)

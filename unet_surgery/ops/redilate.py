@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from unet_surgery.errors import TransformError
 from unet_surgery.ops import rewrite
+from unet_surgery.ops.lowpass import LowPass, lowpass_filter
 
 __all__ = [
     "BatchSplit",
@@ -52,11 +53,13 @@ class ConvSetting:
     ``factor`` is the dilation factor for the conv's own kernel (1 = the plain conv).
     ``use_dispersed`` switches to the dispersed (e.g. 5x5) kernel attached by
     :func:`redilate_`; that kernel already covers ``scale`` times the area, so it runs with
-    ``factor * dispersed_factor_scale`` (ScaleCrafter: f/2).
+    ``factor * dispersed_factor_scale`` (ScaleCrafter: f/2). ``lowpass`` (FouriScale) filters
+    the input in the Fourier domain before the conv (:func:`~unet_surgery.ops.lowpass.lowpass_filter`).
     """
 
     factor: float = 1.0
     use_dispersed: bool = False
+    lowpass: LowPass | None = None
 
     def __post_init__(self) -> None:
         _check_factor(self.factor)
@@ -276,6 +279,8 @@ class _RedilatedMixin(rewrite.Rewritten):
 
 
 def _setting_forward(conv: Any, input: Tensor, setting: ConvSetting) -> Tensor:
+    if setting.lowpass is not None:
+        input = lowpass_filter(input, setting.lowpass, conv.stride[-2:])
     if setting.use_dispersed:
         weight = conv._buffers.get(_DISPERSED)
         if weight is None:

@@ -20,9 +20,11 @@ from unet_surgery.passes.disperse import DispersePass  # isort: skip
 from unet_surgery.passes.noise_damped_cfg import NoiseDampedCFGPass  # isort: skip
 from unet_surgery.passes.scale_fusion import ScaleFusionPass  # isort: skip
 from unet_surgery.passes.freeu import FreeUPass  # isort: skip
+from unet_surgery.passes.fouriscale import FouriScalePass  # isort: skip
 
 __all__ = [
     "DispersePass",
+    "FouriScalePass",
     "FreeUPass",
     "LayerRewrite",
     "NoiseDampedCFGPass",

@@ -7,6 +7,7 @@ A pass that rewrites another kind of layer (a block, a downsampler) defines its 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from torch import nn
@@ -17,9 +18,12 @@ from unet_surgery.passes.base import LayerRewrite
 
 
 def _conv_summary(setting: ConvSetting) -> dict[str, Any] | None:
-    if setting.factor == 1.0 and not setting.use_dispersed:
+    if setting.factor == 1.0 and not setting.use_dispersed and setting.lowpass is None:
         return None
-    return {"factor": setting.factor, "dispersed": setting.use_dispersed}
+    row: dict[str, Any] = {"factor": setting.factor, "dispersed": setting.use_dispersed}
+    if setting.lowpass is not None:  # FouriScale; absent otherwise, so older manifests read the same
+        row["lowpass"] = asdict(setting.lowpass)
+    return row
 
 
 def _fusion_summary(setting: FusionSetting | None) -> dict[str, Any] | None:
