@@ -19,13 +19,17 @@ from unet_surgery.passes.redilate import RedilatePass  # isort: skip
 from unet_surgery.passes.disperse import DispersePass  # isort: skip
 from unet_surgery.passes.noise_damped_cfg import NoiseDampedCFGPass  # isort: skip
 from unet_surgery.passes.scale_fusion import ScaleFusionPass  # isort: skip
+from unet_surgery.passes.rau_net import RauNetPass  # isort: skip
+from unet_surgery.passes.msw_msa import MswMsaPass  # isort: skip
 
 __all__ = [
     "DispersePass",
     "LayerRewrite",
+    "MswMsaPass",
     "NoiseDampedCFGPass",
     "PassHandler",
     "Plan",
+    "RauNetPass",
     "RedilatePass",
     "ScaleFusionPass",
     "handler_for",
