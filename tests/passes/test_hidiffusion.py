@@ -400,7 +400,7 @@ CASES = [
     ("sd15", (16, 32), [0, 19, 20]),
     ("sd15", (17, 23), [0]),  # odd grid: MSW-MSA's bicubic resize; the UNet forwards sizes
     ("sdxl", (32, 32), [7, 8, 19, 20]),
-    ("sdxl", (32, 48), [12]),
+    ("sdxl", (33, 47), [12]),  # odd latent: the UNet forwards sizes; ceil grids at the pooled level
 ]
 
 
