@@ -177,3 +177,29 @@ def test_fouriscale_recipe_is_the_official_config(name: str) -> None:
         )
     unet_map = preset_map(name.split("-")[1], "full")
     assert set(make_plan(recipe, unet_map).layers) == set(listed)
+HIDIFFUSION = sorted(n for n in list_recipes() if n.startswith("hidiffusion-"))
+# Typed from megvii-research/HiDiffusion hidiffusion.py (sd15_hidiffusion_key / sdxl_hidiffusion_key):
+# the RAU-Net convs, the transformers the RAU-Net blocks pool after (attentions.0) and resize after
+# (attentions.1), and the attn1 of every MSW-MSA transformer block.
+HIDIFFUSION_LAYERS = {
+    "sd15": {"down_blocks.0.downsamplers.0.conv", "up_blocks.2.upsamplers.0.conv",
+             *(f"down_blocks.0.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1)),
+             *(f"up_blocks.3.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1, 2))},
+    "sdxl": {"down_blocks.1.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv",
+             "down_blocks.1.attentions.0", "up_blocks.1.attentions.1",
+             *(f"down_blocks.1.attentions.{a}.transformer_blocks.{t}.attn1" for a in (0, 1) for t in (0, 1)),
+             *(f"up_blocks.1.attentions.{a}.transformer_blocks.{t}.attn1" for a in (0, 1, 2) for t in (0, 1))},
+}
+
+
+def test_hidiffusion_recipes_are_shipped() -> None:
+    assert HIDIFFUSION == ["hidiffusion-sd15-1024x1024", "hidiffusion-sd21-1024x1024", "hidiffusion-sdxl-2048x2048"]
+
+
+@pytest.mark.parametrize("name", HIDIFFUSION)
+def test_hidiffusion_recipe_maps_and_applies_to_the_official_layers(name: str) -> None:
+    recipe = load_recipe(name)
+    model = build_unet(recipe.model, device="meta")
+    with apply(model, recipe, unet_map=preset_map(recipe.model)) as patch:
+        assert set(patch.plan.layers) == HIDIFFUSION_LAYERS["sdxl" if recipe.model == "sdxl" else "sd15"]
+        assert not patch.plan.missing

@@ -1,0 +1,206 @@
+"""The ``rau_net`` pass: HiDiffusion's resolution-aware U-Net (one down/up pair per pass).
+
+While the switching window is open the selected down-path layer halves the feature map once
+more and its up-path partner restores the size it had, so the deeper levels see a
+training-size layout (HiDiffusion, ``hidiffusion.py``). The selection names the down side;
+the up side is found in the map:
+
+* a stride-2 3x3 conv (a downsampler) at level L -> it runs with stride 4, padding 2,
+  dilation 2; its partner is the first 3x3 conv of the up stage at level L (the upsampler's
+  conv, which then upsamples to the recorded size);
+* spatial self-attention ops of the down stage at level L -> the transformer number
+  ``pool_after`` of that level is average-pooled 2x2 after it runs; its partner is the
+  transformer number ``restore_after`` of the up stage at level L, resized back (bicubic).
+
+The window follows the official switching rule: active while
+``int(n * start) <= step < int(n * switch)`` on an ``n``-step sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from unet_surgery.errors import SelectionError
+from unet_surgery.graph.records import AttentionRecord, ConvRecord, UNetMap
+from unet_surgery.ops import rewrite
+from unet_surgery.ops.hidiffusion import RauSetting, SizeLink, rau_block_, rau_conv_
+from unet_surgery.passes.base import (
+    FilterFn,
+    LayerRewrite,
+    PassHandler,
+    Plan,
+    register_pass,
+    selection,
+)
+from unet_surgery.recipes.schema import PassConfig, Recipe, Selector, doc, fail
+from unet_surgery.runtime import UNetCall
+
+
+def _install(module: nn.Module, source: Any, extras: dict[str, Any]) -> None:
+    if isinstance(module, nn.Conv2d):
+        rau_conv_(module, source)
+    else:
+        rau_block_(module, source)
+
+
+RAU_NET = LayerRewrite(
+    name="rau_net",
+    group="rau_net",
+    off=None,
+    install=_install,
+    restore=rewrite.restore,
+    summary=lambda s: None if s is None else {"rau_net": s.side},
+)
+"""A RAU-Net conv or transformer (:mod:`unet_surgery.ops.hidiffusion`); None is plain."""
+
+
+@dataclass(frozen=True)
+class RauNetPass(PassConfig):
+    """HiDiffusion's RAU-Net: one more 2x reduction on the down path, undone on the up path."""
+
+    type: ClassVar[str] = "rau_net"
+    select: Selector = doc(
+        "the down-path side: one stride-2 3x3 conv (downsampler form), or the spatial "
+        "self-attention ops of one level's down stage (pooling form)"
+    )
+    switch: float = doc("switching ratio (published T1_ratio / T2_ratio): active while step < int(steps * switch)")
+    start: float = doc(
+        "first active step as a ratio: int(steps * start) <= step (aggressive RAU-Net: 8/50)", default=0.0
+    )
+    pool_after: int = doc("pooling form: pool after this transformer of the down stage (0 = first)", default=0)
+    restore_after: int = doc("pooling form: restore after this transformer of the up stage (1 = second)", default=1)
+    steps: int = doc("steps assumed when the sampler's timestep list is unknown", default=50)
+
+    def validate(self, where: str) -> None:
+        for name in ("switch", "start"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(f"{where}.{name}", f"must be a ratio in [0, 1], got {getattr(self, name)}")
+        if self.pool_after < 0 or self.restore_after < 0:
+            fail(where, "pool_after and restore_after must be >= 0")
+        if self.steps < 1:
+            fail(f"{where}.steps", f"must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class RauEntry:
+    """One side of a RAU-Net pair: the pass config, the side and the pass index (the pair key)."""
+
+    config: RauNetPass
+    side: str
+    index: int
+
+
+_LINKS: weakref.WeakKeyDictionary[Any, dict[int, SizeLink]] = weakref.WeakKeyDictionary()
+
+
+def _link(patch: Any, index: int) -> SizeLink:
+    """The size link of pair ``index`` in ``patch`` (one per applied patch)."""
+    return _LINKS.setdefault(patch, {}).setdefault(index, SizeLink())
+
+
+def step_window_open(patch: Any, config: RauNetPass, call: UNetCall | None) -> bool:
+    """The official switching rule on ``call``: ``int(n * start) <= i < int(n * switch)``."""
+    if call is None or call.timestep is None:
+        return False
+    tracker = patch.tracker
+    if tracker.timesteps and call.step is not None:
+        n, i = len(tracker.timesteps), call.step
+    else:
+        n = config.steps
+        i = min(max(math.floor(n * (1.0 - call.timestep / tracker.num_train_timesteps)), 0), n - 1)
+    return int(n * config.start) <= i < int(n * config.switch)
+
+
+def transformer_path(rec: AttentionRecord) -> str:
+    """The spatial transformer owning an attention op (diffusers and LDM: ``<x>.transformer_blocks.k.attnN``)."""
+    head, sep, _ = rec.path.rpartition(".transformer_blocks.")
+    if not sep:
+        raise SelectionError(f"{rec.path} is not inside a spatial transformer (no .transformer_blocks.)")
+    return head
+
+
+def transformers(records: list[AttentionRecord]) -> list[str]:
+    """Transformer paths of ``records``, in execution order."""
+    first: dict[str, int] = {}
+    for rec in records:
+        path = transformer_path(rec)
+        first[path] = min(first.get(path, rec.order), rec.order)
+    return sorted(first, key=first.__getitem__)
+
+
+def _spatial_self(rec: AttentionRecord) -> bool:
+    return rec.kind == "self" and rec.axis == "spatial"
+
+
+def upsampler_conv(unet_map: UNetMap, level: int) -> ConvRecord:
+    """The conv right after the upsampling into ``level``: the first 3x3 conv of the up stage there,
+    preceded (in execution order) by a conv one level deeper."""
+    convs = sorted((c for c in unet_map.convs if c.axis == "spatial"), key=lambda c: c.order)
+    for k, conv in enumerate(convs):
+        if conv.stage == "up" and conv.level == level and conv.spatial_kernel == (3, 3):
+            if k > 0 and convs[k - 1].level == level + 1:
+                return conv
+            break
+    raise SelectionError(f"no upsampler conv into level {level} found in {unet_map.model_class}")
+
+
+@register_pass
+class RauNetHandler(PassHandler[RauNetPass]):
+    """Plans the down layer and its up partner; both act while the switching window is open."""
+
+    type = "rau_net"
+    config = RauNetPass
+    rewrite = RAU_NET
+
+    def plan(self, config: RauNetPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
+        where = f"passes[{index}] (rau_net)"
+        records = selection(config, index, unet_map, plan, filter_fn).records
+        convs = [r for r in records if isinstance(r, ConvRecord)]
+        attns = [r for r in records if isinstance(r, AttentionRecord)]
+        if convs and attns:
+            raise SelectionError(f"{where}: select either one downsampler conv or attention ops, not both")
+        if convs:
+            if len(convs) != 1:
+                raise SelectionError(f"{where}: the downsampler form takes one conv, got {[c.path for c in convs]}")
+            down = convs[0]
+            if (down.op, down.spatial_kernel, down.spatial_stride, down.stage) != ("conv2d", (3, 3), (2, 2), "down"):
+                raise SelectionError(f"{where}: {down.path} is not a stride-2 3x3 conv2d of the down stage")
+            assert down.level is not None
+            up = upsampler_conv(unet_map, down.level)
+            pair: list[tuple[str, ConvRecord | None, str]] = [(down.path, down, "down"), (up.path, up, "up")]
+        else:
+            levels = {r.level for r in attns}
+            if not attns or not all(_spatial_self(r) and r.stage == "down" for r in attns) or len(levels) != 1:
+                raise SelectionError(
+                    f"{where}: the pooling form selects spatial self-attention of one level's down stage"
+                )
+            level = levels.pop()
+            downs = transformers(attns)
+            ups = transformers([a for a in unet_map.attentions if _spatial_self(a) and a.stage == "up" and a.level == level])
+            if config.pool_after >= len(downs) or config.restore_after >= len(ups):
+                raise SelectionError(
+                    f"{where}: level {level} has {len(downs)} down and {len(ups)} up transformers; "
+                    f"pool_after={config.pool_after}, restore_after={config.restore_after} do not fit"
+                )
+            pair = [(downs[config.pool_after], None, "down"), (ups[config.restore_after], None, "up")]
+        for path, rec, side in pair:
+            plan.add(path, rec, self, RauEntry(config, side, index), index)
+
+    def describe(self, entry: RauEntry) -> str:
+        c = entry.config
+        return f"{entry.side}, steps [{c.start:g}, {c.switch:g}) of the trajectory"
+
+    def setting(self, patch: Any, entry: RauEntry, branch: str, call: UNetCall | None, current: Any) -> RauSetting | None:
+        if not step_window_open(patch, entry.config, call):
+            return current
+        return RauSetting(side=entry.side, link=_link(patch, entry.index))  # type: ignore[arg-type]
+
+    def no_effect_reasons(self, config: RauNetPass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
+        if config.switch <= config.start:
+            return [f"switch {config.switch:g} <= start {config.start:g}: the window is empty"]
+        return []

@@ -1,0 +1,90 @@
+"""HiDiffusion recipes for any mapped UNet, with the official switching thresholds.
+
+The official code (megvii-research/HiDiffusion, ``hidiffusion.py``) names modules per model;
+here the same choice is made from the map, so it carries over to other layouts:
+
+* MSW-MSA on every spatial self-attention of the top level that has attention (SD1.5:
+  level 0; SDXL, whose level 0 has none: level 1);
+* RAU-Net, SD1.5-like maps (attention at level 0): the downsampler of level 0 switched by
+  T1, the pooling pair of level 1 by T2; SDXL-like maps: the pooling pair of the top
+  attention level by T1, its downsampler by T2;
+* thresholds from ``switching_threshold_ratio_dict``: the "2x" row while either latent side
+  is below 4x the base latent (SD1.5: ``ori_H < 256``, SDXL: ``< 512``), else the "4x" row;
+  SDXL at 2x uses the aggressive form (pooling on ``[int(8/50 n), int(0.4 n))``, the
+  downsampler before ``int(8/50 n)``). A pair whose threshold is 0 never acts and is left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unet_surgery.errors import SelectionError
+from unet_surgery.graph.records import UNetMap
+from unet_surgery.recipes.schema import Recipe, parse_recipe
+
+# switching_threshold_ratio_dict of the official code: (T1_ratio, T2_ratio).
+THRESHOLDS = {
+    ("sd15", "2x"): (0.4, 0.0),
+    ("sd15", "4x"): (0.7, 0.3),
+    ("sdxl", "2x"): (0.4, 0.0),
+    ("sdxl", "4x"): (0.7, 0.3),
+}
+AGGRESSIVE_START = 8 / 50
+"""``aggressive_step / 50``: SDXL's aggressive RAU-Net hands over from the downsampler here."""
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def top_attention_level(unet_map: UNetMap) -> int:
+    """The highest-resolution level with spatial self-attention."""
+    levels = [a.level for a in unet_map.attentions if a.kind == "self" and a.axis == "spatial" and a.level is not None]
+    if not levels:
+        raise SelectionError(f"{unet_map.model_class} has no spatial self-attention: HiDiffusion needs one")
+    return min(levels)
+
+
+def hidiffusion_recipe(
+    unet_map: UNetMap,
+    base_resolution: int | tuple[int, int],
+    target_resolution: int | tuple[int, int],
+    *,
+    rau_net: bool = True,
+    msw_msa: bool = True,
+    name: str | None = None,
+) -> Recipe:
+    """RAU-Net and MSW-MSA as the official code sets them up, selected from ``unet_map``."""
+    base, target = _pair(base_resolution), _pair(target_resolution)
+    top = top_attention_level(unet_map)
+    family = "sd15" if top == 0 else "sdxl"
+    size = "2x" if target[0] < 4 * base[0] or target[1] < 4 * base[1] else "4x"
+    t1, t2 = THRESHOLDS[(family, size)]
+    conv = {"op": ["conv2d"], "stride": [2], "stage": ["down"]}
+    attn = {"op": ["attention"], "kind": ["self"], "axis": ["spatial"]}
+    passes: list[dict[str, Any]] = []
+    if rau_net and family == "sd15":
+        passes.append({"type": "rau_net", "select": {**conv, "level": top}, "switch": t1})
+        if t2 > 0:
+            passes.append({"type": "rau_net", "select": {**attn, "stage": ["down"], "level": top + 1}, "switch": t2})
+    elif rau_net:
+        pool: dict[str, Any] = {"type": "rau_net", "select": {**attn, "stage": ["down"], "level": top}, "switch": t1}
+        if size == "2x":  # is_aggressive_raunet: the downsampler first, then pooling
+            pool["start"] = AGGRESSIVE_START
+            passes += [pool, {"type": "rau_net", "select": {**conv, "level": top}, "switch": AGGRESSIVE_START}]
+        else:
+            passes += [pool, {"type": "rau_net", "select": {**conv, "level": top}, "switch": t2}]
+    if msw_msa:
+        passes.append({"type": "msw_msa", "select": {**attn, "level": top}})
+    if not passes:
+        raise SelectionError("hidiffusion_recipe: nothing to do with rau_net=False and msw_msa=False")
+    return parse_recipe(
+        {
+            "name": name or f"hidiffusion-{target[0]}x{target[1]}",
+            "description": f"HiDiffusion ({family}-style map, {size} thresholds) from {base} to {target}.",
+            "source": "megvii-research/HiDiffusion hidiffusion.py, selected from the map",
+            "base_resolution": list(base),
+            "target_resolutions": [list(target)],
+            "passes": passes,
+        }
+    )
