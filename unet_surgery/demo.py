@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,21 @@ METHODS: dict[str, str] = {
     "baseline": "the plain model",
     "scalecrafter": "auto_recipe(policy='scalecrafter'): full-ratio re-dilation, ScaleCrafter's rule",
     "auto": "auto_recipe(): self-cascade with restrained deepest-level dilation",
+    "hidiffusion": "hidiffusion_recipe(): RAU-Net + MSW-MSA with the official settings",
+    "fouriscale": "fouriscale_recipe(): dilation + low-pass filtering with the official settings",
+    "freeu": "freeu_recipe(): FreeU with SD1.5's published factors (no high-resolution fix of its own)",
 }
-"""Demo methods and what each one is; every recipe comes from ``auto_recipe``, none is tuned."""
+"""Demo methods and what each one is. Every recipe is derived from the toy's map by the
+method's builder, with published settings: none is tuned on the demo's seeds."""
+DEFAULT_METHODS = ("baseline", "scalecrafter", "auto")
+"""What ``unet-surgery demo`` runs unless ``--methods`` says otherwise (about 2 minutes)."""
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     toys: Sequence[str] = TOY_NAMES
     sizes: Sequence[int] = (32, 64, 128)
-    methods: Sequence[str] = tuple(METHODS)
+    methods: Sequence[str] = DEFAULT_METHODS
     seeds: Sequence[int] = tuple(range(4))
     steps: int = 10
     guidance_scale: float = DEFAULT_GUIDANCE
@@ -78,6 +84,19 @@ def recipe_for(method: str, unet_map: Any, size: int) -> Recipe | None:
         raise ValueError(f"unknown demo method {method!r}; choose from {', '.join(METHODS)}")
     if method == "baseline" or size == BASE:
         return None
+    if method == "hidiffusion":
+        from unet_surgery.recipes.hidiffusion import hidiffusion_recipe
+
+        return replace(hidiffusion_recipe(unet_map, BASE, size), vae_scale_factor=1)
+    if method == "fouriscale":
+        from unet_surgery.recipes.fouriscale import fouriscale_recipe
+
+        return replace(fouriscale_recipe(unet_map, (BASE, BASE), (size, size)), vae_scale_factor=1)
+    if method == "freeu":
+        from unet_surgery.recipes.freeu import freeu_recipe
+
+        recipe = freeu_recipe(unet_map, base=BASE, vae_scale_factor=1)
+        return replace(recipe, target_resolutions=((size, size),))
     policy = "scalecrafter" if method == "scalecrafter" else "auto"
     return auto_recipe(unet_map, base=BASE, target=size, vae_scale_factor=1, policy=policy)  # type: ignore[arg-type]
 
@@ -86,8 +105,6 @@ def _unet_calls(recipe: Recipe | None, steps: int) -> int:
     """UNet calls a row makes: steps, plus each later cascade stage's steps after its restart."""
     if recipe is None or recipe.sampling is None:
         return steps
-    from dataclasses import replace
-
     from unet_surgery.sampling import restart_step_of
 
     restart = recipe.sampling.restart_step

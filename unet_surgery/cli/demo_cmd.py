@@ -10,6 +10,7 @@ from pathlib import Path
 from unet_surgery.errors import SurgeryError
 
 TOYS = ("toy", "toy4")  # kept here so --help needs no torch import
+METHODS = ("baseline", "scalecrafter", "auto", "hidiffusion", "fouriscale", "freeu")  # demo.METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--full", action="store_true",
                       help="16 seeds at 25 steps (about 15 minutes on 2 CPU cores)")
     parser.add_argument("--toys", nargs="+", choices=TOYS, help="toys to run (default: both)")
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "all"], metavar="METHOD",
+                        help=f"methods to compare: {', '.join(METHODS)} or all "
+                        "(default: baseline scalecrafter auto)")
     parser.add_argument("--out", type=Path, default=Path("unet-surgery-demo"),
                         help="output folder (default: %(default)s)")
     parser.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default 4, --full 16)")
@@ -53,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, steps=args.steps)
     if args.toys:
         cfg = replace(cfg, toys=tuple(args.toys))
+    if args.methods:
+        methods = tuple(demo.METHODS) if "all" in args.methods else tuple(dict.fromkeys(args.methods))
+        cfg = replace(cfg, methods=("baseline", *(m for m in methods if m != "baseline")))
     print(f"{len(cfg.jobs())} rows: toys {', '.join(cfg.toys)}; sizes {', '.join(map(str, cfg.sizes))}; "
           f"methods {', '.join(cfg.methods)}; {len(cfg.seeds)} seeds, {cfg.steps} steps", flush=True)
     bars = not args.no_progress and sys.stderr.isatty()
