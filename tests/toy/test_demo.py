@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -15,17 +16,37 @@ from unet_surgery.demo import (
     DemoConfig,
     _unet_calls,
     grid_png,
+    recipe_for,
     run_demo,
     table,
 )
 from unet_surgery.recipes.schema import Recipe, SamplingSpec
 
 
-def test_demo_uses_automatic_recipes_only() -> None:
-    # Every non-baseline row is an auto_recipe policy: no shipped (tuned) recipe is named.
-    assert set(METHODS) == {"baseline", "scalecrafter", "auto"}
+def test_demo_uses_derived_recipes_only() -> None:
+    # Every non-baseline row is built from the toy's map by a method's builder: no shipped
+    # (tuned) recipe is named. The command line knows the same methods without importing torch.
+    from unet_surgery.cli.demo_cmd import METHODS as CLI_METHODS
+
+    assert tuple(METHODS) == CLI_METHODS == ("baseline", "scalecrafter", "auto", "hidiffusion", "fouriscale", "freeu")
+    assert DEFAULT.methods == ("baseline", "scalecrafter", "auto")
     assert DEFAULT.toys == ("toy", "toy4") and QUICK.sizes == (32, 64)
     assert len(DEFAULT.jobs()) == 2 * (1 + 2 * 3)  # per toy: 1x baseline, 2 sizes x 3 methods
+
+
+@pytest.mark.parametrize("method", ["hidiffusion", "fouriscale", "freeu"])
+def test_other_methods_get_a_recipe_of_their_own_passes_on_both_toys(method: str) -> None:
+    from unet_surgery.graph import map_unet
+    from unet_surgery.passes import make_plan
+    from unet_surgery.toy.model import load_toy
+
+    own = {"hidiffusion": {"rau_net", "msw_msa"}, "fouriscale": {"fouriscale"}, "freeu": {"freeu"}}[method]
+    for toy in ("toy", "toy4"):
+        unet_map = map_unet(load_toy(toy).unet, latent_hw=(64, 64))
+        assert recipe_for(method, unet_map, 32) is None  # 1x is always the plain model
+        recipe = recipe_for(method, unet_map, 64)
+        assert {type(c).type for c in recipe.passes} == own and recipe.vae_scale_factor == 1
+        assert make_plan(recipe, unet_map).layers  # selects layers of the toy
 
 
 def test_demo_rows_table_and_grid(tmp_path) -> None:

@@ -57,16 +57,24 @@ def hidiffusion_recipe(
     """RAU-Net and MSW-MSA as the official code sets them up, selected from ``unet_map``."""
     base, target = _pair(base_resolution), _pair(target_resolution)
     top = top_attention_level(unet_map)
-    family = "sd15" if top == 0 else "sdxl"
+    strided = sorted({c.level for c in unet_map.convs if c.stage == "down" and c.level is not None
+                      and c.axis == "spatial" and max(c.spatial_stride) == 2})
+    # SD1.5/2.1 have attention at level 0 and SDXL a downsampler at its top attention level; a map
+    # with neither (attention only deep down, like the toys) is treated SD1.5-style from its first
+    # downsampler: our extension, the official code knows only the published layouts.
+    family = "sd15" if top == 0 or top not in strided else "sdxl"
+    conv_level = top if family == "sdxl" or top == 0 else (strided[0] if strided else top)
     size = "2x" if target[0] < 4 * base[0] or target[1] < 4 * base[1] else "4x"
     t1, t2 = THRESHOLDS[(family, size)]
     conv = {"op": ["conv2d"], "stride": [2], "stage": ["down"]}
     attn = {"op": ["attention"], "kind": ["self"], "axis": ["spatial"]}
+    attention_levels = {a.level for a in unet_map.attentions if a.kind == "self" and a.axis == "spatial"}
     passes: list[dict[str, Any]] = []
     if rau_net and family == "sd15":
-        passes.append({"type": "rau_net", "select": {**conv, "level": top}, "switch": t1})
-        if t2 > 0:
-            passes.append({"type": "rau_net", "select": {**attn, "stage": ["down"], "level": top + 1}, "switch": t2})
+        passes.append({"type": "rau_net", "select": {**conv, "level": conv_level}, "switch": t1})
+        if t2 > 0 and conv_level + 1 in attention_levels:
+            passes.append({"type": "rau_net", "select": {**attn, "stage": ["down"], "level": conv_level + 1},
+                           "switch": t2})
     elif rau_net:
         pool: dict[str, Any] = {"type": "rau_net", "select": {**attn, "stage": ["down"], "level": top}, "switch": t1}
         if size == "2x":  # is_aggressive_raunet: the downsampler first, then pooling
