@@ -63,7 +63,7 @@ def code_digest() -> str:
 
 
 def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__}
+    out = {"torch": str(torch.__version__)}
     diffusers = sys.modules.get("diffusers")
     if diffusers is not None:
         out["diffusers"] = str(getattr(diffusers, "__version__", "?"))

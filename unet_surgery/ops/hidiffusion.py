@@ -26,7 +26,6 @@ the up layer restores exactly that size on the same call.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,13 +189,7 @@ class _WindowedAttentionMixin(rewrite.Rewritten):
 
 
 def _attention_class(cls: type[nn.Module]) -> type[nn.Module]:
-    params = list(inspect.signature(cls.forward).parameters)[1:]
-    if params[1:3] == ["encoder_hidden_states", "attention_mask"]:
-        cross, mask = "encoder_hidden_states", "attention_mask"
-    elif params[1:3] == ["context", "mask"]:
-        cross, mask = "context", "mask"
-    else:
-        raise TransformError(f"{cls.__name__}.forward{tuple(params)} is neither a diffusers nor an LDM attention")
+    cross, mask = rewrite.attention_arguments(cls)
     return rewrite.swapped_class(_WindowedAttentionMixin, cls, _cross_name=cross, _mask_name=mask)
 
 

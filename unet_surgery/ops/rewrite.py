@@ -21,6 +21,7 @@ class swap would silently do nothing.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -168,3 +169,21 @@ def frozen_source(module: nn.Module, setting: Any) -> Iterator[None]:
     finally:
         module.__dict__[SOURCE_ATTR] = previous
 
+
+def attention_arguments(cls: type[nn.Module]) -> tuple[str, str]:
+    """Names of the context and mask arguments of an attention class's ``forward``.
+
+    Attention rewrites pass self-attention calls on and leave cross-attention or masked calls
+    alone, so they must know the convention: diffusers ``(hidden_states,
+    encoder_hidden_states, attention_mask, **kw)`` or LDM ``(x, context, mask)``.
+    """
+    params = list(inspect.signature(cls.forward).parameters)[1:]
+    if params[1:3] == ["encoder_hidden_states", "attention_mask"]:
+        return "encoder_hidden_states", "attention_mask"
+    if params[1:3] == ["context", "mask"]:
+        return "context", "mask"
+    raise TransformError(
+        f"{cls.__name__}.forward{tuple(params)} is neither a diffusers Attention "
+        "(hidden_states, encoder_hidden_states, attention_mask) nor an LDM attention "
+        "(x, context, mask)"
+    )

@@ -28,7 +28,6 @@ See ``docs/ops/scale_fusion.md`` for where this follows or departs from the publ
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -542,23 +541,8 @@ class _FusedAttentionMixin(rewrite.Rewritten):
 
 
 def _swap_class_for(cls: type[nn.Module]) -> type[nn.Module]:
-    """The fused counterpart of an attention class, made once per class.
-
-    The base forward's parameters after the tokens decide the convention: diffusers
-    ``(hidden_states, encoder_hidden_states, attention_mask, **kw)`` or LDM
-    ``(x, context, mask)``.
-    """
-    params = list(inspect.signature(cls.forward).parameters)[1:]
-    if params[1:3] == ["encoder_hidden_states", "attention_mask"]:
-        cross, mask = "encoder_hidden_states", "attention_mask"
-    elif params[1:3] == ["context", "mask"]:
-        cross, mask = "context", "mask"
-    else:
-        raise TransformError(
-            f"{cls.__name__}.forward{tuple(params)} is neither a diffusers Attention "
-            "(hidden_states, encoder_hidden_states, attention_mask) nor an LDM attention "
-            "(x, context, mask)"
-        )
+    """The fused counterpart of an attention class, made once per class."""
+    cross, mask = rewrite.attention_arguments(cls)
     return rewrite.swapped_class(_FusedAttentionMixin, cls, _fusion_cross=cross, _fusion_mask=mask)
 
 

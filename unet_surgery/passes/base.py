@@ -355,6 +355,18 @@ def spatial_convs(config: Any, index: int, unet_map: UNetMap, plan: Plan, filter
     return out
 
 
+def spatial_self_attentions(
+    config: Any, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None
+) -> list[AttentionRecord]:
+    """The selected layers, which must all be spatial self-attention."""
+    out = []
+    for rec in selection(config, index, unet_map, plan, filter_fn).records:
+        if not isinstance(rec, AttentionRecord) or rec.kind != "self" or rec.axis != "spatial":
+            raise SelectionError(f"passes[{index}] ({type(config).type}): {rec.path} is not a spatial self-attention")
+        out.append(rec)
+    return out
+
+
 def factor_for(config: Any, path: str, where: str) -> float | str:
     """A layer's factor: its ``factors`` entry, else the pass's ``factor``."""
     if path in config.factors:

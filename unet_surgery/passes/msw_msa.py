@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from unet_surgery.errors import SelectionError
-from unet_surgery.graph.records import AttentionRecord, UNetMap
+from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops import rewrite
 from unet_surgery.ops.hidiffusion import WindowSetting, window_attention_
 from unet_surgery.passes.base import (
@@ -23,7 +22,7 @@ from unet_surgery.passes.base import (
     PassHandler,
     Plan,
     register_pass,
-    selection,
+    spatial_self_attentions,
 )
 from unet_surgery.recipes.schema import PassConfig, Selector, doc, fail
 from unet_surgery.runtime import UNetCall
@@ -82,9 +81,7 @@ class MswMsaHandler(PassHandler[MswMsaPass]):
     rewrite = WINDOW_ATTENTION
 
     def plan(self, config: MswMsaPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in selection(config, index, unet_map, plan, filter_fn).records:
-            if not isinstance(rec, AttentionRecord) or rec.kind != "self" or rec.axis != "spatial":
-                raise SelectionError(f"passes[{index}] (msw_msa): {rec.path} is not a spatial self-attention")
+        for rec in spatial_self_attentions(config, index, unet_map, plan, filter_fn):
             plan.add(rec.path, rec, self, config, index)
 
     def describe(self, entry: MswMsaPass) -> str:

@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from unet_surgery.errors import SelectionError
-from unet_surgery.graph.records import AttentionRecord, UNetMap
+from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.scale_fusion import PUBLISHED_JITTER, FusionSetting, fusion_window
 from unet_surgery.passes.base import (
     FilterFn,
@@ -21,7 +20,7 @@ from unet_surgery.passes.base import (
     Plan,
     active_now,
     register_pass,
-    selection,
+    spatial_self_attentions,
     window_is_empty,
 )
 from unet_surgery.passes.layers import ATTENTION
@@ -56,9 +55,7 @@ class ScaleFusionHandler(PassHandler[ScaleFusionPass]):
     rewrite = ATTENTION
 
     def plan(self, config: ScaleFusionPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in selection(config, index, unet_map, plan, filter_fn).records:
-            if not isinstance(rec, AttentionRecord) or rec.kind != "self" or rec.axis != "spatial":
-                raise SelectionError(f"passes[{index}] (scale_fusion): {rec.path} is not a spatial self-attention")
+        for rec in spatial_self_attentions(config, index, unet_map, plan, filter_fn):
             plan.add(rec.path, rec, self, config, index)
 
     def describe(self, entry: ScaleFusionPass) -> str:
