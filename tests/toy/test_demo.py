@@ -39,14 +39,20 @@ def test_other_methods_get_a_recipe_of_their_own_passes_on_both_toys(method: str
     from unet_surgery.graph import map_unet
     from unet_surgery.passes import make_plan
     from unet_surgery.toy.model import load_toy
+    from unet_surgery.toy.sampling import sample_recipe
 
     own = {"hidiffusion": {"rau_net", "msw_msa"}, "fouriscale": {"fouriscale"}, "freeu": {"freeu"}}[method]
-    for toy in ("toy", "toy4"):
-        unet_map = map_unet(load_toy(toy).unet, latent_hw=(64, 64))
+    for name in ("toy", "toy4"):
+        toy = load_toy(name)
+        unet_map = map_unet(toy.unet, latent_hw=(64, 64))
         assert recipe_for(method, unet_map, 32) is None  # 1x is always the plain model
         recipe = recipe_for(method, unet_map, 64)
         assert {type(c).type for c in recipe.passes} == own and recipe.vae_scale_factor == 1
         assert make_plan(recipe, unet_map).layers  # selects layers of the toy
+        # and samples (two steps: both inside the methods' windows) without a shape error
+        plain = sample_recipe(toy, None, torch.tensor([1]), seeds=[5], size=64, steps=2)
+        patched = sample_recipe(toy, recipe, torch.tensor([1]), seeds=[5], size=64, steps=2, unet_map=unet_map)
+        assert patched.shape == plain.shape == (1, 3, 64, 64) and not patched.equal(plain)
 
 
 def test_demo_rows_table_and_grid(tmp_path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import UNetMap
+from unet_surgery.passes.rau_net import transformers
 from unet_surgery.recipes.schema import Recipe, parse_recipe
 
 # switching_threshold_ratio_dict of the official code: (T1_ratio, T2_ratio).
@@ -59,10 +60,13 @@ def hidiffusion_recipe(
     top = top_attention_level(unet_map)
     strided = sorted({c.level for c in unet_map.convs if c.stage == "down" and c.level is not None
                       and c.axis == "spatial" and max(c.spatial_stride) == 2})
-    # SD1.5/2.1 have attention at level 0 and SDXL a downsampler at its top attention level; a map
-    # with neither (attention only deep down, like the toys) is treated SD1.5-style from its first
+    # SD1.5/2.1 have attention at level 0; SDXL has a downsampler and two down transformers (so
+    # one can pool between them) at its top attention level. A map with neither (attention only
+    # deep down, one transformer per block, like the toys) is treated SD1.5-style from its first
     # downsampler: our extension, the official code knows only the published layouts.
-    family = "sd15" if top == 0 or top not in strided else "sdxl"
+    top_downs = transformers([a for a in unet_map.attentions
+                              if a.kind == "self" and a.axis == "spatial" and a.stage == "down" and a.level == top])
+    family = "sd15" if top == 0 or top not in strided or len(top_downs) < 2 else "sdxl"
     conv_level = top if family == "sdxl" or top == 0 else (strided[0] if strided else top)
     size = "2x" if target[0] < 4 * base[0] or target[1] < 4 * base[1] else "4x"
     t1, t2 = THRESHOLDS[(family, size)]
