@@ -11,7 +11,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from unet_surgery.errors import CheckpointError
 
@@ -35,7 +35,7 @@ def field_error(file: Path, field: str, why: str) -> CheckpointError:
     return CheckpointError(f"{file}: field {field!r} {why}")
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
