@@ -42,7 +42,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_stages(target: Path) -> list[Path]:
     """Delete ``.NAME.PID-*.partial`` / ``.old`` folders beside ``target`` left by dead processes."""
     pattern = re.compile(rf"\.{re.escape(target.name)}\.([0-9]+)-[0-9a-f]{{16}}\.(partial|old)")
-    removed = []
+    removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
     for entry in target.parent.iterdir():
