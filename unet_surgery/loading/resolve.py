@@ -58,8 +58,11 @@ def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedMo
     for file in weights:
         read_tensor_shapes(file)  # validates every shard before anything is built
     if str(torch.device(device)) == "meta":
+        from unet_surgery.presets import from_config
+
+        public = {k: v for k, v in config.items() if not k.startswith("_")}
         with torch.device("meta"):
-            model = cls.from_config(config)
+            model = from_config(cls, public, str(path / "config.json"))
         model = model.to("meta")
     else:
         model = load_unet(path, device=device)
