@@ -70,7 +70,7 @@ HOSTILE_RECIPES: dict[str, bytes] = {
     "NUL inside": good().encode() + b"\x00",
     "too large": b"# " + b"x" * (2 << 20) + b"\n",
     "invalid regex": good(path="re:(").encode(),
-    "backreference": good(path=r"re:(down)\\1").encode(),
+    "backreference": good(path="re:(down)\\1").encode(),
     "factor 1e-300": good(factor="1.0e-300").encode(),
     "factor 1e300": good(factor="1.0e+300").encode(),
     "factor .nan": good(factor=".nan").encode(),
