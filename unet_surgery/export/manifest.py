@@ -8,6 +8,7 @@ enum and number must be in range. Each check names the file and the field it ref
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from pathlib import Path
@@ -124,3 +125,46 @@ def check_pt2_manifest(meta: dict[str, Any], file: Path, fmt: str, version: int)
         if not isinstance(spec, dict) or not _int_list(spec.get("shape"), None, 0, 1 << 24) or len(spec["shape"]) > 8:
             raise field_error(file, f"inputs.{str(name)[:40]}.shape", "must be a list of at most 8 sizes")
         require_choice(spec, "dtype", file, INPUT_DTYPES, f"inputs.{str(name)[:40]}.dtype")
+
+
+_LAYER_PATH = re.compile(r"[A-Za-z0-9_.]{1,300}")
+FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def manifest_digest(meta: dict[str, Any]) -> str:
+    """sha256 of every field but ``manifest_sha256`` itself, as canonical JSON.
+
+    Catches an edited field (a trimmed ``layers`` list, a changed version) and a deleted
+    ``files`` list. It is integrity, not authenticity: whoever can rewrite the folder can
+    recompute it; the base fingerprint and the recomputed kernels are checked on load too.
+    """
+    body = {k: v for k, v in meta.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_adapter_meta(meta: dict[str, Any], file: Path, fmt: str, versions: tuple[int, ...], files: tuple[str, ...]) -> None:
+    """Every field of ``adapter.json``: required, typed, in range, and covered by its digest."""
+    check_format_version(meta, file, fmt, versions)
+    if meta.get("manifest_sha256") != manifest_digest(meta):
+        raise field_error(file, "manifest_sha256", "does not match the manifest: the file was edited after export")
+    listed = meta.get("files")
+    if not isinstance(listed, dict) or set(listed) != set(files):
+        raise field_error(file, "files", f"must list exactly {', '.join(files)} with their sha256")
+    for name, digest in listed.items():
+        plain_file_name(name, file, f"files[{name!r}]")
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise field_error(file, f"files[{name!r}]", "must be a sha256 (64 hex digits)")
+    require_str(meta, "recipe", file)
+    require_str(meta, "model_class", file, 128)
+    if not isinstance(meta.get("fingerprint"), str) or not FINGERPRINT.fullmatch(meta["fingerprint"]):
+        raise field_error(file, "fingerprint", "must be sha256:<64 hex digits>")
+    require_choice(meta, "dtype", file, FLOAT_DTYPES)
+    require_int(meta, "num_train_timesteps", file, 1, 100_000)
+    if not isinstance(meta.get("filtered"), bool):
+        raise field_error(file, "filtered", "must be true or false")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not all(
+        isinstance(group, str) and isinstance(paths, list) and all(isinstance(p, str) and _LAYER_PATH.fullmatch(p) for p in paths)
+        for group, paths in layers.items()
+    ):
+        raise field_error(file, "layers", "must map each group to a list of module paths")
