@@ -244,3 +244,13 @@ def test_disperse_into_a_directory_and_a_read_only_folder(tmp_path: Path) -> Non
         assert code == 2 and len(err) == 1 and "Permission denied" in err[0], err
     finally:
         locked.chmod(0o700)
+
+
+def test_inspect_refuses_a_config_that_does_not_fit_its_weights(saved_tiny: Path, tmp_path: Path) -> None:
+    config = json.loads((saved_tiny / "config.json").read_text())
+    widths = [2 * w for w in config["block_out_channels"]]  # a valid architecture, other widths
+    folder = tiny_folder(saved_tiny, tmp_path, block_out_channels=widths)
+    code, err = cli("inspect", str(folder))
+    assert code == 2 and len(err) == 1 and ("do not fit" in err[0] or "has shape" in err[0]), err
+    code, _ = cli("inspect", str(saved_tiny))
+    assert code == 0

@@ -58,12 +58,16 @@ def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedMo
     for file in weights:
         read_tensor_shapes(file)  # validates every shard before anything is built
     if str(torch.device(device)) == "meta":
+        from unet_surgery.loading.weights import _fit_shapes, _folder_weights
         from unet_surgery.presets import from_config
 
         public = {k: v for k, v in config.items() if not k.startswith("_")}
         with torch.device("meta"):
             model = from_config(cls, public, str(path / "config.json"))
         model = model.to("meta")
+        # The config must describe the weights beside it (shapes only: nothing is read).
+        stand_ins = {k: torch.empty(v, device="meta") for f in _folder_weights(path) for k, v in read_tensor_shapes(f).items()}
+        _fit_shapes(stand_ins, {k: v.shape for k, v in model.state_dict().items()}, str(path))
     else:
         model = load_unet(path, device=device)
     model.eval()
