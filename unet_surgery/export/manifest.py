@@ -74,7 +74,7 @@ def check_format_version(meta: dict[str, Any], file: Path, fmt: str, versions: t
     version = meta.get("version")
     if not is_int(version) or version not in versions:
         raise CheckpointError(
-            f"{file}: format version {str(version)[:40]!r} is not one this unet-surgery reads "
+            f"{file}: format version {repr(version)[:40]} is not one this unet-surgery reads "
             f"({', '.join(map(str, versions))}); upgrade unet-surgery or export again"
         )
     return int(version)
