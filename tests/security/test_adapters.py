@@ -143,3 +143,16 @@ def test_non_finite_and_non_float_weights_are_refused_on_load(kind: str, tmp_pat
     save_file(state, str(file))
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         load_unet(tmp_path / "u")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"version": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000, "\xff\xfe", "[]", '{"format": "unet-surgery-adapter"}'],
+    ids=["5000-digit version", "deep nesting", "not UTF-8", "not an object", "bare format"],
+)
+def test_malformed_adapter_json_is_one_error(text: str, adapter: Path, tmp_path: Path) -> None:
+    folder = tampered(adapter, tmp_path, lambda m: None, redigest=False)
+    (folder / "adapter.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError) as info:
+        load(folder)
+    assert "\n" not in str(info.value)

@@ -21,10 +21,14 @@ from torch import nn
 
 from unet_surgery.errors import CheckpointError, SurgeryError
 from unet_surgery.export.fingerprint import fingerprint
-from unet_surgery.export.manifest import check_adapter_meta, manifest_digest, sha256_file
+from unet_surgery.export.manifest import (
+    check_adapter_meta,
+    manifest_digest,
+    read_manifest,
+    sha256_file,
+)
 from unet_surgery.export.staging import staged_folder
 from unet_surgery.graph import UNetMap
-from unet_surgery.io import read_json_object
 from unet_surgery.patching.patch import Patch, apply
 
 ADAPTER_FORMAT = "unet-surgery-adapter"
@@ -96,7 +100,7 @@ def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
     """``adapter.json``, validated, with every file it lists checked against its sha256."""
     directory = Path(directory)
     meta_file = directory / META_FILE
-    meta = read_json_object(meta_file, missing=f"{directory} is not a surgery adapter: {META_FILE} is missing")
+    meta = read_manifest(meta_file, missing=f"{directory} is not a surgery adapter: {META_FILE} is missing")
     check_adapter_meta(meta, meta_file, ADAPTER_FORMAT, SUPPORTED_ADAPTER_VERSIONS, (RECIPE_FILE, TENSORS_FILE))
     for name, expected in meta["files"].items():
         file = directory / name

@@ -32,6 +32,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def read_manifest(path: Path, *, missing: str) -> dict[str, Any]:
+    """A manifest's JSON object; an oversized, over-deep or over-long-number file is one clear error."""
+    from unet_surgery.io import read_json_object
+
+    if path.is_file() and path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
+    try:
+        return read_json_object(path, missing=missing)
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a manifest") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise CheckpointError(f"{path} is not a valid manifest ({str(exc).splitlines()[0][:120]})") from None
+
+
 def field_error(file: Path, field: str, why: str) -> CheckpointError:
     return CheckpointError(f"{file}: field {field!r} {why}")
 

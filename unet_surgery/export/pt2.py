@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from unet_surgery.errors import CheckpointError, SurgeryError
-from unet_surgery.export.manifest import check_pt2_manifest, sha256_file
+from unet_surgery.export.manifest import check_pt2_manifest, read_manifest, sha256_file
 from unet_surgery.export.phases import PhaseSettings, default_timesteps, enumerate_phases, frozen
 from unet_surgery.export.progress import progress
 from unet_surgery.export.pt2_safety import safe_load
 from unet_surgery.export.staging import staged_folder
-from unet_surgery.io import read_json_object
 from unet_surgery.patching.patch import Patch
 
 PT2_FORMAT = "unet-surgery-pt2"
@@ -221,7 +220,7 @@ class Pt2Runner:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         file = self.directory / MANIFEST
-        manifest = read_json_object(file, missing=f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
+        manifest = read_manifest(file, missing=f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
         check_pt2_manifest(manifest, file, PT2_FORMAT, PT2_VERSION)
         self.manifest = manifest
         self.timesteps: list[float] = [float(t) for t in manifest["timesteps"]]
