@@ -254,3 +254,18 @@ def test_inspect_refuses_a_config_that_does_not_fit_its_weights(saved_tiny: Path
     assert code == 2 and len(err) == 1 and ("do not fit" in err[0] or "has shape" in err[0]), err
     code, _ = cli("inspect", str(saved_tiny))
     assert code == 0
+
+
+def test_alias_expansion_is_counted_not_walked() -> None:
+    """Nine levels of nine shared references: 9**9 (387 420 489) leaves in ten distinct lists."""
+    node: Any = "lol"
+    for _ in range(9):
+        node = [node] * 9
+    document = {"name": "x", "base_resolution": [512, 512], "target_resolutions": [[1024, 1024]], "passes": node}
+    with pytest.raises(RecipeError, match="aliases are expanded"):
+        parse_recipe(document)
+    small: Any = "lol"
+    for _ in range(4):  # 9**4 = 6561 leaves: within the limit, so the usual field error follows
+        small = [small] * 9
+    with pytest.raises(RecipeError, match=r"passes\[0\]"):
+        parse_recipe({**document, "passes": small})
