@@ -269,3 +269,18 @@ def test_alias_expansion_is_counted_not_walked() -> None:
         small = [small] * 9
     with pytest.raises(RecipeError, match=r"passes\[0\]"):
         parse_recipe({**document, "passes": small})
+
+
+def test_inspect_takes_the_tiny_single_files_export_takes_and_refuses_broken_ones(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from unet_surgery.presets import build_unet
+
+    state = {k: v.contiguous() for k, v in build_unet("sd15", size="tiny", device="cpu").state_dict().items()}
+    save_file(state, str(tmp_path / "tiny.safetensors"))
+    code, err = cli("inspect", str(tmp_path / "tiny.safetensors"))
+    assert code == 0, err
+    state.pop(sorted(state)[0])
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    code, err = cli("inspect", str(tmp_path / "broken.safetensors"))
+    assert code == 2 and len(err) == 1 and "fit no shipped architecture" in err[0], err
