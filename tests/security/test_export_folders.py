@@ -119,3 +119,34 @@ def test_kill_9_leaves_debris_that_the_next_run_removes(tmp_path: Path) -> None:
     export_into(target, {"manifest.json": "ok"})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.123-0123456789abcdef.partial", "out"])
     assert (unrelated / "keep").read_text() == "k"
+
+
+FULL_DISK = """
+import sys
+from pathlib import Path
+from unet_surgery.cli import main
+from unet_surgery.export.staging import staged_folder
+target = Path(sys.argv[1])
+try:
+    with staged_folder(target / "export") as stage:
+        (stage / "manifest.json").write_bytes(b"x" * 100_000)
+except OSError as exc:
+    print("export:", exc.strerror, file=sys.stderr)
+sys.exit(main(["disperse", "-o", str(target / "r.safetensors")]))
+"""
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    import resource
+
+    def limit() -> None:  # files may not grow past 10 kB: every write above fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "r.safetensors").mkdir()  # disperse cannot write there either way
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, env=env,
+                          preexec_fn=limit, timeout=300)
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(err) == 2, err
+    assert err[0] == "export: File too large" and "error:" in err[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]  # no staging folder left
