@@ -14,7 +14,7 @@ import pytest
 
 from unet_surgery.cli import main
 from unet_surgery.errors import SurgeryError
-from unet_surgery.export.staging import RECORD, STAGE_TAG, staged_folder
+from unet_surgery.export.staging import STAGE_TAG, export_files, staged_folder
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -22,9 +22,17 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def export_into(folder: Path, files: dict[str, str]) -> None:
+    """An export as the writers make one: files, then ``manifest.json`` listing them all."""
     with staged_folder(folder) as stage:
         for name, text in files.items():
             (stage / name).write_text(text)
+        manifest = {"format": "unet-surgery-pt2", "note": files.get("manifest.json", "")}
+        manifest["export_files"] = export_files(stage, "manifest.json")
+        (stage / "manifest.json").write_text(json.dumps(manifest))
+
+
+def manifest_note(folder: Path) -> str:
+    return json.loads((folder / "manifest.json").read_text())["note"]
 
 
 def web_app(folder: Path) -> None:
@@ -37,8 +45,10 @@ FOREIGN = {
     "web app": web_app,
     "web app with a manifest.json": lambda f: (web_app(f), (f / "manifest.json").write_text('{"name": "my app"}')),
     "a folder holding adapter.json only from elsewhere": lambda f: (f.mkdir(), (f / "adapter.json").write_text("{}")),
-    "a forged record beside a subfolder": lambda f: (
-        web_app(f), (f / RECORD).write_text(json.dumps({"format": "unet-surgery-export-files", "files": ["index.html", "src"]}))),
+    "a pt2 manifest listing a subfolder": lambda f: (web_app(f), (f / "manifest.json").write_text(
+        json.dumps({"format": "unet-surgery-pt2", "export_files": ["index.html", "src", "manifest.json"]}))),
+    "a pt2 manifest without export_files": lambda f: (web_app(f), (f / "manifest.json").write_text(
+        json.dumps({"format": "unet-surgery-pt2"}))),
 }
 
 
@@ -57,11 +67,11 @@ def test_notes_added_to_an_earlier_export_survive(tmp_path: Path) -> None:
     target = tmp_path / "out"
     export_into(target, {"manifest.json": "1"})
     export_into(target, {"manifest.json": "2", "phase_0.pt2": "x"})  # an export of ours is replaced
-    assert (target / "manifest.json").read_text() == "2"
+    assert manifest_note(target) == "2" and sorted(p.name for p in target.iterdir()) == ["manifest.json", "phase_0.pt2"]
     (target / "NOTES.md").write_text("my notes")
     with pytest.raises(SurgeryError, match=r"NOTES\.md"):
         export_into(target, {"manifest.json": "3"})
-    assert (target / "NOTES.md").read_text() == "my notes" and (target / "manifest.json").read_text() == "2"
+    assert (target / "NOTES.md").read_text() == "my notes" and manifest_note(target) == "2"
 
 
 def test_a_symlinked_target_is_refused(tmp_path: Path) -> None:
@@ -116,7 +126,7 @@ def test_kill_9_leaves_debris_that_the_next_run_removes(tmp_path: Path) -> None:
     unrelated = tmp_path / ".out.123-0123456789abcdef.partial"  # right name, but not made by us
     unrelated.mkdir()
     (unrelated / "keep").write_text("k")
-    export_into(target, {"manifest.json": "ok"})
+    export_into(target, {"phase_0.pt2": "ok"})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.123-0123456789abcdef.partial", "out"])
     assert (unrelated / "keep").read_text() == "k"
 

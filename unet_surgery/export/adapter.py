@@ -27,7 +27,7 @@ from unet_surgery.export.manifest import (
     read_manifest,
     sha256_file,
 )
-from unet_surgery.export.staging import staged_folder
+from unet_surgery.export.staging import export_files, staged_folder
 from unet_surgery.graph import UNetMap
 from unet_surgery.patching.patch import Patch, apply
 
@@ -75,6 +75,7 @@ def write_adapter_files(patch: Patch, folder: Path) -> dict[str, Any]:
         "filtered": _filtered(patch),
         "files": {name: sha256_file(folder / name) for name in (RECIPE_FILE, TENSORS_FILE)},
         "created_by": f"unet-surgery {__version__}",
+        "export_files": export_files(folder, META_FILE),  # proves the folder is ours to replace
     }
     meta["manifest_sha256"] = manifest_digest(meta)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

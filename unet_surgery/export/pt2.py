@@ -24,7 +24,7 @@ from unet_surgery.export.manifest import check_pt2_manifest, read_manifest, sha2
 from unet_surgery.export.phases import PhaseSettings, default_timesteps, enumerate_phases, frozen
 from unet_surgery.export.progress import progress
 from unet_surgery.export.pt2_safety import safe_load
-from unet_surgery.export.staging import staged_folder
+from unet_surgery.export.staging import export_files, staged_folder
 from unet_surgery.patching.patch import Patch
 
 PT2_FORMAT = "unet-surgery-pt2"
@@ -205,6 +205,7 @@ def export_pt2(
             ],
             "inputs": _describe_inputs(example),
         }
+        manifest["export_files"] = export_files(stage, MANIFEST)  # proves the folder is ours to replace
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return directory
 

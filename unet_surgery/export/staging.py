@@ -3,10 +3,11 @@ export never replaces a folder it does not own.
 
 Everything is written into a hidden sibling folder ``.NAME.PID-RANDOM.partial``; only when
 every file is complete is it renamed onto the target (one atomic ``rename``). The target may
-be absent, an empty folder, or an earlier export: a folder holding exactly the files listed in
-its ``.unet-surgery-export`` record (written last into every export). Any other folder --
-one with a file the record does not list, a subfolder, or no record -- is refused, so no
-foreign file is ever deleted. A ``kill -9`` cannot run cleanup code, so each run first removes
+be absent, an empty folder, or an earlier export: a folder whose manifest (``adapter.json`` or
+``manifest.json`` of this library's formats) lists, in ``export_files``, exactly the files
+the folder holds. Any other folder -- one with a file the manifest does not list, a
+subfolder, a manifest of something else, or none -- is refused, so no foreign file is ever
+deleted. A ``kill -9`` cannot run cleanup code, so each run first removes
 the staging folders of the same target whose process is gone (a staging folder is recognised
 by its name and by the ``.unet-surgery-stage`` file created in it first, never by name alone).
 """
@@ -24,9 +25,10 @@ from pathlib import Path
 
 from unet_surgery.errors import SurgeryError
 
-RECORD = ".unet-surgery-export"
 STAGE_TAG = ".unet-surgery-stage"
-_RECORD_FORMAT = "unet-surgery-export-files"
+# Manifests that can prove a folder is an export of ours, and the formats they must declare.
+OWNERS = {"adapter.json": "unet-surgery-adapter", "manifest.json": "unet-surgery-pt2"}
+_MAX_OWNER_BYTES = 16 << 20
 
 
 def _pid_alive(pid: int) -> bool:
@@ -55,16 +57,27 @@ def remove_stale_stages(target: Path) -> list[Path]:
     return removed
 
 
-def _record_files(folder: Path) -> set[str] | None:
-    """The file names a folder's export record lists, or None without a valid record."""
-    try:
-        data = json.loads((folder / RECORD).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    files = data.get("files") if isinstance(data, dict) and data.get("format") == _RECORD_FORMAT else None
-    if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in files):
-        return None
-    return set(files)
+def export_files(stage: Path, manifest: str) -> list[str]:
+    """The ``export_files`` a manifest written last into ``stage`` must list: everything, itself included."""
+    return sorted({entry.name for entry in stage.iterdir() if entry.name != STAGE_TAG} | {manifest})
+
+
+def _owned_files(folder: Path) -> set[str] | None:
+    """The files an export manifest in ``folder`` lists, or None without a manifest of ours."""
+    for name, fmt in OWNERS.items():
+        file = folder / name
+        if file.is_symlink() or not file.is_file() or file.stat().st_size > _MAX_OWNER_BYTES:
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        files = data.get("export_files") if isinstance(data, dict) and data.get("format") == fmt else None
+        if isinstance(files, list) and name in files and all(
+            isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in files
+        ):
+            return set(files)
+    return None
 
 
 def check_owned(target: Path) -> None:
@@ -78,10 +91,10 @@ def check_owned(target: Path) -> None:
     present = {entry.name for entry in target.iterdir()}
     if not present:
         return
-    listed = _record_files(target)
+    listed = _owned_files(target)
     if listed is None:
         raise SurgeryError(f"{target} is a non-empty folder that is not an unet-surgery export; refusing to overwrite it")
-    extra = sorted(present - listed - {RECORD})
+    extra = sorted(present - listed)
     odd = [name for name in sorted(present & listed) if (target / name).is_symlink() or not (target / name).is_file()]
     if extra or odd:
         raise SurgeryError(
@@ -109,8 +122,6 @@ def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield stage
         (stage / STAGE_TAG).unlink()
-        files = sorted(entry.name for entry in stage.iterdir())
-        (stage / RECORD).write_text(json.dumps({"format": _RECORD_FORMAT, "files": files}) + "\n", encoding="utf-8")
         check_owned(target)  # again: the folder may have gained files while we wrote
         if target.exists():
             old = _new_stage(target, "old")
