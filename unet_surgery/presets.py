@@ -257,6 +257,68 @@ def _quiet_diffusers() -> Iterator[None]:
         dlogging.set_verbosity(level)
 
 
+# Bounds a diffusers UNet config must respect before anything is built: the largest published
+# UNets (SDXL, SVD) are far inside them, and a hostile config.json cannot make ``from_config``
+# allocate or loop without end (``layers_per_block: 1000000`` would build a million layers).
+CONFIG_MAX_NUMBER = 1_000_000
+CONFIG_LIMITS = {
+    "layers_per_block": (1, 16),
+    "transformer_layers_per_block": (1, 64),
+    "block_out_channels": (1, 16_384),
+    "in_channels": (1, 1024),
+    "out_channels": (1, 1024),
+    "norm_num_groups": (1, 1024),
+    "cross_attention_dim": (1, 16_384),
+    "attention_head_dim": (1, 4096),
+    "num_attention_heads": (1, 4096),
+    "sample_size": (1, 16_384),
+    "num_frames": (1, 4096),
+}
+CONFIG_MAX_BLOCKS = 8
+CONFIG_MAX_PARAMETERS = 20_000_000_000
+
+
+def _numbers(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return [value]
+
+
+def check_config_bounds(config: dict[str, Any], where: str) -> None:
+    """Refuse a UNet config whose sizes are absurd, before a module is built (one clear line)."""
+    for key, value in config.items():
+        for number in _numbers(value):
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and abs(number) > CONFIG_MAX_NUMBER:
+                raise PresetError(f"{where}: {key} = {str(number)[:30]} is out of range (|value| <= {CONFIG_MAX_NUMBER})")
+    for key, (low, high) in CONFIG_LIMITS.items():
+        if key not in config or config[key] is None:
+            continue
+        for number in _numbers(config[key]):
+            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+                raise PresetError(f"{where}: {key} must hold integers in [{low}, {high}], got {str(config[key])[:60]}")
+    for key in ("down_block_types", "up_block_types", "block_out_channels"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, (list, tuple)) or not 1 <= len(value) <= CONFIG_MAX_BLOCKS):
+            raise PresetError(f"{where}: {key} must be a list of 1 to {CONFIG_MAX_BLOCKS} entries")
+    widths = [int(w) for w in config.get("block_out_channels") or [320]]
+    layers = max([int(n) for n in _numbers(config.get("layers_per_block", 2))] or [2])
+    depth = max([int(n) for n in _numbers(config.get("transformer_layers_per_block", 1)) if n is not None] or [1])
+    estimate = sum(3 * (layers + 1) * (18 + 12 * depth) * w * w for w in widths)  # resnets + transformers, both paths
+    if estimate > CONFIG_MAX_PARAMETERS:
+        raise PresetError(f"{where}: this config describes a UNet of about {estimate:.2e} parameters; refusing to build it")
+
+
+def from_config(cls: Any, config: dict[str, Any], where: str) -> nn.Module:
+    """``cls.from_config`` after :func:`check_config_bounds`; a config it rejects is one clear error."""
+    check_config_bounds(config, where)
+    try:
+        with _quiet_diffusers():
+            return cls.from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError, AssertionError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        text = str(exc).strip().splitlines()
+        raise PresetError(f"{where}: {cls.__name__} cannot be built from this config ({text[0][:200] if text else type(exc).__name__})") from exc
+
+
 def _strip_private(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 

@@ -10,6 +10,7 @@ pipeline integration) and is otherwise inferred from the sequence of calls.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,15 +43,45 @@ class UNetCall:
     groups: tuple[tuple[int, str], ...] | None = None
 
 
+class _PerThread(threading.local):
+    """The call in flight and the timesteps seen so far, one set per thread."""
+
+    def __init__(self) -> None:
+        self.current: UNetCall | None = None
+        self.seen: list[float] = []
+
+
 @dataclass
 class UNetCallTracker:
-    """Records each UNet call; shared by every rewrite of one patch."""
+    """Records each UNet call; shared by every rewrite of one patch.
+
+    What the call in flight is (``current``) and the inferred step count are per thread: one
+    patched model called from two threads runs each call with its own timestep. The
+    sampler's timestep list (``set_timesteps``) is shared.
+    """
 
     num_train_timesteps: int = 1000
     timesteps: list[float] | None = None
-    current: UNetCall | None = None
-    _seen: list[float] = field(default_factory=list)
     _signature: inspect.Signature | None = None
+    _local: _PerThread = field(default_factory=_PerThread, repr=False, compare=False)
+
+    @property
+    def current(self) -> UNetCall | None:
+        return self._local.current
+
+    @current.setter
+    def current(self, call: UNetCall | None) -> None:
+        self._local.current = call
+
+    @property
+    def _seen(self) -> list[float]:
+        return self._local.seen
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> UNetCallTracker:
+        """A fresh tracker with the same settings (no call in flight): thread state is not copied."""
+        copied = UNetCallTracker(self.num_train_timesteps, None if self.timesteps is None else list(self.timesteps))
+        memo[id(self)] = copied
+        return copied
 
     def set_timesteps(self, timesteps: Sequence[float] | torch.Tensor | None) -> None:
         """Tell the tracker the sampler's timestep list, so steps are exact indices into it."""

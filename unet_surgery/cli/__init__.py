@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(exc: OSError) -> str:
+    """``strerror: filename`` (the errno's own words, so permission denied is not "not found")."""
+    what = exc.strerror or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{what}: {' -> '.join(names)}" if names else what
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Expected failures print one ``error:`` line and exit 2, never a traceback."""
     parser = build_parser()
@@ -47,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `unet-surgery recipes list | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # permission denied, disk full, read-only folder: the OS's words, one line
+        print(f"unet-surgery {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"unet-surgery {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from unet_surgery.cli.export_cmd import add_weights_arguments, load_weights
@@ -45,7 +46,9 @@ def _apply(model: Any, recipe: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     if args.out:
         from unet_surgery.export import save_patched_pretrained
+        from unet_surgery.export.staging import check_owned
 
+        check_owned(Path(args.out))  # refuse a folder we may not replace before loading weights
         patch = _apply(load_weights(args.model, args.dtype), args.recipe)
         print(patch.report())
         save_patched_pretrained(patch, args.out, show_progress=not args.quiet)

@@ -68,9 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from unet_surgery.export import save_patch, save_patched_pretrained
     from unet_surgery.export.pt2 import export_pt2
+    from unet_surgery.export.staging import check_owned
     from unet_surgery.patching.patch import apply
 
     resolution = parse_resolution(args.resolution) if args.resolution else None
+    check_owned(Path(args.out))  # before loading gigabytes: a folder we may not replace is refused now
     model = load_weights(args.model, args.dtype)
     patch = apply(model, args.recipe)
     print(patch.report())

@@ -12,7 +12,6 @@ disperses differently, or a corrupted file is caught rather than silently used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,23 +21,20 @@ from torch import nn
 
 from unet_surgery.errors import CheckpointError, SurgeryError
 from unet_surgery.export.fingerprint import fingerprint
-from unet_surgery.export.staging import staged_folder
+from unet_surgery.export.manifest import (
+    check_adapter_meta,
+    manifest_digest,
+    read_manifest,
+    sha256_file,
+)
+from unet_surgery.export.staging import export_files, staged_folder
 from unet_surgery.graph import UNetMap
-from unet_surgery.io import read_json_object
 from unet_surgery.patching.patch import Patch, apply
 
 ADAPTER_FORMAT = "unet-surgery-adapter"
-ADAPTER_VERSION = 1
+ADAPTER_VERSION = 2  # 2: full-weight fingerprint, required file list, manifest digest, "filtered"
 RECIPE_FILE, TENSORS_FILE, META_FILE = "recipe.yaml", "adapter.safetensors", "adapter.json"
-SUPPORTED_ADAPTER_VERSIONS = (1,)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+SUPPORTED_ADAPTER_VERSIONS = (2,)
 
 
 def _weights_dtype(model: nn.Module) -> str:
@@ -76,11 +72,21 @@ def write_adapter_files(patch: Patch, folder: Path) -> dict[str, Any]:
         "dtype": _weights_dtype(patch.model),
         "num_train_timesteps": patch.tracker.num_train_timesteps,
         "layers": patch.plan.groups(),
-        "files": {name: _sha256(folder / name) for name in (RECIPE_FILE, TENSORS_FILE)},
+        "filtered": _filtered(patch),
+        "files": {name: sha256_file(folder / name) for name in (RECIPE_FILE, TENSORS_FILE)},
         "created_by": f"unet-surgery {__version__}",
+        "export_files": export_files(folder, META_FILE),  # proves the folder is ours to replace
     }
+    meta["manifest_sha256"] = manifest_digest(meta)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
+
+
+def _filtered(patch: Patch) -> bool:
+    """Whether the patch holds fewer layers than its recipe selects (it was applied with a filter)."""
+    from unet_surgery.passes.base import make_plan
+
+    return make_plan(patch.recipe, patch.unet_map).groups() != patch.plan.groups()
 
 
 def save_patch(patch: Patch, directory: str | Path) -> Path:
@@ -95,20 +101,13 @@ def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
     """``adapter.json``, validated, with every file it lists checked against its sha256."""
     directory = Path(directory)
     meta_file = directory / META_FILE
-    meta = read_json_object(meta_file, missing=f"{directory} is not a surgery adapter: {META_FILE} is missing")
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise CheckpointError(f"{meta_file} is not a {ADAPTER_FORMAT} file")
-    version = meta.get("version", 1)  # the first adapters were all version 1
-    if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_ADAPTER_VERSIONS:
-        raise CheckpointError(
-            f"{meta_file}: adapter format version {version!r} is not one this unet-surgery reads "
-            f"({', '.join(map(str, SUPPORTED_ADAPTER_VERSIONS))}); upgrade unet-surgery or re-export the adapter"
-        )
-    for name, expected in dict(meta.get("files", {})).items():
+    meta = read_manifest(meta_file, missing=f"{directory} is not a surgery adapter: {META_FILE} is missing")
+    check_adapter_meta(meta, meta_file, ADAPTER_FORMAT, SUPPORTED_ADAPTER_VERSIONS, (RECIPE_FILE, TENSORS_FILE))
+    for name, expected in meta["files"].items():
         file = directory / name
         if not file.is_file():
             raise CheckpointError(f"{directory}: {name} is missing")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise CheckpointError(f"{file} is corrupt or truncated (its sha256 differs from {META_FILE})")
     return meta
 
@@ -169,14 +168,14 @@ def load_patch(
         stored = load_file(str(directory / TENSORS_FILE))
     except Exception as exc:
         raise CheckpointError(f"{directory / TENSORS_FILE} is not a valid safetensors file ({exc})") from exc
-    layers = meta.get("layers", {})
+    layers = meta["layers"]
     keep = {path for paths in layers.values() for path in paths}
-    patch = apply(
+    patch = apply(  # unfiltered unless saved so: a trimmed layers list is then a mismatch
         model,
         recipe,
         unet_map=unet_map,
-        filter_fn=lambda path, op: path in keep,
-        num_train_timesteps=int(meta.get("num_train_timesteps", 1000)),
+        filter_fn=(lambda path, op: path in keep) if meta["filtered"] else None,
+        num_train_timesteps=meta["num_train_timesteps"],
     )
     try:
         groups = patch.plan.groups()

@@ -20,14 +20,15 @@ import torch
 from torch import nn
 
 from unet_surgery.errors import CheckpointError, SurgeryError
+from unet_surgery.export.manifest import check_pt2_manifest, read_manifest, sha256_file
 from unet_surgery.export.phases import PhaseSettings, default_timesteps, enumerate_phases, frozen
 from unet_surgery.export.progress import progress
-from unet_surgery.export.staging import staged_folder
-from unet_surgery.io import read_json_object
+from unet_surgery.export.pt2_safety import safe_load
+from unet_surgery.export.staging import export_files, staged_folder
 from unet_surgery.patching.patch import Patch
 
 PT2_FORMAT = "unet-surgery-pt2"
-PT2_VERSION = 1
+PT2_VERSION = 2  # 2: every phase file's sha256 in the manifest
 MANIFEST = "manifest.json"
 _EXTRA = ("added_cond_kwargs", "added_time_ids")
 _LDM_NAMES = {"x": "sample", "timesteps": "timestep", "context": "encoder_hidden_states"}
@@ -194,11 +195,17 @@ def export_pt2(
             "timesteps": ts,
             "step_phase": table,
             "phases": [
-                {"file": f"phase_{k}.pt2", "steps": [i for i, p in enumerate(table) if p == k], "changed": s.summary(patch)}
+                {
+                    "file": f"phase_{k}.pt2",
+                    "sha256": sha256_file(stage / f"phase_{k}.pt2"),
+                    "steps": [i for i, p in enumerate(table) if p == k],
+                    "changed": s.summary(patch),
+                }
                 for k, s in enumerate(phases)
             ],
             "inputs": _describe_inputs(example),
         }
+        manifest["export_files"] = export_files(stage, MANIFEST)  # proves the folder is ours to replace
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return directory
 
@@ -214,12 +221,8 @@ class Pt2Runner:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         file = self.directory / MANIFEST
-        manifest = read_json_object(file, missing=f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
-        if manifest.get("format") != PT2_FORMAT:
-            raise CheckpointError(f"{file} is not a {PT2_FORMAT} manifest")
-        version = manifest.get("version")
-        if isinstance(version, bool) or version not in (PT2_VERSION,):
-            raise CheckpointError(f"{file}: pt2 format version {version!r} is not one this unet-surgery reads ({PT2_VERSION})")
+        manifest = read_manifest(file, missing=f"{self.directory} is not a pt2 export: {MANIFEST} is missing")
+        check_pt2_manifest(manifest, file, PT2_FORMAT, PT2_VERSION)
         self.manifest = manifest
         self.timesteps: list[float] = [float(t) for t in manifest["timesteps"]]
         self.step_phase: list[int] = [int(k) for k in manifest["step_phase"]]
@@ -237,11 +240,13 @@ class Pt2Runner:
     def program(self, phase: int) -> nn.Module:
         """The runnable module of one phase (loaded from ``phase_{k}.pt2`` on first use)."""
         if phase not in self._programs:
-            path = self.directory / self.manifest["phases"][phase]["file"]
-            try:
-                self._programs[phase] = torch.export.load(str(path)).module()
-            except Exception as exc:
-                raise CheckpointError(f"{path} is not a loadable torch.export program ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from exc
+            entry = self.manifest["phases"][phase]
+            path = self.directory / entry["file"]
+            if not path.is_file():
+                raise CheckpointError(f"{self.directory}: {entry['file']} is missing")
+            if sha256_file(path) != entry["sha256"]:
+                raise CheckpointError(f"{path} is corrupt or was replaced (its sha256 differs from {MANIFEST})")
+            self._programs[phase] = safe_load(path).module()
         return self._programs[phase]
 
     def _timestep(self, timestep: Any, device: torch.device) -> torch.Tensor:

@@ -1,45 +1,137 @@
-"""Write an export folder so that an interrupted write never leaves a loadable half.
+"""Write an export folder so that an interrupted write never leaves a loadable half, and an
+export never replaces a folder it does not own.
 
-Everything is written into a hidden sibling folder; only when every file is complete is the
-folder renamed onto the target (one atomic ``rename``). An existing earlier export at the
-target is moved aside first and deleted after; a non-empty folder that is not an export of
-ours is never overwritten.
+Everything is written into a hidden sibling folder ``.NAME.PID-RANDOM.partial``; only when
+every file is complete is it renamed onto the target (one atomic ``rename``). The target may
+be absent, an empty folder, or an earlier export: a folder whose manifest (``adapter.json`` or
+``manifest.json`` of this library's formats) lists, in ``export_files``, exactly the files
+the folder holds. Any other folder -- one with a file the manifest does not list, a
+subfolder, a manifest of something else, or none -- is refused, so no foreign file is ever
+deleted. A ``kill -9`` cannot run cleanup code, so each run first removes
+the staging folders of the same target whose process is gone (a staging folder is recognised
+by its name and by the ``.unet-surgery-stage`` file created in it first, never by name alone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from unet_surgery.errors import SurgeryError
 
-# Files whose presence marks a folder as a completed export (written last, renamed in whole).
-MARKERS = ("adapter.json", "manifest.json")
+STAGE_TAG = ".unet-surgery-stage"
+# Manifests that can prove a folder is an export of ours, and the formats they must declare.
+OWNERS = {"adapter.json": "unet-surgery-adapter", "manifest.json": "unet-surgery-pt2"}
+_MAX_OWNER_BYTES = 16 << 20
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_stages(target: Path) -> list[Path]:
+    """Delete ``.NAME.PID-*.partial`` / ``.old`` folders beside ``target`` left by dead processes."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.([0-9]+)-[0-9a-f]{{16}}\.(partial|old)")
+    removed: list[Path] = []
+    if not target.parent.is_dir():
+        return removed
+    for entry in target.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir() or not (entry / STAGE_TAG).is_file():
+            continue
+        if int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def export_files(stage: Path, manifest: str) -> list[str]:
+    """The ``export_files`` a manifest written last into ``stage`` must list: everything, itself included."""
+    return sorted({entry.name for entry in stage.iterdir() if entry.name != STAGE_TAG} | {manifest})
+
+
+def _owned_files(folder: Path) -> set[str] | None:
+    """The files an export manifest in ``folder`` lists, or None without a manifest of ours."""
+    for name, fmt in OWNERS.items():
+        file = folder / name
+        if file.is_symlink() or not file.is_file() or file.stat().st_size > _MAX_OWNER_BYTES:
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        files = data.get("export_files") if isinstance(data, dict) and data.get("format") == fmt else None
+        if isinstance(files, list) and name in files and all(
+            isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in files
+        ):
+            return set(files)
+    return None
+
+
+def check_owned(target: Path) -> None:
+    """Refuse ``target`` unless it is absent, an empty folder or exactly an earlier export."""
+    if target.is_symlink():
+        raise SurgeryError(f"{target} is a symbolic link; refusing to write through it")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise SurgeryError(f"{target} exists and is not a folder")
+    present = {entry.name for entry in target.iterdir()}
+    if not present:
+        return
+    listed = _owned_files(target)
+    if listed is None:
+        raise SurgeryError(f"{target} is a non-empty folder that is not an unet-surgery export; refusing to overwrite it")
+    extra = sorted(present - listed)
+    odd = [name for name in sorted(present & listed) if (target / name).is_symlink() or not (target / name).is_file()]
+    if extra or odd:
+        raise SurgeryError(
+            f"{target} holds {(extra or odd)[0]!r}, which is not part of the earlier export; "
+            "refusing to overwrite it (move your own files out, or choose another folder)"
+        )
+
+
+def _new_stage(target: Path, kind: str) -> Path:
+    path = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(8)}.{kind}"
+    path.mkdir()
+    (path / STAGE_TAG).touch()
+    return path
 
 
 @contextlib.contextmanager
 def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty staging folder; on success it becomes ``target``, on failure it vanishes."""
     target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise SurgeryError(f"{target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not any((target / m).is_file() for m in MARKERS):
-        raise SurgeryError(f"{target} is a non-empty folder that is not an unet-surgery export; refusing to overwrite it")
+    check_owned(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    remove_stale_stages(target)
+    stage = _new_stage(target, "partial")
+    old: Path | None = None
     try:
         yield stage
-        old = None
+        (stage / STAGE_TAG).unlink()
+        check_owned(target)  # again: the folder may have gained files while we wrote
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = _new_stage(target, "old")
             os.replace(target, old / "previous")
         os.replace(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and not target.exists() and (old / "previous").exists():
+            os.replace(old / "previous", target)  # put the earlier export back
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,7 @@ from torch import nn
 from unet_surgery.errors import CheckpointError, PresetError
 from unet_surgery.loading.ldm_keys import detect_architecture
 from unet_surgery.loading.weights import WEIGHT_SUFFIXES, load_unet, read_tensor_shapes, unet_folder
-from unet_surgery.presets import PRESETS, build_unet, get_preset
+from unet_surgery.presets import PRESETS, build_unet, get_preset, preset_config
 
 
 @dataclass
@@ -58,9 +58,16 @@ def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedMo
     for file in weights:
         read_tensor_shapes(file)  # validates every shard before anything is built
     if str(torch.device(device)) == "meta":
+        from unet_surgery.loading.weights import _fit_shapes, _folder_weights
+        from unet_surgery.presets import from_config
+
+        public = {k: v for k, v in config.items() if not k.startswith("_")}
         with torch.device("meta"):
-            model = cls.from_config(config)
+            model = from_config(cls, public, str(path / "config.json"))
         model = model.to("meta")
+        # The config must describe the weights beside it (shapes only: nothing is read).
+        stand_ins = {k: torch.empty(v, device="meta") for f in _folder_weights(path) for k, v in read_tensor_shapes(f).items()}
+        _fit_shapes(stand_ins, {k: v.shape for k, v in model.state_dict().items()}, str(path))
     else:
         model = load_unet(path, device=device)
     model.eval()
@@ -69,12 +76,41 @@ def _from_diffusers_folder(path: Path, device: str | torch.device) -> ResolvedMo
 
 def _from_single_file(path: Path, device: str | torch.device) -> ResolvedModel:
     shapes = read_tensor_shapes(path)
-    layout, preset = detect_architecture(shapes)
     if str(torch.device(device)) != "meta":
         model = load_unet(path, device=device)
-        return ResolvedModel(model, "single-file", f"{preset} ({layout} layout) from {path}", preset)
-    model = build_unet(preset, size="full", device="meta")
-    return ResolvedModel(model, "single-file", f"{preset} ({layout} layout) from {path}", preset)
+        preset = getattr(model, "unet_surgery_preset", None)
+        return ResolvedModel(model, "single-file", f"{preset or type(model).__name__} from {path}", preset)
+    layout, preset, size = _fitting_preset(path, shapes)
+    model = build_unet(preset, size=size, device="meta")
+    return ResolvedModel(model, "single-file", f"{preset}{'' if size == 'full' else f' ({size})'} ({layout} layout) from {path}", preset)
+
+
+def _fitting_preset(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[str, str, str]:
+    """(layout, preset, size) whose architecture the file's shapes fit exactly, as ``load_unet`` decides.
+
+    Shapes only (meta stand-ins): nothing is read, so a tiny test checkpoint is recognised
+    as it is by ``export``, and a file that fits nothing is refused here too.
+    """
+    from unet_surgery.loading.ldm_keys import convert_ldm_unet, detect_layout
+    from unet_surgery.loading.weights import _fit_shapes, _single_file_candidates
+
+    layout = detect_layout(shapes)
+    if layout is None:
+        detect_architecture(shapes)  # raises the unknown-layout error
+    stand_ins = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    first = ""
+    for name, size in _single_file_candidates(shapes):
+        model = build_unet(name, size=size, device="meta")
+        layers = int(preset_config(name, size=size).get("layers_per_block", 2))
+        state = convert_ldm_unet(stand_ins, layers) if layout == "ldm" else stand_ins
+        try:
+            _fit_shapes(dict(state), {k: v.shape for k, v in model.state_dict().items()}, str(path))
+        except CheckpointError as exc:
+            first = first or str(exc).split(": ", 1)[-1]
+            continue
+        return str(layout), name, size
+    raise CheckpointError(f"{path}: {layout}-layout UNet weights fit no shipped architecture (first mismatch: {first})")
+
 
 def describe(resolved: ResolvedModel) -> dict[str, Any]:
     return {"kind": resolved.kind, "description": resolved.description, "preset": resolved.preset}

@@ -91,6 +91,10 @@ def _fit_shapes(state: dict[str, Any], expected: Mapping[str, torch.Size], where
         raise CheckpointError(f"{where}: weights do not fit the architecture: {', '.join(detail)}")
     out = {}
     for key, value in state.items():
+        if not value.is_floating_point():
+            raise CheckpointError(f"{where}: {key} holds {str(value.dtype).removeprefix('torch.')} values; UNet weights are floating point")
+        if not value.is_meta and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{where}: {key} holds NaN or infinite values")
         want = tuple(expected[key])
         have = tuple(value.shape)
         if have != want:
@@ -220,13 +224,17 @@ def _load_folder(folder: Path, device: str | torch.device, dtype: torch.dtype | 
     folder, config, cls = unet_folder(folder)
     class_name = str(config.get("_class_name"))
     state: dict[str, torch.Tensor] = {}
+    from unet_surgery.presets import check_config_bounds
+
+    check_config_bounds({k: v for k, v in config.items() if not k.startswith("_")}, str(folder / "config.json"))
     for file in _folder_weights(folder):
         state.update(load_state_dict(file, device=device))
     public = {k: v for k, v in config.items() if not k.startswith("_")}
-    from unet_surgery.presets import _quiet_diffusers
+    from unet_surgery.presets import check_config_bounds, from_config
 
-    with _quiet_diffusers():
-        model = _build_with_weights(lambda: cls.from_config(public), state, str(folder), device, dtype)
+    where = str(folder / "config.json")
+    check_config_bounds(public, where)  # before reading gigabytes of weights
+    model = _build_with_weights(lambda: from_config(cls, public, where), state, str(folder), device, dtype)
     return _tag(model, match_preset(class_name, config))
 
 
@@ -241,7 +249,7 @@ def _single_file_candidates(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple
 
 
 def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype | None, config: Mapping[str, Any] | None) -> nn.Module:
-    from unet_surgery.presets import _quiet_diffusers, preset_config
+    from unet_surgery.presets import from_config, preset_config
 
     shapes = read_tensor_shapes(path)
     layout = detect_layout(shapes)
@@ -259,8 +267,9 @@ def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype
         cls = _diffusers_class(str(cfg.get("_class_name", "UNet2DConditionModel")), str(path))
         renamed = convert_ldm_unet(state, int(public.get("layers_per_block", 2))) if ldm else state
         try:
-            with _quiet_diffusers():
-                model = _build_with_weights(lambda cls=cls, public=public: cls.from_config(public), renamed, str(path), device, dtype)
+            model = _build_with_weights(
+                lambda cls=cls, public=public: from_config(cls, public, str(path)), renamed, str(path), device, dtype
+            )
         except CheckpointError as exc:
             errors.append(str(exc))
             continue

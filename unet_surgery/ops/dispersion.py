@@ -91,6 +91,30 @@ def _validate(small: Any, large: Any, scale: Any, input_size: Any, eta: Any) -> 
         raise TransformError(f"eta must be a number, got {eta!r}")
     if not math.isfinite(float(eta)) or float(eta) <= 0:
         raise TransformError(f"eta must be a finite number > 0, got {eta}")
+    for name, value, limit in (("small", small, MAX_SMALL), ("large", large, MAX_LARGE), ("scale", scale, MAX_SCALE),
+                               ("input_size", input_size, MAX_INPUT)):
+        if value > limit:
+            raise TransformError(f"{name} must be <= {limit}, got {value}")
+    need = _system_bytes(small, large, scale, input_size)
+    if need > MAX_SYSTEM_BYTES:
+        raise TransformError(
+            f"the least-squares system for these sizes needs about {need / 2**30:.1f} GiB "
+            f"(limit {MAX_SYSTEM_BYTES / 2**30:.1f} GiB); use a smaller input_size, scale or large"
+        )
+
+
+# Size bounds: every published setting is far inside them (kernels 3 -> 5..9, scale 2..4,
+# input 3..5); beyond them the system takes gigabytes and the solution is numerically noise.
+MAX_SMALL, MAX_LARGE, MAX_SCALE, MAX_INPUT = 15, 31, 8, 32
+MAX_SYSTEM_BYTES = 1 << 29
+MAX_ENTRY = 1e3  # |R| entries of a sound solution are ~1; far above is a rank-deficient blow-up
+
+
+def _system_bytes(small: int, large: int, scale: int, input_size: int) -> int:
+    """float64 bytes of the dense bases and stacked rows :func:`_linear_system` builds."""
+    m = scale * (input_size - 1) + 1
+    n2, m2 = input_size * input_size, m * m
+    return 8 * (large * large * m2 * m2 + (small * small + large * large) * n2 * n2 + 2 * m2 * n2 * (large * large + small * small))
 
 
 def _upsample_matrix(n: int, scale: int) -> np.ndarray:
@@ -158,6 +182,11 @@ def _solve(params: TransformParams) -> np.ndarray:
     # rank-deficient systems such as (3, 7, 2, 2, 0.3); 'gelss' does not.
     solution, _, _, _ = scipy.linalg.lstsq(lhs, rhs, lapack_driver="gelss")
     solution = np.ascontiguousarray(solution, dtype=np.float64)
+    if not np.isfinite(solution).all() or float(np.abs(solution).max()) > MAX_ENTRY:
+        raise TransformError(
+            f"the dispersion least-squares problem is numerically unstable for {params} "
+            f"(|R| reaches {float(np.abs(solution).max()):.3g}); use a smaller large kernel or a larger input_size"
+        )
     solution.setflags(write=False)
     return solution
 

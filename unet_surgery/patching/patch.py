@@ -122,6 +122,23 @@ class Patch:
         if self.active:
             self._uninstall()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Patch:
+        """Reached through ``copy.deepcopy(model)``: the copy carries its own working patch.
+
+        Refused while noise-damped guidance is enabled (its hooks hold per-call state that a
+        copy cannot share); disable it, copy, and enable it on the copy.
+        """
+        import copy
+
+        if self.guidance is not None and self.guidance._handles:
+            raise SurgeryError("cannot deepcopy a model while noise-damped guidance is enabled; "
+                               "call patch.disable_noise_damped_cfg() first")
+        copied = Patch.__new__(Patch)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            setattr(copied, key, copy.deepcopy(value, memo))
+        return copied
+
     def __enter__(self) -> Patch:
         return self
 
@@ -141,8 +158,21 @@ class Patch:
         return "\n".join(lines)
 
 
+class _SettingSource:
+    """A layer's setting source: an object, not a closure, so ``copy.deepcopy`` of a patched
+    model gives layers that read the *copy's* patch (a closure would keep the original's)."""
+
+    __slots__ = ("layer", "patch")
+
+    def __init__(self, patch: Patch, layer: LayerPlan) -> None:
+        self.patch, self.layer = patch, layer
+
+    def __call__(self) -> Any:
+        return self.patch.current_setting(self.layer)
+
+
 def _setting_source(patch: Patch, layer: LayerPlan) -> Callable[[], Any]:
-    return lambda: patch.current_setting(layer)
+    return _SettingSource(patch, layer)
 
 
 def current_patch(model: nn.Module) -> Patch | None:

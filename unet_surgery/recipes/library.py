@@ -41,18 +41,38 @@ def list_recipes() -> list[str]:
     return sorted(_shipped())
 
 
+MAX_RECIPE_BYTES = 1 << 20  # the largest shipped recipe is a few KiB
+
+
 def read_document(path: Path) -> Any:
-    """Parse a YAML or JSON file into plain data (no code execution, no custom tags)."""
+    """Parse a YAML or JSON file into plain data (no code execution, no custom tags).
+
+    Bounded before parsing: at most :data:`MAX_RECIPE_BYTES`, strict UTF-8 text; a parser
+    that recurses too deep or an integer too long to convert is one clear error, not a traceback.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few KiB")
     try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if "\x00" in text:
+        raise RecipeError(f"{path} is not a text file (it holds NUL characters)")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise RecipeError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RecipeError(f"{path} is not valid {kind}: {first}") from None
+    except RecursionError:
+        raise RecipeError(f"{path} is nested too deeply to be a recipe") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise RecipeError(f"{path} is not valid {kind}: {str(exc).splitlines()[0][:120]}") from None
 
 
 def load_recipe(source: Recipe | str | Path | dict[str, Any]) -> Recipe:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 import warnings
@@ -135,9 +136,59 @@ class Recipe:
 # --- parsing ----------------------------------------------------------------------------------
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 40, 40, 40
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """A short repr whose cost is bounded too (a value may be a 2**40-node alias bomb)."""
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+MAX_DEPTH = 32
+MAX_NODES = 100_000  # after alias expansion: the largest shipped recipe has a few hundred
+MAX_STRING = 10_000
+MAX_INT = 2**53
+MAX_FLOAT = 1e15
+MIN_FLOAT = 1e-15  # nonzero magnitudes below this are refused (1e-300 underflows in forward)
+MAX_PATTERNS = 10_000
+
+
+def check_document_limits(document: Any) -> None:
+    """Refuse a document too deep, too large once aliases are expanded, or holding cycles.
+
+    Costs time linear in the number of distinct nodes (shared nodes are sized once), so a
+    YAML alias bomb -- a few hundred bytes standing for 2**40 nodes -- is refused at once.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[Any, int, bool]] = [(document, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if not isinstance(node, (dict, list, tuple)):
+            if isinstance(node, str) and len(node) > MAX_STRING:
+                fail("", f"a string of {len(node)} characters is longer than the limit of {MAX_STRING}")
+            continue
+        key = id(node)
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else list(node)
+        if done:
+            active.discard(key)
+            sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[key] > MAX_NODES:
+                fail("", f"the document holds more than {MAX_NODES} values once YAML aliases are expanded")
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            fail("", "the document refers to itself (a recursive YAML alias)")
+        if depth > MAX_DEPTH:
+            fail("", f"the document is nested more than {MAX_DEPTH} levels deep")
+        active.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children)
 
 
 def key_path(path: str, key: Any) -> str:
@@ -227,10 +278,14 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(path, f"expected int, got {_describe(value)}")
+        if abs(value) > MAX_INT:
+            _fail(path, f"integer out of range (|value| <= 2**53), got {_describe(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             _fail(path, f"expected a number, got {_describe(value)}")
+        if abs(value) > MAX_FLOAT or 0 < abs(value) < MIN_FLOAT:
+            _fail(path, f"number out of range (0 or {MIN_FLOAT:g} <= |value| <= {MAX_FLOAT:g}), got {_describe(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -264,10 +319,28 @@ def _parse_dataclass(cls: type, value: Any, path: str) -> Any:
             kwargs[name] = _parse(hints[name], value[name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             _fail(sub, "required field is missing")
+    if cls is Selector:
+        _check_paths(kwargs.get("paths"), f"{path}.paths" if path else "paths")
     try:
         return cls(**kwargs)
     except TransformError as exc:  # a dataclass that validates itself (schedules, transforms)
         _fail(path, str(exc))
+
+
+def _check_paths(paths: tuple[str, ...] | None, where: str) -> None:
+    """Compile every ``re:`` selector now (a bad one fails validation, not apply)."""
+    from unet_surgery.recipes.pathregex import MAX_PATTERN, PatternError, compile_path_pattern
+
+    if paths is not None and len(paths) > MAX_PATTERNS:
+        _fail(where, f"at most {MAX_PATTERNS} paths, got {len(paths)}")
+    for i, pattern in enumerate(paths or ()):
+        if len(pattern) > MAX_PATTERN:
+            _fail(f"{where}[{i}]", f"longer than {MAX_PATTERN} characters")
+        if pattern.startswith("re:"):
+            try:
+                compile_path_pattern(pattern[3:])
+            except PatternError as exc:
+                _fail(f"{where}[{i}]", f"{exc} in {_describe(pattern)}")
 
 
 def _parse_pass(value: Any, path: str) -> Any:
@@ -338,6 +411,7 @@ def _check_version(document: Any) -> Any:
 
 def parse_recipe(document: Any) -> Recipe:
     """Validate a recipe document (the result of ``yaml.safe_load`` or ``json.load``)."""
+    check_document_limits(document)
     recipe = _parse_dataclass(Recipe, _check_version(document), "")
     _check_recipe(recipe)
     return recipe

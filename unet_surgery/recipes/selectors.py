@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import re
 from dataclasses import dataclass, field
 
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import AttentionRecord, ConvRecord, UNetMap
+from unet_surgery.recipes.pathregex import compile_path_pattern
 from unet_surgery.recipes.schema import Selector
 
 Record = ConvRecord | AttentionRecord
@@ -38,8 +38,8 @@ def _is_pattern(path: str) -> bool:
 
 
 def _path_matches(path: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], path) is not None
+    if pattern.startswith("re:"):  # linear time: a recipe's regex cannot hang the match
+        return compile_path_pattern(pattern[3:]).fullmatch(path)
     if _is_pattern(pattern):
         return fnmatch.fnmatchcase(path, pattern)
     return path == pattern
