@@ -32,7 +32,7 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.recipes.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc, fail
-from unet_surgery.recipes.selectors import _is_pattern, _path_matches, closest_paths
+from unet_surgery.recipes.selectors import closest_paths, is_pattern, path_matches
 from unet_surgery.runtime import UNetCall
 
 STAGES = 2
@@ -176,7 +176,7 @@ class FreeUHandler(PassHandler[FreeUPass]):
         for path, skip in merges:
             if sel.level is not None and skip.level not in sel.level:
                 continue
-            if sel.paths is not None and not any(_path_matches(path, p) for p in sel.paths):
+            if sel.paths is not None and not any(path_matches(path, p) for p in sel.paths):
                 continue
             if sel.exclude is not None and _excluded(path, skip, sel.exclude):
                 continue
@@ -192,7 +192,7 @@ class FreeUHandler(PassHandler[FreeUPass]):
             chosen.append((path, skip))
         known = [p for p, _ in merges]
         for pattern in sel.paths or ():
-            if not _is_pattern(pattern) and pattern not in known:
+            if not is_pattern(pattern) and pattern not in known:
                 close = closest_paths(pattern, known)
                 raise SelectionError(
                     f"{where}: {pattern!r} receives no skip concatenation in {unet_map.model_class}"
@@ -241,4 +241,4 @@ class FreeUHandler(PassHandler[FreeUPass]):
 def _excluded(path: str, skip: SkipRecord, sel: Selector) -> bool:
     if sel.level is not None and skip.level not in sel.level:
         return False
-    return not (sel.paths is not None and not any(_path_matches(path, p) for p in sel.paths))
+    return not (sel.paths is not None and not any(path_matches(path, p) for p in sel.paths))

@@ -33,14 +33,14 @@ class Selection:
         return [r.path for r in self.records]
 
 
-def _is_pattern(path: str) -> bool:
+def is_pattern(path: str) -> bool:
     return path.startswith("re:") or any(ch in path for ch in "*?[")
 
 
-def _path_matches(path: str, pattern: str) -> bool:
+def path_matches(path: str, pattern: str) -> bool:
     if pattern.startswith("re:"):  # linear time: a recipe's regex cannot hang the match
         return compile_path_pattern(pattern[3:]).fullmatch(path)
-    if _is_pattern(pattern):
+    if is_pattern(pattern):
         return fnmatch.fnmatchcase(path, pattern)
     return path == pattern
 
@@ -70,7 +70,7 @@ def _matches(rec: Record, sel: Selector) -> bool:
         return False
     if sel.axis is not None and rec.axis not in sel.axis:
         return False
-    if sel.paths is not None and not any(_path_matches(rec.path, p) for p in sel.paths):
+    if sel.paths is not None and not any(path_matches(rec.path, p) for p in sel.paths):
         return False
     return not (sel.exclude is not None and _matches(rec, sel.exclude))
 
@@ -86,7 +86,7 @@ def select(unet_map: UNetMap, selector: Selector, *, where: str = "select") -> S
     missing: list[str] = []
     suggestions: dict[str, list[str]] = {}
     for pattern in selector.paths or ():
-        if _is_pattern(pattern):
+        if is_pattern(pattern):
             continue
         if pattern not in all_paths:
             missing.append(pattern)
