@@ -79,3 +79,34 @@ def test_deepcopy_of_a_patched_model_carries_a_working_patch_of_its_own() -> Non
     twin_patch.remove()
     base = build_unet("sd15", size="tiny", device="cpu")
     assert torch.equal(run(twin, inputs, TIMESTEPS[0]), run(base, inputs, TIMESTEPS[0]))
+
+
+def test_two_threads_under_noise_damped_guidance_get_their_own_batch_split() -> None:
+    """Guidance splits each [uncond, cond] call into three branches between its pre and post
+    hooks; with two threads in flight, each must combine its own rows at its own timestep."""
+    model = build_unet("sd15", size="tiny", device="cpu")
+    damped = {**RECIPE, "passes": [*RECIPE["passes"], {
+        "type": "noise_damped_cfg", "select": {"op": "conv2d", "kernel": 3, "stage": ["down"]}, "factor": 3,
+        "schedule": {"tau": 25, "steps": 50}}]}
+    patch = apply(model, damped, unet_map=preset_map("sd15", "tiny"))
+    patch.set_timesteps(TIMESTEPS)
+    patch.enable_noise_damped_cfg()
+    inputs = example_inputs(model, batch=2, height=64, width=64)
+    early, late = TIMESTEPS[0], TIMESTEPS[-1]
+    expected = {early: run(model, inputs, early), late: run(model, inputs, late)}
+    assert not torch.equal(expected[early], expected[late])
+    wrong: list[float] = []
+    barrier = threading.Barrier(2)
+
+    def worker(t: float) -> None:
+        barrier.wait()
+        for _ in range(6):
+            if not torch.equal(run(model, inputs, t), expected[t]):
+                wrong.append(t)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in (early, late)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert wrong == []

@@ -86,12 +86,19 @@ def test_cli_export_writes_and_replaces_its_own_folder(tmp_path, capsys):
     out = tmp_path / "toy-unet"
     assert main(["toy", "export", str(out), "--toy", name]) == 0
     assert "unet-surgery inspect" in capsys.readouterr().out
-    (out / "stale.txt").write_text("from the first write")  # gone once the folder is replaced
-    # an earlier toy export is replaced as a whole (atomically), nothing is left beside it
+    assert sorted(json.loads((out / TOY_FILE).read_text())["export_files"]) == sorted(FILES)
+    # an earlier toy export holding exactly its own files is replaced as a whole (atomically)
     assert main(["toy", "export", str(out), "--toy", name]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-unet"]
     assert json.loads((out / TOY_FILE).read_text())["name"] == name
+    # a file the user added to it is never deleted: the export is refused instead
+    (out / "notes.txt").write_text("added after the export")
+    capsys.readouterr()
+    assert main(["toy", "export", str(out), "--toy", name]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "added after the export"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES, "notes.txt"])
 
 
 def test_cli_refuses_a_foreign_folder(tmp_path, capsys):

@@ -27,7 +27,7 @@ from unet_surgery.errors import SurgeryError
 
 STAGE_TAG = ".unet-surgery-stage"
 # Manifests that can prove a folder is an export of ours, and the formats they must declare.
-OWNERS = {"adapter.json": "unet-surgery-adapter", "manifest.json": "unet-surgery-pt2"}
+OWNERS = {"adapter.json": "unet-surgery-adapter", "manifest.json": "unet-surgery-pt2", "toy.json": "unet-surgery-toy"}
 _MAX_OWNER_BYTES = 16 << 20
 
 

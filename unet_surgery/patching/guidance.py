@@ -15,6 +15,7 @@ batch-2 calls) and discards one.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -59,8 +60,16 @@ class NoiseDampedGuidance:
         self.handler: Any = handler_for("noise_damped_cfg")
         if not patch.plan.entries(self.handler.type):
             raise SurgeryError(f"recipe {patch.recipe.name!r} has no noise_damped_cfg pass")
-        self._rows: int | None = None
+        self._local = threading.local()  # rows of the call in flight, per thread like the tracker
         self._handles: list[Any] = []
+
+    @property
+    def _rows(self) -> int | None:
+        return getattr(self._local, "rows", None)
+
+    @_rows.setter
+    def _rows(self, rows: int | None) -> None:
+        self._local.rows = rows
 
     def active(self) -> bool:
         return bool(self.handler.guidance_active(self.patch, self.patch.tracker.current))

@@ -13,25 +13,22 @@ schedule and the sampler defaults)::
       class_embedding.safetensors          {"weight": (num_classes + 1, cross_attention_dim)}
       toy.json                             name, classes, schedules, sampler defaults, provenance
 
-``toy.json`` is written last and marks the folder as a toy export: writing again to such a
-folder replaces it, any other non-empty folder is refused.
+``toy.json`` is written last and lists every file of the export: writing again to such a folder
+replaces it when it holds exactly those files; any other non-empty folder is refused (like the
+other exports, :mod:`unet_surgery.export.staging`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unet_surgery.errors import CheckpointError
-from unet_surgery.export.staging import staged_folder
+from unet_surgery.export.staging import export_files, staged_folder
 from unet_surgery.io import atomic_write_text, read_json_object
 from unet_surgery.toy.model import TOY_NAMES, ToyDiffusion, load_toy, make_ddim_scheduler
 
@@ -69,29 +66,6 @@ def _resolve(toy: str | ToyDiffusion) -> ToyDiffusion:
         return load_toy(toy)
     except FileNotFoundError as exc:  # weights not written yet (e.g. a checkout mid-training)
         raise CheckpointError(f"toy {toy!r} has no shipped weights in this install ({exc})") from None
-
-
-@contextlib.contextmanager
-def _staged_toy_folder(target: Path) -> Iterator[Path]:
-    """:func:`staged_folder`, which also replaces an earlier toy export at ``target``.
-
-    ``staged_folder`` only recognises its own markers; an earlier toy export is moved aside
-    first and put back if the new write fails, so the target ends as the old or the new folder.
-    """
-    if not is_toy_export(target):
-        with staged_folder(target) as stage:
-            yield stage
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.replace(target, aside / "previous")
-    try:
-        with staged_folder(target) as stage:
-            yield stage
-    except BaseException:
-        os.replace(aside / "previous", target)
-        shutil.rmtree(aside, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _sidecar(toy: ToyDiffusion) -> dict[str, Any]:
@@ -139,7 +113,7 @@ def export_toy(toy: str | ToyDiffusion, folder: str | os.PathLike[str]) -> Path:
     target = Path(folder)
     _check_name(toy)
     # Entering the staging refuses a foreign folder before the (slower) load.
-    with _staged_toy_folder(target) as stage:
+    with staged_folder(target) as stage:
         model = _resolve(toy)
         sidecar = _sidecar(model)
         with _quiet_diffusers():
@@ -147,7 +121,8 @@ def export_toy(toy: str | ToyDiffusion, folder: str | os.PathLike[str]) -> Path:
         weight = model.class_embedding.weight.detach().to("cpu").contiguous()
         save_file({"weight": weight}, str(stage / CLASS_EMBEDDING_FILE),
                   metadata={"format": "pt", "toy": model.name})
-        # the marker, written last (the whole folder becomes visible in one rename anyway)
+        # the marker, written last; it lists every file, which proves the folder ours to replace
+        sidecar["export_files"] = export_files(stage, TOY_FILE)
         atomic_write_text(stage / TOY_FILE, json.dumps(sidecar, indent=2) + "\n")
         # mkdtemp/mkstemp create 0700/0600: a folder meant to be shared should be readable
         os.chmod(stage, 0o755)
