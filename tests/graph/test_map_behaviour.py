@@ -105,20 +105,22 @@ def test_inspect_prints_json_for_a_diffusers_folder(tmp_path, capsys) -> None:
     assert [row["level"] for row in data["levels"]] == [0, 1, 2, 3]
 
 
+@pytest.mark.requires_ldm
 def test_inspect_recognises_a_single_file_ldm_checkpoint(tmp_path, capsys) -> None:
     from safetensors.torch import save_file
 
+    from unet_surgery.presets import build_unet
+
     prefix = "model.diffusion_model."
-    save_file(
-        {
-            prefix + "input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
-            prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024),
-        },
-        str(tmp_path / "model.safetensors"),
-    )
+    unet = build_unet("ldm_sd21", size="tiny", device="cpu")
+    save_file({prefix + k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp_path / "model.safetensors"))
     code, out, err = cli(capsys, "inspect", str(tmp_path / "model.safetensors"))
     assert code == 0, err
-    assert "sd21 (ldm layout)" in out
+    assert "source: sd21 (tiny) (ldm layout)" in out, out
+    # a file that only looks like one (two keys of the layout) is refused in one line, not mapped
+    save_file({prefix + "input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, str(tmp_path / "part.safetensors"))
+    code, out, err = cli(capsys, "inspect", str(tmp_path / "part.safetensors"))
+    assert code == 2 and err.count("\n") == 1 and "fit no shipped architecture" in err
 
 
 @pytest.mark.parametrize(
