@@ -203,6 +203,9 @@ def test_fractional_output_size_follows_reference_for_stride_two():
     x = torch.randn(1, 1, 16, 9, dtype=torch.float64)
     assert redilated_conv(conv, x, 1.5).shape[-2:] == (8, 4)  # int(H/2), int(W/2)
     assert redilated_conv(conv, x, 2).shape[-2:] == conv(x).shape[-2:] == (8, 5)
+    # where int(H/2) is 0 (a 1-pixel map) the output keeps one pixel, like the plain conv
+    tiny = torch.randn(1, 1, 1, 2, dtype=torch.float64)
+    assert redilated_conv(conv, tiny, 1.5).shape[-2:] == conv(tiny).shape[-2:] == (1, 1)
 
 
 @FAST

@@ -216,7 +216,8 @@ def redilated_conv(
     inner = _resize_frames(x, (round(h * ratio), round(wd * ratio)))
     out = _dilated_forward(conv, inner, d, w, b)
     sh, sw = conv.stride[-2:]
-    return _resize_frames(out, (int(h / sh), int(wd / sw)))
+    # int(H/s) as published; at least 1, so a 1-pixel map (where the published size is 0) runs
+    return _resize_frames(out, (max(1, int(h / sh)), max(1, int(wd / sw))))
 
 
 # ---------------------------------------------------------------------------------------------
