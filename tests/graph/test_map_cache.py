@@ -12,14 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import preset_map
+from tests.conftest import ldm_available, preset_map
 from unet_surgery.errors import MappingError
 from unet_surgery.graph import cache as map_cache
 from unet_surgery.graph import map_unet, mapper
+from unet_surgery.graph.mapper import DEFAULT_PROBE
 from unet_surgery.graph.records import UNetMap
-from unet_surgery.presets import build_unet
+from unet_surgery.presets import PRESETS, build_unet
 
-PROBE = {"latent_hw": [128, 128], "frames": 2, "method": "auto"}
+PROBE = DEFAULT_PROBE
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +117,35 @@ def test_map_unet_maps_an_architecture_once(monkeypatch) -> None:
     assert first.to_dict() == second.to_dict() == fresh
     with pytest.raises(MappingError, match="mapped again"):  # cache=False always maps
         map_unet(build_unet("sd15", size="tiny", device="meta"), cache=False)
+
+
+def _shipped_index() -> dict:
+    index_file = map_cache.shipped_dir() / "index.json"
+    index = json.loads(index_file.read_text())
+    if index["versions"] != map_cache.versions():
+        pytest.skip(f"the shipped maps are for {index['versions']}, this is {map_cache.versions()}")
+    assert index["code"] == map_cache.code_digest(), "the mapper changed: run python scripts/ship_maps.py"
+    return index
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_shipped_map_of_every_preset_is_the_map_computed_now(name: str) -> None:
+    if name.startswith("ldm_") and not ldm_available():
+        pytest.skip("needs ldm")
+    index = _shipped_index()
+    key = map_cache.map_key(build_unet(name), DEFAULT_PROBE)
+    assert index["presets"][name] == key
+    shipped = json.loads((map_cache.shipped_dir() / f"{key}.json").read_text())
+    assert UNetMap.from_dict(shipped).to_dict() == preset_map(name, "full").to_dict()  # mapped without cache
+
+
+def test_a_shipped_architecture_is_never_exported(monkeypatch) -> None:
+    """Full SDXL with an empty user cache: its map comes from the package, no export runs."""
+    _shipped_index()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mapped again")
+
+    monkeypatch.setattr(mapper, "export_unet", refuse)
+    monkeypatch.setattr(mapper, "probe_unet", refuse)
+    assert map_unet(build_unet("sdxl")).to_dict() == preset_map("sdxl", "full").to_dict()

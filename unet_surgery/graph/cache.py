@@ -19,15 +19,15 @@ moves the user folder, ``UNET_SURGERY_NO_MAP_CACHE=1`` switches the cache off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Callable
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,12 @@ def code_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _versions() -> dict[str, str]:
-    out = {"torch": str(torch.__version__)}
-    diffusers = sys.modules.get("diffusers")
-    if diffusers is not None:
-        out["diffusers"] = str(getattr(diffusers, "__version__", "?"))
+def versions() -> dict[str, str]:
+    """The library versions a map key includes: torch (without its build tag: CPU and CUDA
+    builds trace the same code), and diffusers where installed."""
+    out = {"torch": str(torch.__version__).split("+")[0]}
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        out["diffusers"] = metadata.version("diffusers")
     return out
 
 
@@ -90,7 +91,7 @@ def structure(model: nn.Module) -> dict[str, Any]:
 
 def map_key(model: nn.Module, probe: dict[str, Any]) -> str:
     """The content address of ``model``'s map under the probe settings ``probe``."""
-    document = {"structure": structure(model), "probe": probe, "versions": _versions(), "code": code_digest()}
+    document = {"structure": structure(model), "probe": probe, "versions": versions(), "code": code_digest()}
     text = json.dumps(document, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

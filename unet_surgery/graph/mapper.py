@@ -15,6 +15,8 @@ from unet_surgery.graph.probe import probe_unet
 from unet_surgery.graph.records import UNetMap
 
 Method = Literal["auto", "export", "probe"]
+DEFAULT_PROBE: dict[str, Any] = {"latent_hw": [128, 128], "frames": 2, "method": "auto"}
+"""The probe settings of ``map_unet(model)`` as the map cache keys them."""
 
 
 def map_unet(
