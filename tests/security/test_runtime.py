@@ -40,12 +40,8 @@ def run(model, inputs, t):
         return model(**{**inputs, "timestep": torch.tensor([t])}).sample
 
 
-def test_two_threads_get_their_own_timestep() -> None:
-    model, _ = patched()
-    inputs = example_inputs(model, height=64, width=64)
-    early, late = TIMESTEPS[0], TIMESTEPS[-1]
-    expected = {early: run(model, inputs, early), late: run(model, inputs, late)}
-    assert not torch.equal(expected[early], expected[late])  # the two steps really differ
+def wrong_in_two_threads(model, inputs, expected: dict[float, torch.Tensor]) -> list[float]:
+    """Timesteps whose output differed from ``expected`` when each ran 6 times in its own thread."""
     wrong: list[float] = []
     barrier = threading.Barrier(2)
 
@@ -55,12 +51,21 @@ def test_two_threads_get_their_own_timestep() -> None:
             if not torch.equal(run(model, inputs, t), expected[t]):
                 wrong.append(t)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in (early, late)]
+    threads = [threading.Thread(target=worker, args=(t,)) for t in expected]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    assert wrong == []
+    return wrong
+
+
+def test_two_threads_get_their_own_timestep() -> None:
+    model, _ = patched()
+    inputs = example_inputs(model, height=64, width=64)
+    early, late = TIMESTEPS[0], TIMESTEPS[-1]
+    expected = {early: run(model, inputs, early), late: run(model, inputs, late)}
+    assert not torch.equal(expected[early], expected[late])  # the two steps really differ
+    assert wrong_in_two_threads(model, inputs, expected) == []
 
 
 def test_deepcopy_of_a_patched_model_carries_a_working_patch_of_its_own() -> None:
@@ -95,18 +100,4 @@ def test_two_threads_under_noise_damped_guidance_get_their_own_batch_split() -> 
     early, late = TIMESTEPS[0], TIMESTEPS[-1]
     expected = {early: run(model, inputs, early), late: run(model, inputs, late)}
     assert not torch.equal(expected[early], expected[late])
-    wrong: list[float] = []
-    barrier = threading.Barrier(2)
-
-    def worker(t: float) -> None:
-        barrier.wait()
-        for _ in range(6):
-            if not torch.equal(run(model, inputs, t), expected[t]):
-                wrong.append(t)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in (early, late)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert wrong == []
+    assert wrong_in_two_threads(model, inputs, expected) == []

@@ -43,7 +43,8 @@ Policy = Literal["auto", "scalecrafter"]
 POLICIES: tuple[str, ...] = ("auto", "scalecrafter")
 
 
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+def size_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """``(height, width)`` from a size or a pair; every recipe builder takes sizes this way."""
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in pair):
         raise RecipeError(f"{name}: expected a positive int or (height, width), got {value!r}")
@@ -174,7 +175,7 @@ def cascade_recipe(
     for the first ``dilate_fraction`` of the steps (FreeScale: 35 of 50). ``scale_fusion`` adds
     FreeScale's scale-fusion self-attention (off by default: see docs/analysis.md).
     """
-    base_hw, target_hw = _pair(base, "base"), _pair(target, "target")
+    base_hw, target_hw = size_pair(base, "base"), size_pair(target, "target")
     scale = _scale(base_hw, target_hw)
     # every stage must divide down to the deepest level's grid, in pixels
     multiple = vae_scale_factor * 2 ** max(0, unet_map.num_levels - 1)
@@ -218,7 +219,7 @@ def scalecrafter_recipe(
     name: str | None = None,
 ) -> Recipe:
     """ScaleCrafter-style re-dilation for ``unet_map`` from ``base`` to ``target`` (pixels)."""
-    base_hw, target_hw = _pair(base, "base"), _pair(target, "target")
+    base_hw, target_hw = size_pair(base, "base"), size_pair(target, "target")
     scale = _scale(base_hw, target_hw)
     factors = auto_factors(scale, range(unet_map.num_levels))
     if not factors:

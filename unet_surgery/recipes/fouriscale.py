@@ -27,6 +27,7 @@ import math
 from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import ConvRecord, UNetMap
 from unet_surgery.passes.fouriscale import FouriScalePass
+from unet_surgery.recipes.auto import size_pair
 from unet_surgery.recipes.schema import Recipe, Selector
 
 # num_levels -> (down/mid min level, up min level, upsampler min level)
@@ -70,9 +71,7 @@ def fouriscale_recipe(
     unet_map: UNetMap, base_resolution: tuple[int, int], target_resolution: tuple[int, int], *, name: str | None = None
 ) -> Recipe:
     """The official FouriScale settings for ``unet_map`` at ``target_resolution`` (pixels)."""
-    (bh, bw), (th, tw) = base_resolution, target_resolution
-    if min(bh, bw, th, tw) <= 0:
-        raise RecipeError(f"resolutions must be positive, got {base_resolution} and {target_resolution}")
+    (bh, bw), (th, tw) = size_pair(base_resolution, "base_resolution"), size_pair(target_resolution, "target_resolution")
     dilation = max(math.ceil(th / bh), math.ceil(tw / bw))
     xl = unet_map.num_levels == 3
     start, stop = (10, 30) if not xl and dilation <= 3 else (20, 35)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.passes.freeu import FreeUPass, stage_levels
+from unet_surgery.recipes.auto import size_pair
 from unet_surgery.recipes.schema import LevelRange, Recipe, ScheduleSpec, Selector
 
 SETTINGS: dict[str, dict[str, float]] = {
@@ -62,7 +63,7 @@ def freeu_recipe(
     vae_scale_factor: int = 8,
 ) -> Recipe:
     """A one-pass FreeU recipe for ``unet_map`` at its training resolution ``base`` (pixels)."""
-    size = (base, base) if isinstance(base, int) else (int(base[0]), int(base[1]))
+    size = size_pair(base, "base")
     config = freeu_pass(unet_map, b1=b1, b2=b2, s1=s1, s2=s2, threshold=threshold, schedule=schedule)
     return Recipe(
         name=name or f"freeu-{(model or unet_map.model_class).lower()}",

@@ -21,6 +21,7 @@ from typing import Any
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.passes.rau_net import transformers
+from unet_surgery.recipes.auto import size_pair
 from unet_surgery.recipes.schema import Recipe, parse_recipe
 
 # switching_threshold_ratio_dict of the official code: (T1_ratio, T2_ratio).
@@ -32,10 +33,6 @@ THRESHOLDS = {
 }
 AGGRESSIVE_START = 8 / 50
 """``aggressive_step / 50``: SDXL's aggressive RAU-Net hands over from the downsampler here."""
-
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def top_attention_level(unet_map: UNetMap) -> int:
@@ -56,7 +53,7 @@ def hidiffusion_recipe(
     name: str | None = None,
 ) -> Recipe:
     """RAU-Net and MSW-MSA as the official code sets them up, selected from ``unet_map``."""
-    base, target = _pair(base_resolution), _pair(target_resolution)
+    base, target = size_pair(base_resolution, "base_resolution"), size_pair(target_resolution, "target_resolution")
     top = top_attention_level(unet_map)
     strided = sorted({c.level for c in unet_map.convs if c.stage == "down" and c.level is not None
                       and c.axis == "spatial" and max(c.spatial_stride) == 2})
