@@ -41,6 +41,10 @@ class UNetCall:
     # Consecutive slices of the batch that run different branches: ((rows, branch), ...).
     # Set by noise-damped guidance; None means the whole batch runs the main branch.
     groups: tuple[tuple[int, str], ...] | None = None
+    # Every rewritten layer's setting for this call, resolved once before the forward runs
+    # (Patch.resolve_settings). Layers read it instead of the step, so a compiled forward
+    # guards on these settings and compiles once per distinct phase, not once per step.
+    settings: dict[str, Any] | None = None
 
 
 class _PerThread(threading.local):
@@ -126,10 +130,6 @@ class UNetCallTracker:
         batch = int(sample.shape[0]) if sample is not None else 0
         step = self.step_of(timestep) if timestep is not None else None
         self.current = UNetCall(timestep=timestep, latent_hw=hw, batch=batch, step=step)
-
-    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.record(module, args, kwargs)
-        return None
 
 
 def _scalar(value: Any) -> float | None:

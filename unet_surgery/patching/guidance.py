@@ -78,9 +78,10 @@ class NoiseDampedGuidance:
         if self._handles:
             return
         model = self.patch.model
+        # Eager, like the patch's own pre-hook: they decide from the timestep's value.
         self._handles = [
-            model.register_forward_pre_hook(self._pre, with_kwargs=True),
-            model.register_forward_hook(self._post, with_kwargs=True, always_call=True),
+            model.register_forward_pre_hook(torch.compiler.disable(self._pre), with_kwargs=True),
+            model.register_forward_hook(torch.compiler.disable(self._post), with_kwargs=True, always_call=True),
         ]
 
     def disable(self) -> None:
@@ -101,14 +102,16 @@ class NoiseDampedGuidance:
         rows = call.batch // 2
         call.groups = ((rows, DAMPED), (2 * rows, MAIN))
         call.batch = 3 * rows
+        self.patch.resolve_settings()
         self._rows = rows
         return tuple(_expand(a, 2 * rows) for a in args), {k: _expand(v, 2 * rows) for k, v in kwargs.items()}
 
     def _post(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         rows, self._rows = self._rows, None
         call = self.patch.tracker.current
-        if call is not None:
+        if call is not None and call.groups is not None:
             call.groups = None
+            self.patch.resolve_settings()
         if rows is None:
             return None
         if isinstance(output, torch.Tensor):

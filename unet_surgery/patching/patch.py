@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from unet_surgery.errors import SurgeryError
@@ -44,6 +45,7 @@ class Patch:
         self._hook: Any = None
         self.guidance: Any = None
         self.active = False
+        self._interned: dict[Any, Any] = {}
 
     # --- schedule -----------------------------------------------------------------------
     def set_timesteps(self, timesteps: Any) -> None:
@@ -66,9 +68,36 @@ class Patch:
     def current_setting(self, layer: LayerPlan) -> Any:
         """What ``layer`` runs with on the current UNet call (a BatchSplit while guidance splits)."""
         call = self.tracker.current
+        if call is not None and call.settings is not None:
+            return call.settings[layer.path]
+        return self._resolve(layer, call)
+
+    def _resolve(self, layer: LayerPlan, call: UNetCall | None) -> Any:
         if call is not None and call.groups and layer.rewrite.split_batches:
             return BatchSplit(tuple((rows, self.layer_setting(layer, branch, call)) for rows, branch in call.groups))
         return self.layer_setting(layer, MAIN, call)
+
+    def resolve_settings(self) -> None:
+        """Fix every layer's setting for the call in flight, before the forward runs.
+
+        Called by the pre-hook (and again by noise-damped guidance once it has split the
+        batch). Layers then read a constant per call: a compiled forward sees only the
+        settings, never the step, so it compiles once per distinct phase of the schedule.
+        Equal settings are shared objects, so consecutive calls in one phase look the same.
+        """
+        call = self.tracker.current
+        if call is None:
+            return
+        call.settings = None
+        settings: dict[str, Any] = {}
+        for path, layer in self.plan.layers.items():
+            value = self._resolve(layer, call)
+            settings[path] = self._interned.setdefault(value, value) if _hashable(value) else value
+        call.settings = settings
+
+    def _pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.tracker.record(module, args, kwargs)
+        self.resolve_settings()
 
     # --- install / remove ---------------------------------------------------------------
     def _install(self) -> None:
@@ -81,7 +110,7 @@ class Patch:
                     extras.update(part.handler.prepare(module, part.entry))
                 layer.rewrite.install(module, _setting_source(self, layer), extras)
                 self._modules.append((module, layer))
-            self._hook = model.register_forward_pre_hook(self.tracker.hook, with_kwargs=True)
+            self._hook = model.register_forward_pre_hook(_PreForwardHook(self), with_kwargs=True)
             object.__setattr__(model, PATCH_ATTR, self)
             self.active = True
         except BaseException:
@@ -114,6 +143,7 @@ class Patch:
             self._hook = None
         if getattr(self.model, PATCH_ATTR, None) is self:
             object.__delattr__(self.model, PATCH_ATTR)
+        self._interned.clear()
         self.tracker.reset()
         self.active = False
 
@@ -173,6 +203,33 @@ class _SettingSource:
 
 def _setting_source(patch: Patch, layer: LayerPlan) -> Callable[[], Any]:
     return _SettingSource(patch, layer)
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+class _PreForwardHook:
+    """The patch's forward pre-hook: records the call and resolves every layer's setting.
+
+    It runs outside any compiled graph (it reads the timestep's value): ``torch.compile(model)``
+    calls a disabled hook before the compiled frame, with no graph break, so ``fullgraph=True``
+    works and the graph guards on the resolved settings only. An object, not a closure, so a
+    deep copy of the model calls the copy's patch.
+    """
+
+    __slots__ = ("patch",)
+
+    def __init__(self, patch: Patch) -> None:
+        self.patch = patch
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.patch._pre_forward(module, args, kwargs)
 
 
 def current_patch(model: nn.Module) -> Patch | None:
