@@ -26,7 +26,7 @@ from unet_surgery import apply, load_recipe
 from unet_surgery.errors import RecipeError, SelectionError
 from unet_surgery.ops import redilated_conv
 from unet_surgery.passes import make_plan
-from unet_surgery.presets import build_unet, example_inputs, randomize_zero_init_
+from unet_surgery.presets import build_unet, example_inputs, preset_config, randomize_zero_init_
 from unet_surgery.recipes import parse_recipe, to_data
 from unet_surgery.recipes.hidiffusion import hidiffusion_recipe
 
@@ -519,6 +519,27 @@ def test_apply_remove_is_bit_exact(recipe) -> None:
         assert torch.equal(patched_out(model, inputs, 0), before)
     assert torch.equal(outs[0], outs[1])
     assert not torch.allclose(outs[0], patched_out(model, inputs, 10))
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_rau_net_stays_off_where_the_deepest_level_cannot_halve_again(name) -> None:
+    """A latent smaller than 2**(D+1) (D the deepest level, from the preset's block count)
+    has under 2x2 at the deepest level, which RAU-Net's extra halving would empty; the plain
+    model runs such a call, so the patched one must too and compute what the plain one does.
+    At the threshold RAU-Net acts."""
+    model = tiny(name)
+    deepest = len(preset_config(name, size="tiny")["block_out_channels"]) - 1
+    recipe = to_data(load_recipe(RECIPES[name]))
+    recipe["passes"] = [p for p in recipe["passes"] if p["type"] == "rau_net"]
+    smalls = [inputs_for(model, (n, n)) for n in (3, 2 ** (deepest + 1) - 1)]  # 3: a 24-pixel image
+    edge = inputs_for(model, (2 ** (deepest + 1),) * 2)
+    plain_smalls = [patched_out(model, small, 0) for small in smalls]
+    plain_edge = patched_out(model, edge, 0)
+    with apply(model, recipe, unet_map=preset_map(name, "tiny")) as patch:
+        patch.set_timesteps(TIMESTEPS)
+        for small, plain in zip(smalls, plain_smalls, strict=True):
+            assert torch.equal(patched_out(model, small, 0), plain)
+        assert not torch.allclose(patched_out(model, edge, 0), plain_edge)
 
 
 # ============================================================================================

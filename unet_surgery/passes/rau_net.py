@@ -116,6 +116,20 @@ def step_window_open(patch: Any, config: RauNetPass, call: UNetCall | None) -> b
     return int(n * config.start) <= i < int(n * config.switch)
 
 
+def room_to_shrink(patch: Any, call: UNetCall | None) -> bool:
+    """Whether ``call``'s latent is large enough for RAU-Net's extra halving.
+
+    With the deepest level ``D``, the deepest map is ``latent / 2**D``; RAU-Net halves it once
+    more, so the latent must be at least ``2**(D + 1)`` per side to keep a pixel there. On a
+    smaller call (a 24-pixel SD1.5 image) the official code reaches empty or 1x1 maps that
+    GroupNorm refuses, while the plain model runs it. Our rule: RAU-Net stays off on such a call.
+    """
+    if call is None or not call.latent_hw[0]:
+        return False
+    deepest = max((rec.level for rec in patch.unet_map.convs if rec.level is not None), default=0)
+    return min(call.latent_hw) >= 2 ** (deepest + 1)
+
+
 def transformer_path(rec: AttentionRecord) -> str:
     """The spatial transformer owning an attention op (diffusers and LDM: ``<x>.transformer_blocks.k.attnN``)."""
     head, sep, _ = rec.path.rpartition(".transformer_blocks.")
@@ -196,7 +210,7 @@ class RauNetHandler(PassHandler[RauNetPass]):
         return f"{entry.side}, steps [{c.start:g}, {c.switch:g}) of the trajectory"
 
     def setting(self, patch: Any, entry: RauEntry, branch: str, call: UNetCall | None, current: Any) -> RauSetting | None:
-        if not step_window_open(patch, entry.config, call):
+        if not step_window_open(patch, entry.config, call) or not room_to_shrink(patch, call):
             return current
         return RauSetting(side=entry.side, link=_link(patch, entry.index))  # type: ignore[arg-type]
 
