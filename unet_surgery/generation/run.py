@@ -182,8 +182,10 @@ def generate(
     show = progress and state.is_main_process
     if not show:
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()  # the loading bars
+        transformers_logging.disable_progress_bar()
     pipe = load_pipeline(model, components=components, dtype=torch_dtype, device=run_device)
     parse_size((width, height), pipe.vae_scale_factor)
     if scheduler is not None:
