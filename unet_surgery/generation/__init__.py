@@ -3,7 +3,14 @@
 :func:`generate` is the Python API of ``unet-surgery generate``; see ``docs/generate.md``.
 """
 
-from unet_surgery.generation.jobs import GenerationError, Job, make_jobs, parse_seeds, parse_size, read_prompts
+from unet_surgery.generation.jobs import (
+    GenerationError,
+    Job,
+    make_jobs,
+    parse_seeds,
+    parse_size,
+    read_prompts,
+)
 from unet_surgery.generation.run import MANIFEST, GenerateResult, generate
 
 __all__ = [

@@ -67,6 +67,8 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
                 items.append(int(part))
             else:
                 raise GenerationError(f"--seed: {part!r} is not a seed (use 42, 0,5,9 or 0-7)")
+    elif isinstance(spec, bool):
+        raise GenerationError(f"--seed: {spec!r} is not a seed")
     else:
         items = list(spec)
     for seed in items:
@@ -105,7 +107,9 @@ def parse_size(spec: str | int | tuple[int, int], multiple: int = 8) -> tuple[in
         if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
             raise GenerationError(f"--size: {spec!r} is not WIDTHxHEIGHT (e.g. 1024x768) or a single side")
         values = [int(p) for p in parts]
-    elif isinstance(spec, int) and not isinstance(spec, bool):
+    elif isinstance(spec, bool):
+        raise GenerationError(f"--size: {spec!r} is not a size")
+    elif isinstance(spec, int):
         values = [spec]
     else:
         values = list(spec)

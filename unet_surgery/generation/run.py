@@ -32,7 +32,12 @@ from unet_surgery.generation.jobs import (
     parse_size,
     read_prompts,
 )
-from unet_surgery.generation.pipeline_loader import DTYPES, check_model, image_to_image, load_pipeline
+from unet_surgery.generation.pipeline_loader import (
+    DTYPES,
+    check_model,
+    image_to_image,
+    load_pipeline,
+)
 from unet_surgery.generation.recipe_choice import check_recipe, resolve_recipe
 from unet_surgery.generation.schedulers import SCHEDULERS, set_scheduler
 from unet_surgery.generation.vae_memory import configure_vae
