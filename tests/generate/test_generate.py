@@ -227,3 +227,15 @@ def test_init_image_upscales(sd15_folder: Path, tmp_path: Path) -> None:
     assert "Denoising strength: 0.5" in parameters
     with Image.open(out / expected_name(0, 0)) as image:
         assert image.size == (128, 128)
+
+
+def test_an_image_depends_only_on_its_prompt_and_seed(sd15_folder: Path, tmp_path: Path) -> None:
+    """The same (prompt, seed) in another list, at another position: the same file, byte for byte."""
+    common = ["--size", "64", "--steps", "2", "--quiet", "--threads", "1"]
+    assert main(["generate", str(sd15_folder), "--prompt", "x", "--prompt", "y", "--seed", "3,11", *common,
+                 "--out", str(tmp_path / "a")]) == 0
+    assert main(["generate", str(sd15_folder), "--prompt", "x", "--prompt", "y", "--seed", "11", *common,
+                 "--out", str(tmp_path / "b")]) == 0
+    name = expected_name(1, 11)
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "a" / expected_name(1, 3)).read_bytes()
