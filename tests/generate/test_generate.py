@@ -105,11 +105,11 @@ def test_single_process_sd15_auto_recipe_settings_in_png(sd15_folder: Path, tmp_
 def test_single_process_sdxl_shipped_recipe(sdxl_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A shipped recipe by name: the document in the PNG is the shipped file's passes."""
     out = tmp_path / "out"
-    code = main(["generate", str(sdxl_folder), "--size", "128", "--prompts", str(_prompt_file(tmp_path)),
+    code = main(["generate", str(sdxl_folder), "--size", "128x64", "--prompts", str(_prompt_file(tmp_path)),
                  "--recipe", "freeu-sdxl", "--seed", "5", "--steps", "2", "--out", str(out), "--quiet",
                  "--scheduler", "euler", "--threads", "1"])
     assert code == 0
-    files = check_run(out, PROMPTS, [5], 128, 128, 2, 7.5, "")
+    files = check_run(out, PROMPTS, [5], 128, 64, 2, 7.5, "")
     shipped = yaml.safe_load((REPOSITORY / "recipes" / "freeu" / "freeu-sdxl.yaml").read_text())
     settings, document, parameters = settings_of(files[0])
     applied = yaml.safe_load(document)
@@ -213,14 +213,26 @@ def test_single_file_checkpoint_with_components(sd15_folder: Path, tmp_path: Pat
         settings_of(tmp_path / "folder" / expected_name(0, 0))[0]["request"]["model"]
 
 
-def test_init_image_upscales(sd15_folder: Path, tmp_path: Path) -> None:
-    """Image-to-image from a 64x64 picture to 128x128: the init image's hash and strength recorded."""
+def test_init_image_upscales(sd15_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image-to-image from a 64x64 picture to 128x128: the init image's hash and strength recorded,
+    and the strength obeyed: diffusers runs the last ``int(steps * strength)`` steps (2 of 4)."""
+    from diffusers import UNet2DConditionModel
+
+    calls = []
+    forward = UNet2DConditionModel.forward
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
     picture = tmp_path / "small.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(picture)
     out = tmp_path / "out"
     assert main(["generate", str(sd15_folder), "--size", "128x128", "--prompt", "x", "--steps", "4",
                  "--init-image", str(picture), "--strength", "0.5", "--out", str(out), "--quiet",
                  "--threads", "1"]) == 0
+    assert len(calls) == int(4 * 0.5)  # one batched [uncond, cond] call a step
     settings, document, parameters = settings_of(out / expected_name(0, 0))
     assert settings["request"]["init_image"] == {"sha256": sha256(picture), "strength": 0.5}
     assert "sampling" not in yaml.safe_load(document)  # the image replaces the cascade's first stage
