@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from unet_surgery.cli import main
+
+pytest.importorskip("accelerate")
+pytest.importorskip("diffusers")
 from unet_surgery.generation import (
     GenerationError,
     make_jobs,
