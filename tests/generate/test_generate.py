@@ -187,6 +187,9 @@ def test_other_settings_in_the_folder_are_refused(sd15_folder: Path, tmp_path: P
     base = ["generate", str(sd15_folder), "--size", "64", "--prompt", "x", "--out", str(out), "--quiet", "--threads", "1"]
     assert main([*base, "--steps", "2"]) == 0
     before = (out / expected_name(0, 0)).read_bytes()
+    settings, document, parameters = settings_of(out / expected_name(0, 0))
+    # --recipe auto (the default) at the native 64x64 (8x8 latents x VAE factor 8): no recipe
+    assert settings["request"]["recipe"] is None and document == "" and "Recipe: none" in parameters
     capsys.readouterr()
     assert main([*base, "--steps", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -164,3 +164,24 @@ def test_vae_tiling_switch(sd15_folder: Path, tmp_path: Path) -> None:
     common = {"prompts": "x", "size": 64, "steps": 1, "progress": False, "threads": 1}
     assert generate(sd15_folder, out=tmp_path / "a", vae_tiling=True, **common).vae_tiling
     assert not generate(sd15_folder, out=tmp_path / "b", **common).vae_tiling
+
+
+def test_cascade_steps_replace_the_recipe_steps(tmp_path: Path) -> None:
+    """``--steps 20`` on a cascade written for 50 steps restarting at 15: 20 steps restarting at
+    round(15 * 20 / 50) = 6 (the documented proportional rule)."""
+    from unet_surgery.generation.recipe_choice import check_recipe, resolve_recipe
+
+    path = tmp_path / "cascade.yaml"
+    path.write_text(
+        "name: mine\nbase_resolution: [64, 64]\ntarget_resolutions: [[128, 128]]\n"
+        "passes: [{type: freeu, select: {stage: [up]}, b1: 1.1, b2: 1.2, s1: 0.6, s2: 0.4}]\n"
+        "sampling: {stages: [[64, 64], [128, 128]], steps: 50, restart_step: 15}\n"
+    )
+    recipe, _ = resolve_recipe(check_recipe(str(path)), None, height=128, width=128, steps=20, init_image=False)
+    assert recipe is not None and recipe.sampling is not None
+    assert (recipe.sampling.steps, recipe.sampling.restart_step) == (20, 6)
+    assert recipe.sampling.stages == ((64, 64), (128, 128))
+    same, _ = resolve_recipe(check_recipe(str(path)), None, height=128, width=128, steps=50, init_image=False)
+    assert same is not None and same.sampling is not None and same.sampling.restart_step == 15
+    upscale, _ = resolve_recipe(check_recipe(str(path)), None, height=128, width=128, steps=20, init_image=True)
+    assert upscale is not None and upscale.sampling is None and upscale.passes == recipe.passes
