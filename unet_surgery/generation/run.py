@@ -11,12 +11,13 @@ writes ``manifest.jsonl`` in job order: one line per image of the list, whicheve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,13 +186,8 @@ def generate(
     run_device = _device(device, state.device)
     torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if run_device.type == "cuda" else torch.float32)
     show = progress and state.is_main_process
-    if not show:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()  # the loading bars
-        transformers_logging.disable_progress_bar()
-    pipe = load_pipeline(model, components=components, dtype=torch_dtype, device=run_device)
+    with _loading_bars(show):
+        pipe = load_pipeline(model, components=components, dtype=torch_dtype, device=run_device)
     parse_size((width, height), pipe.vae_scale_factor)
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
@@ -259,6 +255,25 @@ def generate(
         pngmeta.write_text(result.manifest, "".join(line + "\n" for line in ordered))
     state.wait_for_everyone()
     return result
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading bars off for the block unless ``show``, then as before."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    modules = (diffusers_logging, transformers_logging)
+    were_on = [m.is_progress_bar_enabled() for m in modules]
+    if not show:
+        for m in modules:
+            m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in zip(modules, were_on, strict=True):
+            if on:
+                m.enable_progress_bar()
 
 
 def _cpu_only(requested: str | None) -> bool:
