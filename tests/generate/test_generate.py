@@ -135,8 +135,13 @@ def _prompt_file(tmp_path: Path) -> Path:
 def test_two_processes_give_the_same_bytes(sd15_folder: Path, tmp_path: Path) -> None:
     """``accelerate launch`` with two CPU processes (gloo) against one process: every file, the
     manifest included, byte for byte. Three jobs, so the split is uneven and the third image is
-    the second process's first."""
-    args = ["--size", "64x64", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", "third",
+    the second process's first; at 128x64 the automatic recipe (a two-stage self-cascade with
+    re-dilation) runs, so the patched UNet and the cascade's own noise draws are covered."""
+    from unet_surgery.graph import map_unet
+    from unet_surgery.loading import load_unet
+
+    map_unet(load_unet(sd15_folder / "unet"), cache=True)  # the subprocesses read the cached map
+    args = ["--size", "128x64", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", "third",
             "--seed", "7", "--steps", "2", "--quiet", "--threads", "1"]
     one = run(generate_command(str(sd15_folder), *args, "--out", str(tmp_path / "one")))
     assert one.returncode == 0, one.stderr[-2000:]
@@ -147,6 +152,7 @@ def test_two_processes_give_the_same_bytes(sd15_folder: Path, tmp_path: Path) ->
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert settings_of(tmp_path / "two" / expected_name(2, 7))[0]["request"]["recipe"]["name"].startswith("auto-")
     # the manifest was written once, by the main process, which reports for the run
     reports = [line for line in two.stdout.splitlines() if line.startswith("wrote")]
     assert len(reports) == 1 and reports[0].startswith("wrote 2,")  # 3 jobs: blocks of 2 and 1
