@@ -18,6 +18,7 @@ from unet_surgery.errors import (
     TransformError,
 )
 from unet_surgery.export import load_patch, load_patched, save_patch
+from unet_surgery.generation import generate
 from unet_surgery.graph import UNetMap, map_unet
 from unet_surgery.loading import load_unet
 from unet_surgery.patching.patch import Patch, apply, current_patch, remove
@@ -51,6 +52,7 @@ __all__ = [
     "auto_recipe",
     "cfg_denoiser",
     "current_patch",
+    "generate",
     "list_recipes",
     "load_patch",
     "load_patched",

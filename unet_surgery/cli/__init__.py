@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "unet_surgery.cli.disperse_cmd",
     "unet_surgery.cli.export_cmd",
     "unet_surgery.cli.toy_cmd",
+    "unet_surgery.cli.generate_cmd",
 )
 
 

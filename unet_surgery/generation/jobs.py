@@ -1,0 +1,126 @@
+"""The work list of a generation run: every (prompt, seed) pair, its file name, and the prompts file.
+
+The list is ordered prompt-major (all seeds of prompt 0, then prompt 1, ...). A job's file name
+depends only on its prompt index and seed, and each image is drawn from its own seed, so how the
+list is split between processes cannot change any file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from unet_surgery.errors import SurgeryError
+
+MAX_PROMPT_FILE_BYTES = 16 << 20
+
+
+class GenerationError(SurgeryError):
+    """Bad input to ``generate``: the message names the argument (one line, exit 2 on the CLI)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image: the prompt's index in the list, the prompt and the seed."""
+
+    prompt_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        """``p0003-s000042.png``: sorts in job order, never depends on the process that wrote it."""
+        return f"p{self.prompt_index:04d}-s{self.seed:06d}.png"
+
+
+def make_jobs(prompts: Sequence[str], seeds: Sequence[int]) -> list[Job]:
+    """Every prompt with every seed, prompt-major."""
+    if not prompts:
+        raise GenerationError("no prompt given (--prompt TEXT or --prompts FILE)")
+    if not seeds:
+        raise GenerationError("--seed: no seed given")
+    if len(set(seeds)) != len(seeds):
+        raise GenerationError(f"--seed: seeds repeat ({', '.join(map(str, seeds))}); each names one file")
+    return [Job(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
+_RANGE = re.compile(r"^(\d+)-(\d+)$")
+
+
+def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
+    """Seeds from ``42``, ``0,5,9``, ``0-7`` (inclusive) or a mix (``1,4-6``), or a list of ints."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        items: list[int] = [spec]
+    elif isinstance(spec, str):
+        items = []
+        for part in (p.strip() for p in spec.split(",")):
+            match = _RANGE.match(part)
+            if match:
+                lo, hi = int(match[1]), int(match[2])
+                if hi < lo or hi - lo >= 1_000_000:
+                    raise GenerationError(f"--seed: range {part!r} must go upwards and hold at most a million seeds")
+                items.extend(range(lo, hi + 1))
+            elif part.isdigit():
+                items.append(int(part))
+            else:
+                raise GenerationError(f"--seed: {part!r} is not a seed (use 42, 0,5,9 or 0-7)")
+    elif isinstance(spec, bool):
+        raise GenerationError(f"--seed: {spec!r} is not a seed")
+    else:
+        items = list(spec)
+    for seed in items:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise GenerationError(f"--seed: {seed!r} is not a seed between 0 and 2**63-1")
+    return items
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line of a UTF-8 text file; blank lines and lines starting with ``#`` are skipped."""
+    file = Path(path)
+    try:
+        with file.open("rb") as f:
+            raw = f.read(MAX_PROMPT_FILE_BYTES + 1)
+    except OSError as exc:
+        raise GenerationError(f"--prompts: cannot read {file}: {exc.strerror or type(exc).__name__}") from None
+    if len(raw) > MAX_PROMPT_FILE_BYTES:
+        raise GenerationError(f"--prompts: {file} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GenerationError(f"--prompts: {file} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if "\x00" in text:
+        raise GenerationError(f"--prompts: {file} is not a text file (it holds NUL characters)")
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise GenerationError(f"--prompts: {file} holds no prompt (one a line; # starts a comment)")
+    return prompts
+
+
+def parse_size(spec: str | int | tuple[int, int], multiple: int = 8) -> tuple[int, int]:
+    """``(width, height)`` from ``WxH``, ``N`` (square) or a pair; both a positive multiple of ``multiple``."""
+    if isinstance(spec, str):
+        parts = spec.lower().split("x")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise GenerationError(f"--size: {spec!r} is not WIDTHxHEIGHT (e.g. 1024x768) or a single side")
+        values = [int(p) for p in parts]
+    elif isinstance(spec, bool):
+        raise GenerationError(f"--size: {spec!r} is not a size")
+    elif isinstance(spec, int):
+        values = [spec]
+    else:
+        values = list(spec)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+        raise GenerationError(f"--size: {spec!r} must be two positive integers, WIDTHxHEIGHT")
+    for side, v in zip(("width", "height"), values, strict=True):
+        if v % multiple:
+            raise GenerationError(
+                f"--size: {side} {v} is not a multiple of {multiple} (the VAE's scale factor); "
+                f"try {max(multiple, round(v / multiple) * multiple)}"
+            )
+    return values[0], values[1]

@@ -1,0 +1,103 @@
+"""MODEL as a diffusers SD/SDXL pipeline, from local files only.
+
+* a pipeline folder (``model_index.json``): ``from_pretrained(local_files_only=True,
+  use_safetensors=True)``: no download, no pickle;
+* a single-file UNet checkpoint (LDM or diffusers layout, ``.safetensors`` or a weights-only
+  pickle): the UNet comes from the project's own loader (:func:`unet_surgery.load_unet`, never
+  unpickles code), every other component from a pipeline folder given as ``components``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unet_surgery.errors import CheckpointError
+from unet_surgery.generation.jobs import GenerationError
+from unet_surgery.loading.weights import WEIGHT_SUFFIXES
+
+TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+IMAGE_TO_IMAGE = {
+    "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pipeline_class_name(folder: Path) -> str:
+    """The ``_class_name`` of a pipeline folder's ``model_index.json``, checked to be supported."""
+    index = folder / "model_index.json"
+    if not folder.is_dir():
+        raise GenerationError(f"MODEL: {folder} is not a folder or a checkpoint file")
+    if not index.is_file():
+        raise GenerationError(
+            f"MODEL: {folder} is not a diffusers pipeline folder (no model_index.json); "
+            "a UNet-only folder needs the other components: give its weights file and --components"
+        )
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise GenerationError(f"MODEL: {index} is not a valid model_index.json ({exc})") from None
+    if name not in TEXT_TO_IMAGE:
+        raise GenerationError(
+            f"MODEL: {folder} holds a {name}; generate supports {', '.join(TEXT_TO_IMAGE)} folders"
+        )
+    return str(name)
+
+
+def check_model(model: str | Path, components: str | Path | None) -> tuple[Path, Path]:
+    """(UNet source, pipeline folder): validated before anything heavy is loaded."""
+    path = Path(model)
+    if path.is_file() or path.suffix in WEIGHT_SUFFIXES:
+        if not path.is_file():
+            raise GenerationError(f"MODEL: checkpoint not found: {path}")
+        if components is None:
+            raise GenerationError(
+                f"MODEL: {path} is a single-file UNet checkpoint; give --components DIR, a diffusers "
+                "pipeline folder for the VAE, text encoder(s), tokenizer(s) and scheduler"
+            )
+        folder = Path(components)
+        pipeline_class_name(folder)
+        return path, folder
+    if not path.exists():
+        raise GenerationError(f"MODEL: {path} does not exist (a diffusers pipeline folder or a checkpoint file)")
+    pipeline_class_name(path)
+    if components is not None:
+        raise GenerationError("--components is for a single-file MODEL; a pipeline folder has its own")
+    return path, path
+
+
+def load_pipeline(model: str | Path, *, components: str | Path | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
+    """The text-to-image pipeline MODEL names, on ``device`` in ``dtype``, without a network."""
+    import diffusers
+
+    unet_source, folder = check_model(model, components)
+    cls = getattr(diffusers, pipeline_class_name(folder))
+    extra: dict[str, Any] = {}
+    if unet_source != folder:
+        from unet_surgery.loading import load_unet
+
+        extra["unet"] = load_unet(unet_source, device="cpu", dtype=dtype)
+    if cls.__name__ == "StableDiffusionPipeline":
+        extra.setdefault("safety_checker", None)  # an optional component; never fetched
+        extra["requires_safety_checker"] = False
+    try:
+        pipe = cls.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True, dtype=dtype, **extra
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"MODEL: cannot load {folder} as a {cls.__name__}: {first}") from None
+    return pipe.to(device)
+
+
+def image_to_image(pipe: Any) -> Any:
+    """The img2img pipeline sharing ``pipe``'s components (no copy)."""
+    import diffusers
+
+    cls = getattr(diffusers, IMAGE_TO_IMAGE[type(pipe).__name__])
+    return cls.from_pipe(pipe)

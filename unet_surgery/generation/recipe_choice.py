@@ -1,0 +1,86 @@
+"""Which recipe a generation run applies: ``auto``, ``none``, a shipped name or a recipe file.
+
+``auto`` is :func:`unet_surgery.auto_recipe` on the UNet's map, from the model's native size
+(``unet.config.sample_size`` x the VAE factor) to the requested one; at or below the native size
+there is nothing to fix and no recipe is applied. A recipe with a ``sampling`` section runs
+FreeScale's self-cascade; its last stage must be the requested size, and ``steps`` replaces its
+steps per stage (an explicit ``restart_step`` is scaled by the same ratio). With an init image
+the sampling section is dropped: the image already fixes the layout the cascade's first stages
+would, and the recipe's passes act on the image-to-image run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from unet_surgery.errors import RecipeError
+from unet_surgery.generation.jobs import GenerationError
+from unet_surgery.recipes.library import load_recipe
+from unet_surgery.recipes.schema import Recipe
+
+NO_RECIPE = ("none", "off")
+
+
+def check_recipe(spec: str | Path | Recipe | None) -> Recipe | str | None:
+    """Parse a named or file recipe early (before loading a model); ``auto`` stays a string."""
+    if spec is None or (isinstance(spec, str) and spec in NO_RECIPE):
+        return None
+    if isinstance(spec, str) and spec == "auto":
+        return "auto"
+    try:
+        return load_recipe(spec)
+    except RecipeError as exc:
+        raise GenerationError(f"--recipe: {exc}") from None
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """(height, width) in pixels the UNet was trained at."""
+    sample = pipe.unet.config.sample_size
+    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    return int(h) * pipe.vae_scale_factor, int(w) * pipe.vae_scale_factor
+
+
+def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, width: int, steps: int,
+                   init_image: bool) -> tuple[Recipe | None, Any]:
+    """(recipe to apply or ``None``, the UNet map when one was computed)."""
+    unet_map = None
+    if checked is None:
+        return None, None
+    if checked == "auto":
+        base = native_size(pipe)
+        if height <= base[0] and width <= base[1]:
+            return None, None
+        from unet_surgery.graph import map_unet
+        from unet_surgery.recipes.auto import auto_recipe
+
+        unet_map = map_unet(pipe.unet, cache=True)
+        try:
+            recipe = auto_recipe(unet_map, base=base, target=(height, width),
+                                 vae_scale_factor=pipe.vae_scale_factor, steps=steps)
+        except RecipeError as exc:
+            raise GenerationError(f"--recipe auto: {exc}") from None
+    else:
+        assert isinstance(checked, Recipe)
+        recipe = checked
+    if recipe.sampling is None:
+        if recipe.target_resolutions and (height, width) not in {tuple(t) for t in recipe.target_resolutions}:
+            sizes = ", ".join(f"{w}x{h}" for h, w in recipe.target_resolutions)
+            warnings.warn(f"recipe {recipe.name!r} was written for {sizes} (WxH), not {width}x{height}",
+                          UserWarning, stacklevel=2)
+        return recipe, unet_map
+    if init_image:
+        return replace(recipe, sampling=None), unet_map
+    last = tuple(recipe.sampling.stages[-1])
+    if last != (height, width):
+        raise GenerationError(
+            f"--size: recipe {recipe.name!r} cascades up to {last[1]}x{last[0]} (WxH), "
+            f"not {width}x{height}; give --size {last[1]}x{last[0]} or another recipe"
+        )
+    spec = recipe.sampling
+    if spec.steps != steps:
+        restart = None if spec.restart_step is None else min(steps - 1, round(spec.restart_step * steps / spec.steps))
+        recipe = replace(recipe, sampling=replace(spec, steps=steps, restart_step=restart))
+    return recipe, unet_map

@@ -1,0 +1,343 @@
+"""``unet_surgery.generate``: a prompt x seed list of images, one process or many, resumable.
+
+Processes come from ``accelerate`` (:class:`accelerate.PartialState`): under ``accelerate
+launch`` each process takes its contiguous block of the job list
+(``PartialState.split_between_processes``) and its own device; alone, it takes them all. Every
+image is drawn from a CPU generator seeded with its own seed, and nothing that differs between
+processes is written into a file, so the files do not depend on the number of processes. At the
+end the manifest lines are gathered (``accelerate.utils.gather_object``) and the main process
+writes ``manifest.jsonl`` in job order: one line per image of the list, whichever run wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unet_surgery.generation import pngmeta
+from unet_surgery.generation.jobs import (
+    GenerationError,
+    Job,
+    make_jobs,
+    parse_seeds,
+    parse_size,
+    read_prompts,
+)
+from unet_surgery.generation.pipeline_loader import (
+    DTYPES,
+    check_model,
+    image_to_image,
+    load_pipeline,
+)
+from unet_surgery.generation.recipe_choice import check_recipe, resolve_recipe
+from unet_surgery.generation.schedulers import SCHEDULERS, set_scheduler
+from unet_surgery.generation.vae_memory import configure_vae
+from unet_surgery.recipes.library import dump_recipe
+from unet_surgery.recipes.schema import Recipe
+
+MANIFEST = "manifest.jsonl"
+# MKL's strict conditional numerical reproducibility: without it a CPU matmul's last bits depend
+# on the memory alignment of its operands, which differs between processes that allocated
+# differently before (measured: 1-in-255 pixel differences between a one- and a two-process run).
+# MKL reads it at its first call, so it is set before anything is computed; a value already in
+# the environment wins.
+MKL_REPRODUCIBLE = ("MKL_CBWR", "AUTO,STRICT")
+
+
+@dataclass
+class GenerateResult:
+    """What one process did; ``manifest`` is set on the main process only."""
+
+    out: Path
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    manifest: Path | None = None
+    recipe: Recipe | None = None
+    vae_tiling: bool = False
+    num_processes: int = 1
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import PIL
+    import transformers
+
+    import unet_surgery
+
+    return {
+        "unet_surgery": unet_surgery.__version__, "torch": torch.__version__.split("+")[0],
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__, "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _fingerprints(pipe: Any) -> dict[str, str]:
+    """``fingerprint`` of every weight-carrying component (the UNet's is the model's)."""
+    from unet_surgery.export.fingerprint import fingerprint
+
+    return {name: fingerprint(module) for name, module in sorted(pipe.components.items())
+            if isinstance(module, torch.nn.Module)}
+
+
+def _open_init_image(path: str | Path) -> tuple[Any, str]:
+    """The init image as RGB and the sha256 of its file; one clear error if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path)
+    try:
+        with Image.open(file) as image:
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise GenerationError(f"--init-image: cannot read {file}: {reason}") from None
+    return rgb, pngmeta.file_sha256(file)
+
+
+def _normalised(data: Any) -> Any:
+    """``data`` as it reads back from a PNG (tuples as lists, keys as strings)."""
+    return json.loads(pngmeta.canonical_json(data))
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def generate(
+    model: str | Path,
+    *,
+    prompts: str | Sequence[str] | None = None,
+    prompts_file: str | Path | None = None,
+    size: str | int | tuple[int, int] = 512,
+    recipe: str | Path | Recipe | None = "auto",
+    negative_prompt: str | None = None,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seeds: str | int | Sequence[int] = 0,
+    scheduler: str | None = None,
+    out: str | Path = "outputs",
+    init_image: str | Path | None = None,
+    strength: float = 0.6,
+    components: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    vae_tiling: bool | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> GenerateResult:
+    """Generate ``prompts`` x ``seeds`` at ``size`` (``WxH``) with ``recipe`` into ``out``.
+
+    ``model`` is a diffusers SD/SDXL pipeline folder, or a single-file UNet checkpoint with
+    ``components`` (a pipeline folder for the rest). ``recipe``: ``"auto"`` (derived from the
+    UNet's map and the size), ``None``/``"none"``, a shipped recipe name, a file or a
+    :class:`Recipe`. With ``init_image`` the image, resized to ``size``, is denoised from
+    ``strength``. Files already in ``out`` with the same request are kept (resume); one with
+    another request is an error unless ``overwrite``. ``vae_tiling=None`` decides from the
+    decoder's estimated peak memory. ``threads`` sets torch's CPU threads: on the CPU the last
+    bits of a result depend on it, so give the same value to runs whose bytes must agree.
+    """
+    # --- everything that can be checked without a model, before a process group or a load
+    if (prompts is None) == (prompts_file is None):
+        raise GenerationError("give exactly one of --prompt TEXT and --prompts FILE")
+    prompt_list = read_prompts(prompts_file) if prompts_file is not None else (
+        [prompts] if isinstance(prompts, str) else list(prompts or []))
+    if any(not isinstance(p, str) or not p.strip() for p in prompt_list):
+        raise GenerationError("--prompt: prompts must be non-empty text")
+    jobs = make_jobs(prompt_list, parse_seeds(seeds))
+    width, height = parse_size(size)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise GenerationError(f"--steps: {steps!r} is not a positive number of steps")
+    if not 0.0 < strength <= 1.0:
+        raise GenerationError(f"--strength: {strength} is not in (0, 1]")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise GenerationError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise GenerationError(f"--dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if threads is not None and threads < 1:
+        raise GenerationError(f"--threads: {threads} is not a positive number")
+    check_model(model, components)
+    checked = check_recipe(recipe)
+    init = _open_init_image(init_image) if init_image is not None else None
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GenerationError(f"--out: {out_dir} exists and is not a folder")
+
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cpu = _cpu_only(device)
+    if cpu:
+        os.environ.setdefault(MKL_REPRODUCIBLE[0], MKL_REPRODUCIBLE[1])
+    state = PartialState(cpu=cpu)
+    run_device = _device(device, state.device)
+    torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if run_device.type == "cuda" else torch.float32)
+    show = progress and state.is_main_process
+    with _loading_bars(show):
+        pipe = load_pipeline(model, components=components, dtype=torch_dtype, device=run_device)
+    parse_size((width, height), pipe.vae_scale_factor)
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    applied, unet_map = resolve_recipe(checked, pipe, height=height, width=width, steps=steps,
+                                       init_image=init is not None)
+    runner = image_to_image(pipe) if init is not None else pipe
+    runner.set_progress_bar_config(disable=not show, leave=False, desc="steps")
+    tiling = configure_vae(pipe, height, width, vae_tiling)
+    document = dump_recipe(applied) if applied is not None else ""
+    fingerprints = _fingerprints(pipe)
+    common = {
+        "model": {"pipeline": type(pipe).__name__, "fingerprint": fingerprints.get("unet"),
+                  "components": fingerprints},
+        "recipe": None if applied is None else {
+            "name": applied.name, "sha256": "sha256:" + hashlib.sha256(document.encode()).hexdigest()},
+        "negative_prompt": negative_prompt or "",
+        "width": width, "height": height, "steps": steps, "guidance_scale": float(guidance),
+        "scheduler": {"class": type(pipe.scheduler).__name__,
+                      "config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}},
+        "init_image": None if init is None else {"sha256": init[1], "strength": float(strength)},
+        "dtype": str(torch_dtype).removeprefix("torch."),
+    }
+    environment = {"versions": _versions(), "device": run_device.type, "model_path": str(model),
+                   "components_path": None if components is None else str(components)}
+    image = None if init is None else init[0].resize((width, height), _lanczos())
+    result = GenerateResult(out_dir, recipe=applied, vae_tiling=tiling, num_processes=state.num_processes)
+    if show:
+        what = f"recipe {applied.name}" if applied is not None else "no recipe"
+        print(f"generate: {len(jobs)} image(s) ({len(prompt_list)} prompt(s) x {len(jobs) // len(prompt_list)} "
+              f"seed(s)) at {width}x{height}, {what}, {state.num_processes} process(es), "
+              f"vae tiling {'on' if tiling else 'off'}", file=sys.stderr)
+
+    lines: list[tuple[int, str]] = []
+    patch = None
+    if applied is not None:
+        from unet_surgery.sampling.pipelines import apply_to_pipeline
+
+        patch = apply_to_pipeline(runner, applied, unet_map=unet_map)
+    try:
+        with state.split_between_processes(list(enumerate(jobs))) as mine:
+            from tqdm.auto import tqdm
+
+            for position, job in tqdm(mine, desc="images", disable=not show, unit="img"):
+                request = _normalised({**common, "prompt": job.prompt, "prompt_index": job.prompt_index,
+                                       "seed": job.seed})
+                settings = {"format": pngmeta.FORMAT, "request": request, "environment": environment}
+                target = out_dir / job.file_name
+                pngmeta.remove_stale_temporaries(target)
+                if target.exists() and not overwrite:
+                    _check_existing(target, request)
+                    result.skipped.append(target)
+                    digest = pngmeta.file_sha256(target)
+                else:
+                    picture = _one_image(runner, applied, job, common, image, strength, show)
+                    digest = pngmeta.write_png(target, picture, settings, document)
+                    result.written.append(target)
+                lines.append((position, pngmeta.manifest_line(job.file_name, digest, settings)))
+    finally:
+        if patch is not None:
+            patch.remove()
+    gathered = gather_object(lines) if state.num_processes > 1 else lines
+    if state.is_main_process:
+        ordered = [line for _, line in sorted(gathered)]
+        result.manifest = out_dir / MANIFEST
+        pngmeta.write_text(result.manifest, "".join(line + "\n" for line in ordered))
+    state.wait_for_everyone()
+    return result
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading bars off for the block unless ``show``, then as before."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    modules = (diffusers_logging, transformers_logging)
+    were_on = [m.is_progress_bar_enabled() for m in modules]
+    if not show:
+        for m in modules:
+            m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in zip(modules, were_on, strict=True):
+            if on:
+                m.enable_progress_bar()
+
+
+def _cpu_only(requested: str | None) -> bool:
+    """Whether the processes run on the CPU: asked for, or no accelerator to run on (accelerate then
+    uses its CPU backend, gloo, for a multi-process launch; without ``cpu=True`` it would not)."""
+    if requested is not None:
+        return torch.device(requested).type == "cpu"
+    accelerator = getattr(torch, "accelerator", None)
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+
+
+def _device(requested: str | None, process_device: torch.device) -> torch.device:
+    """The device this process runs on: its accelerate device unless another is asked for."""
+    if requested is None:
+        return process_device
+    wanted = torch.device(requested)
+    if wanted.index is None and wanted.type == process_device.type:
+        return process_device  # "cuda" under accelerate launch: this process's own GPU
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError("--device cuda: no CUDA device is available (use --device cpu)")
+    return wanted
+
+
+def _lanczos() -> Any:
+    from PIL import Image
+
+    return Image.Resampling.LANCZOS
+
+
+def _check_existing(target: Path, request: dict[str, Any]) -> None:
+    """A file already at ``target`` is kept only if it was written for the same request."""
+    existing = pngmeta.read_settings(target)
+    if existing is None:
+        raise GenerationError(
+            f"--out: {target} exists but was not written by generate; move it away or pass --overwrite"
+        )
+    if existing["request"] != request:
+        keys = ", ".join(_differences(existing["request"], request))
+        raise GenerationError(
+            f"--out: {target} was generated with other settings (differing: {keys}); "
+            "use another --out or pass --overwrite"
+        )
+
+
+def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, Any], image: Any,
+               strength: float, show: bool) -> Any:
+    """One PIL image for ``job``, from a CPU generator seeded with the job's seed."""
+    generator = torch.Generator("cpu").manual_seed(job.seed)
+    negative = common["negative_prompt"] or None
+    with torch.no_grad():
+        if recipe is not None and recipe.sampling is not None:
+            from unet_surgery.sampling.pipelines import self_cascade_sample
+
+            out = self_cascade_sample(
+                runner, recipe, prompt=job.prompt, negative_prompt=negative,
+                guidance_scale=common["guidance_scale"], generator=generator, output_type="pil", progress=show,
+            )
+            return out.images[0]
+        kwargs: dict[str, Any] = {
+            "prompt": job.prompt, "negative_prompt": negative, "num_inference_steps": common["steps"],
+            "guidance_scale": common["guidance_scale"], "generator": generator, "output_type": "pil",
+        }
+        if image is not None:
+            kwargs.update(image=image, strength=strength)
+        else:
+            kwargs.update(height=common["height"], width=common["width"])
+        return runner(**kwargs).images[0]
