@@ -32,6 +32,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "dispersion_memory": ("bench_dispersion_memory.py", "dispersed kernels vs the published deep copies"),
     "map": ("bench_map.py", "mapping the full SDXL preset on meta: export and hook probe"),
     "export": ("bench_export.py", "export and load times, adapter size vs full checkpoint"),
+    "compile": ("bench_compile.py", "torch.compile: compilations over a schedule, compiled patched vs compiled plain step"),
+    "generate": ("bench_generate.py", "unet-surgery generate: images per minute, one and two processes"),
 }
 
 
