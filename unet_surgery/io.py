@@ -39,6 +39,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def readable_file(path: Path, *, missing: str) -> Path:
+    """``path`` if it is a file this process can open; ``CheckpointError(missing)`` if absent.
+
+    Opening it first lets the OS say why it cannot be read (permission denied raises
+    ``PermissionError``): readers such as safetensors report any open failure as "No such
+    file or directory".
+    """
+    if not path.is_file():
+        raise CheckpointError(missing)
+    with open(path, "rb"):
+        pass
+    return path
+
+
 def read_json_object(path: Path, *, missing: str) -> dict[str, Any]:
     """A JSON object from ``path``; ``CheckpointError(missing)`` if absent, or naming the defect."""
     if not path.is_file():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from unet_surgery.errors import CheckpointError
-from unet_surgery.io import read_json_object
+from unet_surgery.io import read_json_object, readable_file
 from unet_surgery.loading.ldm_keys import (
     convert_ldm_unet,
     detect_architecture,
@@ -31,8 +31,7 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a weights file, without reading tensor data where the format allows."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    readable_file(path, missing=f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -46,8 +45,7 @@ def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def load_state_dict(path: Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a weights file; pickles are loaded with ``weights_only=True``, never executed."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    readable_file(path, missing=f"checkpoint not found: {path}")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected one of {', '.join(WEIGHT_SUFFIXES)})")
     if path.suffix == ".safetensors":
