@@ -106,6 +106,9 @@ def test_a_changed_R_is_refused_even_rehashed_and_rounding_is_accepted(tmp_path:
     for kwargs in ({}, {"verify_fingerprint": False}):  # R does not depend on the weights: always checked
         with pytest.raises(CheckpointError, match=f"{KEY} computed by this unet-surgery .* differs from the stored one"):
             load(folder, **kwargs)
+    reseal(folder, {KEY: R.float()}, 3)  # R rounded to float32: not float64 rounding
+    with pytest.raises(CheckpointError, match=f"stored {KEY} is torch.float32, expected torch.float64"):
+        load(folder)
     reseal(folder, {"dispersion_R/3-5-2-3-0.1": R}, 3)  # another transform than the recipe's
     with pytest.raises(CheckpointError, match="stored tensors do not match"):
         load(folder)

@@ -144,8 +144,9 @@ def _same_tensor(ref: torch.Tensor, new: torch.Tensor) -> bool:
 
 
 def _check_tensors(patch: Patch, stored: dict[str, torch.Tensor], where: Path) -> None:
-    """The tensors the recipe recomputes on this base must be the stored ones."""
-    _compare(adapter_tensors(patch), stored, where)
+    """The tensors the recipe recomputes on this base must be the stored ones, in the same dtype
+    (format 3 stores transforms, which do not depend on the base's precision)."""
+    _compare(adapter_tensors(patch), stored, where, same_dtype=True)
 
 
 def _v2_tensors(patch: Patch) -> dict[str, torch.Tensor]:
@@ -170,7 +171,13 @@ def _check_v2_tensors(patch: Patch, stored: dict[str, torch.Tensor], where: Path
     _compare(_v2_tensors(patch), stored, where, version=2)
 
 
-def _compare(recomputed: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], where: Path, version: int = ADAPTER_VERSION) -> None:
+def _compare(
+    recomputed: dict[str, torch.Tensor],
+    stored: dict[str, torch.Tensor],
+    where: Path,
+    version: int = ADAPTER_VERSION,
+    same_dtype: bool = False,
+) -> None:
     if set(recomputed) != set(stored):
         odd = sorted(set(recomputed) ^ set(stored))
         raise CheckpointError(
@@ -180,6 +187,8 @@ def _compare(recomputed: dict[str, torch.Tensor], stored: dict[str, torch.Tensor
         new, ref = recomputed[key], stored[key]
         if ref.shape != new.shape:
             raise CheckpointError(f"{where}: stored {key} has shape {tuple(ref.shape)}, recomputed {tuple(new.shape)}")
+        if same_dtype and ref.dtype != new.dtype:
+            raise CheckpointError(f"{where}: stored {key} is {ref.dtype}, expected {new.dtype}")
         if not _same_tensor(ref, new):
             raise CheckpointError(
                 f"{where}: {key} computed by this unet-surgery on this model differs from the stored one "

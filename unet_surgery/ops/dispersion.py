@@ -265,8 +265,8 @@ def apply_transform(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tens
     small = weight.shape[-1]
     big = math.isqrt(transform.shape[0])
     work = torch.float64 if weight.device.type == "cpu" else torch.float32
-    flat = weight.to(work).reshape(*weight.shape[:-2], small * small)
-    out = flat @ transform.to(device=weight.device, dtype=work).T
+    # one expression, so the float64 copy of w is freed before the cast allocates the result
+    out = weight.to(work).reshape(*weight.shape[:-2], small * small) @ transform.to(device=weight.device, dtype=work).T
     return out.reshape(*weight.shape[:-2], big, big).to(weight.dtype).contiguous()
 
 

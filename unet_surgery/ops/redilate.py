@@ -55,8 +55,8 @@ class ConvSetting:
 
     ``factor`` is the dilation factor for the conv's own kernel (1 = the plain conv).
     ``use_dispersed`` switches to the dispersed (e.g. 5x5) kernel, computed on that forward
-    from the transform ``R`` given to :func:`redilate_` and the live weight; it already covers ``scale`` times the area, so it runs with
-    ``factor * dispersed_factor_scale`` (ScaleCrafter: f/2). ``lowpass`` (FouriScale) filters
+    from the transform ``R`` given to :func:`redilate_` and the live weight; it already covers
+    ``scale`` times the area, so it runs with ``factor * dispersed_factor_scale`` (ScaleCrafter: f/2). ``lowpass`` (FouriScale) filters
     the input in the Fourier domain before the conv (:func:`~unet_surgery.ops.lowpass.lowpass_filter`).
     """
 
@@ -388,8 +388,8 @@ def redilate_(
 
     Giving both is an error. Re-dilating an already re-dilated conv raises
     :class:`TransformError` unless ``replace=True``, which updates the source (and the
-    dispersion) in place.  A conv whose
-    instance carries its own ``forward`` is refused (see :mod:`unet_surgery.ops.rewrite`).
+    dispersion) in place.  A conv whose instance carries its own ``forward`` is refused (see
+    :mod:`unet_surgery.ops.rewrite`).
     Returns ``conv`` itself.
     """
     if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
