@@ -81,7 +81,7 @@ def test_damaged_files_give_one_clear_error(tmp_path: Path) -> None:
     save_patch(patch, tmp_path / "a")
     tensors = tmp_path / "a" / TENSORS_FILE
     raw = bytearray(tensors.read_bytes())
-    raw[-5] ^= 0xFF  # one flipped byte inside a kernel
+    raw[-5] ^= 0xFF  # one flipped byte inside the stored transform R
     tensors.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_patch(fresh_sd15(), tmp_path / "a")

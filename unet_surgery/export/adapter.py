@@ -1,13 +1,19 @@
 """The surgery adapter: a small folder that re-creates a patch on the base model it was made for.
 
-Only what the surgery adds is stored: the recipe (``recipe.yaml``), the dispersed kernels and
-their dispersion transforms ``R`` keyed by layer path (``adapter.safetensors``), and
-``adapter.json`` with the format version, recipe name, model class, the layers patched and a
-:func:`~unet_surgery.export.fingerprint.fingerprint` of the base weights. Sharing an adapter
-is sharing a few megabytes (or kilobytes: a re-dilation-only recipe stores no tensors) instead
-of a multi-gigabyte checkpoint. Loading re-applies the recipe and checks that the kernels it
-recomputes equal the stored ones, so a different base, a different library version that
-disperses differently, or a corrupted file is caught rather than silently used.
+Only what the surgery adds is stored: the recipe (``recipe.yaml``), each handler's
+:meth:`~unet_surgery.passes.base.PassHandler.adapter_tensors` (``adapter.safetensors``: one
+dispersion transform ``R`` per distinct transform, keyed ``dispersion_R/3-5-2-3-0.05``; no
+kernels, since they are computed from the live weights), and ``adapter.json`` with the format
+version, recipe name, model class, the layers patched and a
+:func:`~unet_surgery.export.fingerprint.fingerprint` of the base weights. Every shipped
+recipe's adapter is a few kilobytes. Loading re-applies the recipe and checks that the
+tensors this library computes equal the stored ones (``R`` to float64 rounding), so a
+library version that disperses differently or a corrupted file is caught, and the
+fingerprint catches a different base.
+
+Format 2 stored one dispersed kernel and one ``R`` per layer (``<path>.dispersed_weight``,
+``<path>.dispersion_R``). Such adapters still load: their kernels are checked against the
+ones computed from this base's weights, then ignored.
 """
 
 from __future__ import annotations
@@ -29,12 +35,19 @@ from unet_surgery.export.manifest import (
 )
 from unet_surgery.export.staging import export_files, staged_folder
 from unet_surgery.graph import UNetMap
+from unet_surgery.ops.redilate import dispersed_weight, dispersion_of
 from unet_surgery.patching.patch import Patch, apply
 
 ADAPTER_FORMAT = "unet-surgery-adapter"
-ADAPTER_VERSION = 2  # 2: full-weight fingerprint, required file list, manifest digest, "filtered"
+# 2: full-weight fingerprint, required file list, manifest digest, "filtered";
+# 3: no dispersed kernels, one R per distinct transform (2 is still read, see _check_v2_tensors)
+ADAPTER_VERSION = 3
 RECIPE_FILE, TENSORS_FILE, META_FILE = "recipe.yaml", "adapter.safetensors", "adapter.json"
-SUPPORTED_ADAPTER_VERSIONS = (2,)
+SUPPORTED_ADAPTER_VERSIONS = (2, 3)
+V2_KERNEL_SUFFIX, V2_TRANSFORM_SUFFIX = ".dispersed_weight", ".dispersion_R"
+R_TOLERANCE = 1e-12
+"""Largest |stored R - computed R| / max(1, max |R|) accepted: float64 rounding, which may
+differ between LAPACK builds; a different transform differs by far more."""
 
 
 def _weights_dtype(model: nn.Module) -> str:
@@ -43,7 +56,7 @@ def _weights_dtype(model: nn.Module) -> str:
 
 
 def adapter_tensors(patch: Patch) -> dict[str, torch.Tensor]:
-    """What the surgery adds to the model, from every pass's handler (e.g. dispersed kernels and ``R``)."""
+    """What the surgery adds to the model, from every pass's handler (e.g. dispersion transforms ``R``)."""
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in patch.plan.layers.items():
         module = patch.model.get_submodule(path)
@@ -113,7 +126,16 @@ def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def _same_tensor(ref: torch.Tensor, new: torch.Tensor) -> bool:
-    """Equal, or (a base loaded at another precision) equal up to that precision's rounding."""
+    """Equal, or (a base loaded at another precision) equal up to that precision's rounding.
+
+    float64 tensors (the transforms ``R``, solved by least squares) may differ by float64
+    rounding between LAPACK builds: :data:`R_TOLERANCE`, relative to their largest entry.
+    """
+    if ref.dtype == new.dtype == torch.float64:
+        if not new.numel():
+            return True
+        scale = max(1.0, float(new.abs().max()))
+        return bool(torch.isfinite(ref).all()) and float((ref - new).abs().max()) <= R_TOLERANCE * scale
     if ref.dtype == new.dtype:
         return torch.equal(ref, new)
     eps = max(torch.finfo(ref.dtype).eps, torch.finfo(new.dtype).eps)
@@ -122,17 +144,57 @@ def _same_tensor(ref: torch.Tensor, new: torch.Tensor) -> bool:
 
 
 def _check_tensors(patch: Patch, stored: dict[str, torch.Tensor], where: Path) -> None:
-    """The tensors the recipe recomputes on this base must be the stored ones."""
-    recomputed = adapter_tensors(patch)
+    """The tensors the recipe recomputes on this base must be the stored ones, in the same dtype
+    (format 3 stores transforms, which do not depend on the base's precision)."""
+    _compare(adapter_tensors(patch), stored, where, same_dtype=True)
+
+
+def _v2_tensors(patch: Patch) -> dict[str, torch.Tensor]:
+    """What a format-2 adapter of this patch held: per dispersed layer its kernel (computed now
+    from the live weight) and its ``R``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in patch.plan.layers:
+        module = patch.model.get_submodule(path)
+        kernel, transform = dispersed_weight(module), dispersion_of(module)
+        if kernel is not None and transform is not None:
+            tensors[path + V2_KERNEL_SUFFIX] = kernel.to("cpu")
+            tensors[path + V2_TRANSFORM_SUFFIX] = transform
+    return tensors
+
+
+def _check_v2_tensors(patch: Patch, stored: dict[str, torch.Tensor], where: Path) -> None:
+    """A format-2 adapter: its stored kernels must equal the ones computed from this base.
+
+    The stored kernels are then ignored (the patch computes them on the fly); re-saving the
+    patch writes format 3.
+    """
+    _compare(_v2_tensors(patch), stored, where, version=2)
+
+
+def _compare(
+    recomputed: dict[str, torch.Tensor],
+    stored: dict[str, torch.Tensor],
+    where: Path,
+    version: int = ADAPTER_VERSION,
+    same_dtype: bool = False,
+) -> None:
     if set(recomputed) != set(stored):
         odd = sorted(set(recomputed) ^ set(stored))
-        raise CheckpointError(f"{where}: stored tensors do not match the recipe's layers (e.g. {odd[0]})")
+        raise CheckpointError(
+            f"{where}: stored tensors do not match the recipe's layers (format {version}; e.g. {odd[0]})"
+        )
     for key in sorted(recomputed):
         new, ref = recomputed[key], stored[key]
         if ref.shape != new.shape:
             raise CheckpointError(f"{where}: stored {key} has shape {tuple(ref.shape)}, recomputed {tuple(new.shape)}")
+        if same_dtype and ref.dtype != new.dtype:
+            raise CheckpointError(f"{where}: stored {key} is {ref.dtype}, expected {new.dtype}")
         if not _same_tensor(ref, new):
-            raise CheckpointError(f"{where}: {key} recomputed on this model differs from the stored one")
+            raise CheckpointError(
+                f"{where}: {key} computed by this unet-surgery on this model differs from the stored one "
+                "(the adapter was made for other weights or by a version that computes it differently); "
+                "export the adapter again"
+            )
 
 
 def load_patch(
@@ -145,8 +207,10 @@ def load_patch(
     """Re-apply the adapter in ``directory`` to ``model`` (in place) and return the :class:`Patch`.
 
     Refuses, with :class:`CheckpointError`, a model of another class, base weights whose
-    fingerprint differs (``verify_fingerprint=False`` applies the recipe anyway, without the
-    kernel check), corrupt files, or a recipe that now selects other layers.
+    fingerprint differs (``verify_fingerprint=False`` applies the recipe anyway), corrupt
+    files, a recipe that now selects other layers, or stored transforms ``R`` other than the
+    ones this library computes. A format-2 adapter (stored kernels) loads too: with
+    ``verify_fingerprint`` its kernels must equal the ones computed from this base's weights.
     """
     from safetensors.torch import load_file
 
@@ -181,8 +245,11 @@ def load_patch(
         groups = patch.plan.groups()
         if any(groups.get(g, []) != layers.get(g, []) for g in set(groups) | set(layers)):
             raise CheckpointError(f"{directory}: the recipe selects other layers on this model than when it was saved")
-        if verify_fingerprint:
-            _check_tensors(patch, stored, directory)
+        if meta["version"] == 2:
+            if verify_fingerprint:  # v2 kernels depend on the weights
+                _check_v2_tensors(patch, stored, directory)
+        else:
+            _check_tensors(patch, stored, directory)  # R depends on the recipe alone
     except BaseException:
         patch.remove()
         raise

@@ -28,10 +28,14 @@ from unet_surgery.io import atomic_path
 
 __all__ = [
     "TransformParams",
+    "apply_transform",
+    "check_transform_fits",
     "disperse_kernel",
     "dispersion_transform",
     "load_transform",
     "save_transform",
+    "transform_key",
+    "transform_tensor",
 ]
 
 _TENSOR_KEY = "R"
@@ -205,30 +209,64 @@ def dispersion_transform(
     return view
 
 
+@functools.lru_cache(maxsize=64)
+def transform_tensor(params: TransformParams) -> torch.Tensor:
+    """``R`` for ``params`` as a float64 CPU tensor: one shared object per distinct parameters.
+
+    Every conv dispersed with the same transform holds this same object (a plain attribute,
+    not a buffer), so a patched UNet carries one 25x9 matrix, not one kernel per layer.
+    Treat it as read-only: it is shared.
+    """
+    return torch.from_numpy(np.array(_solve(params), dtype=np.float64))  # a copy of the cached array
+
+
+def transform_key(params: TransformParams) -> str:
+    """``small-large-scale-input_size-eta`` (e.g. ``3-5-2-3-0.05``): names ``R`` in an adapter."""
+    return f"{params.small}-{params.large}-{params.scale}-{params.input_size}-{params.eta!r}"
+
+
 def disperse_kernel(weight: torch.Tensor, transform: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Map an (out, in, [kt,] S, S) kernel to (out, in, [kt,] L, L) with ``R``, tap by tap.
 
     For a Conv3d kernel every temporal tap is dispersed on its own.  The result has the
     weight's dtype and device; the product is computed in float64 on CPU and in float32 on
-    accelerators for accuracy before the final cast.
+    accelerators for accuracy before the final cast (:func:`apply_transform`).
     """
     if isinstance(transform, np.ndarray):
         r = torch.from_numpy(np.array(transform, dtype=np.float64))  # small; copy is writable
     else:
         r = transform
-    if r.ndim != 2:
-        raise TransformError(f"transform must be a 2-D matrix, got shape {tuple(r.shape)}")
-    big = math.isqrt(r.shape[0])
-    small = math.isqrt(r.shape[1])
-    if big * big != r.shape[0] or small * small != r.shape[1]:
-        raise TransformError(f"transform shape {tuple(r.shape)} is not (L*L, S*S)")
-    if weight.ndim not in (4, 5) or weight.shape[-2:] != (small, small):
+    check_transform_fits(r, weight.shape)
+    return apply_transform(weight.detach(), r)
+
+
+def check_transform_fits(transform: torch.Tensor, weight_shape: tuple[int, ...] | torch.Size) -> None:
+    """Refuse an ``R`` that is not (L*L, S*S) or a weight that does not end in an S x S kernel."""
+    if transform.ndim != 2:
+        raise TransformError(f"transform must be a 2-D matrix, got shape {tuple(transform.shape)}")
+    big = math.isqrt(transform.shape[0])
+    small = math.isqrt(transform.shape[1])
+    if big * big != transform.shape[0] or small * small != transform.shape[1]:
+        raise TransformError(f"transform shape {tuple(transform.shape)} is not (L*L, S*S)")
+    if len(weight_shape) not in (4, 5) or tuple(weight_shape[-2:]) != (small, small):
         raise TransformError(
-            f"weight of shape {tuple(weight.shape)} does not end in a {small}x{small} kernel"
+            f"weight of shape {tuple(weight_shape)} does not end in a {small}x{small} kernel"
         )
+
+
+def apply_transform(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """The dispersed kernel ``R @ w`` per (out, in[, tap]), as a chain of torch ops.
+
+    No checks and no detach: the patched forward calls it on the live weight every time the
+    dispersed kernel is used, so weight edits after apply count, gradients reach the weight,
+    and nothing is cached (torch.compile and torch.export trace it as ordinary ops). Works
+    in float64 on CPU and float32 elsewhere, then casts to the weight's dtype.
+    """
+    small = weight.shape[-1]
+    big = math.isqrt(transform.shape[0])
     work = torch.float64 if weight.device.type == "cpu" else torch.float32
-    flat = weight.detach().to(work).reshape(*weight.shape[:-2], small * small)
-    out = flat @ r.to(device=weight.device, dtype=work).T
+    # one expression, so the float64 copy of w is freed before the cast allocates the result
+    out = weight.to(work).reshape(*weight.shape[:-2], small * small) @ transform.to(device=weight.device, dtype=work).T
     return out.reshape(*weight.shape[:-2], big, big).to(weight.dtype).contiguous()
 
 

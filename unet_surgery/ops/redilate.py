@@ -19,14 +19,16 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unet_surgery.errors import TransformError
 from unet_surgery.ops import rewrite
+from unet_surgery.ops.dispersion import apply_transform, check_transform_fits
 from unet_surgery.ops.lowpass import LowPass, lowpass_filter
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "RedilatedConv3d",
     "current_setting",
     "dispersed_weight",
+    "dispersion_of",
     "is_redilated",
     "redilate_",
     "redilated_conv",
@@ -51,9 +54,9 @@ class ConvSetting:
     """What a re-dilated conv does on one forward.
 
     ``factor`` is the dilation factor for the conv's own kernel (1 = the plain conv).
-    ``use_dispersed`` switches to the dispersed (e.g. 5x5) kernel attached by
-    :func:`redilate_`; that kernel already covers ``scale`` times the area, so it runs with
-    ``factor * dispersed_factor_scale`` (ScaleCrafter: f/2). ``lowpass`` (FouriScale) filters
+    ``use_dispersed`` switches to the dispersed (e.g. 5x5) kernel, computed on that forward
+    from the transform ``R`` given to :func:`redilate_` and the live weight; it already covers
+    ``scale`` times the area, so it runs with ``factor * dispersed_factor_scale`` (ScaleCrafter: f/2). ``lowpass`` (FouriScale) filters
     the input in the Fourier domain before the conv (:func:`~unet_surgery.ops.lowpass.lowpass_filter`).
     """
 
@@ -225,7 +228,8 @@ def redilated_conv(
 # ---------------------------------------------------------------------------------------------
 
 _SCALE = "_redilate_dispersed_scale"
-_DISPERSED = "_redilate_dispersed_weight"  # a non-persistent buffer: moves with .to(), not saved
+_TRANSFORM = "_redilate_dispersion"  # R: a plain attribute, shared by every conv with that transform
+_DISPERSED = "_redilate_dispersed_weight"  # an explicit kernel: a non-persistent buffer (moves with .to())
 
 
 def current_setting(conv: nn.Module) -> ConvSetting:
@@ -236,8 +240,26 @@ def current_setting(conv: nn.Module) -> ConvSetting:
 
 
 def dispersed_weight(conv: nn.Module) -> Tensor | None:
-    """The dispersed kernel attached to a re-dilated conv by :func:`redilate_` (None if none)."""
-    return conv._buffers.get(_DISPERSED) if is_redilated(conv) else None
+    """The dispersed kernel a re-dilated conv uses now (None if it has none).
+
+    With a transform ``R`` it is computed from the live weight on this call, exactly as the
+    forward does (detached); with an explicit kernel given to :func:`redilate_`, that kernel.
+    """
+    if not is_redilated(conv):
+        return None
+    if _DISPERSED in conv._buffers:
+        return conv._buffers[_DISPERSED]
+    transform = conv.__dict__.get(_TRANSFORM)
+    if transform is None:
+        return None
+    weight = cast(Tensor, conv.weight)
+    with torch.no_grad():
+        return apply_transform(weight.detach(), transform)
+
+
+def dispersion_of(conv: nn.Module) -> Tensor | None:
+    """The dispersion transform ``R`` a re-dilated conv holds (None if it has none)."""
+    return conv.__dict__.get(_TRANSFORM) if is_redilated(conv) else None
 
 
 def _resolve(source: FactorSource) -> ConvSetting:
@@ -268,7 +290,7 @@ class _RedilatedMixin(rewrite.Rewritten):
     """Forward of a class-swapped conv."""
 
     _rewrite_prefix = "Redilated"
-    _rewrite_attrs = (_SCALE,)
+    _rewrite_attrs = (_SCALE, _TRANSFORM)
     _rewrite_buffers = (_DISPERSED,)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -285,9 +307,12 @@ def _setting_forward(conv: Any, input: Tensor, setting: ConvSetting) -> Tensor:
     if setting.use_dispersed:
         weight = conv._buffers.get(_DISPERSED)
         if weight is None:
-            raise TransformError(
-                "factor source asked for the dispersed kernel but redilate_ was given none"
-            )
+            transform = conv.__dict__.get(_TRANSFORM)
+            if transform is None:
+                raise TransformError(
+                    "factor source asked for the dispersed kernel but redilate_ was given none"
+                )
+            weight = apply_transform(conv.weight, transform)  # per forward: the live weight
         factor = setting.factor * conv.__dict__[_SCALE]
         return redilated_conv(conv, input, factor, weight=weight)
     if setting.factor == 1.0:
@@ -342,6 +367,7 @@ def redilate_(
     conv: _ConvNd,
     factor: FactorSource,
     *,
+    dispersion: Tensor | np.ndarray | None = None,
     dispersed_weight: Tensor | None = None,
     dispersed_factor_scale: float = 0.5,
     replace: bool = False,
@@ -349,14 +375,21 @@ def redilate_(
     """Swap ``conv``'s class in place so that it re-dilates by the factor ``factor`` yields.
 
     ``factor`` is a number, a :class:`ConvSetting` or a zero-argument callable returning
-    either; it is read on every forward.  ``dispersed_weight`` (e.g. ``disperse_kernel(w3, R)``)
-    is attached as a non-persistent buffer -- it follows ``.to()`` but never enters the
-    state_dict -- and is used while the setting says ``use_dispersed``, with the factor
-    multiplied by ``dispersed_factor_scale`` (1/scale of the transform; ScaleCrafter: f/2).
+    either; it is read on every forward.  While the setting says ``use_dispersed`` the conv
+    runs a dispersed kernel with the factor multiplied by ``dispersed_factor_scale``
+    (1/scale of the transform; ScaleCrafter: f/2). The kernel comes from either
 
-    Re-dilating an already re-dilated conv raises :class:`TransformError` unless
-    ``replace=True``, which updates the source (and dispersed kernel) in place.  A conv whose
-    instance carries its own ``forward`` is refused (see :mod:`unet_surgery.ops.rewrite`).
+    * ``dispersion`` -- the transform ``R`` (L*L, S*S), e.g. ``transform_tensor(params)``: the
+      kernel ``R @ w`` is computed from the live ``conv.weight`` on every such forward, so no
+      kernel is stored and later weight edits (LoRA) count. ``R`` is kept as a plain
+      attribute, not copied (convs given the same tensor share it), and never moved by ``.to()``;
+    * ``dispersed_weight`` -- an explicit kernel, attached as a non-persistent buffer (it
+      follows ``.to()``, never enters the state_dict, and does *not* follow weight edits).
+
+    Giving both is an error. Re-dilating an already re-dilated conv raises
+    :class:`TransformError` unless ``replace=True``, which updates the source (and the
+    dispersion) in place.  A conv whose instance carries its own ``forward`` is refused (see
+    :mod:`unet_surgery.ops.rewrite`).
     Returns ``conv`` itself.
     """
     if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
@@ -366,6 +399,12 @@ def redilate_(
     if not (callable(factor) or isinstance(factor, ConvSetting)):
         _check_factor(factor)
     _check_factor(dispersed_factor_scale)
+    if dispersion is not None and dispersed_weight is not None:
+        raise TransformError("give redilate_ either dispersion (R) or dispersed_weight (a kernel), not both")
+    if isinstance(dispersion, np.ndarray):
+        dispersion = torch.from_numpy(np.array(dispersion, dtype=np.float64))
+    if dispersion is not None:
+        _check_dispersion(conv, dispersion)
     if dispersed_weight is not None:
         expected = conv.weight.shape[:-2]
         if dispersed_weight.ndim != conv.weight.ndim or dispersed_weight.shape[:-2] != expected:
@@ -377,11 +416,24 @@ def redilate_(
         raise TransformError("conv is already re-dilated; call restore_ first or pass replace=True")
     swapped = type(conv) if is_redilated(conv) else _swap_class_for(type(conv))
     buffers = {} if dispersed_weight is None else {_DISPERSED: dispersed_weight.detach()}
-    rewrite.install(
-        conv, swapped, factor, replace=replace,
-        attrs={_SCALE: float(dispersed_factor_scale)}, buffers=buffers,
-    )
+    attrs: dict[str, Any] = {_SCALE: float(dispersed_factor_scale)}
+    if dispersion is not None:
+        attrs[_TRANSFORM] = dispersion
+    rewrite.install(conv, swapped, factor, replace=replace, attrs=attrs, buffers=buffers)
     return conv
+
+
+def _check_dispersion(conv: _ConvNd, transform: Tensor) -> None:
+    """``R`` must map this conv's S x S kernel to a larger L x L one centred on it."""
+    if not isinstance(transform, Tensor) or not transform.is_floating_point():
+        raise TransformError(f"dispersion must be a floating-point matrix R, got {type(transform).__name__}")
+    check_transform_fits(transform, conv.weight.shape)
+    big, small = math.isqrt(transform.shape[0]), conv.kernel_size[-1]
+    if big <= small or (big - small) % 2:
+        raise TransformError(
+            f"dispersion R {tuple(transform.shape)} must map the {small}x{small} kernel to a larger "
+            "kernel with an even number of extra taps"
+        )
 
 
 def restore_(conv: nn.Module) -> nn.Module:

@@ -1,4 +1,10 @@
-"""The ``disperse`` pass: ScaleCrafter's dispersed kernels, used in place of re-dilated ones."""
+"""The ``disperse`` pass: ScaleCrafter's dispersed kernels, used in place of re-dilated ones.
+
+Each selected conv holds the transform ``R`` (one shared tensor per distinct transform), not a
+kernel: the dispersed kernel ``R @ w`` is computed from the live weight on every forward that
+uses it, so a patched model holds no extra parameter or buffer bytes and weight edits after
+apply (LoRA) are respected. An adapter stores ``R`` once per transform.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,8 @@ from torch import nn
 
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import UNetMap
-from unet_surgery.ops.dispersion import TransformParams, disperse_kernel, dispersion_transform
-from unet_surgery.ops.redilate import ConvSetting, dispersed_weight
+from unet_surgery.ops.dispersion import TransformParams, transform_key, transform_tensor
+from unet_surgery.ops.redilate import ConvSetting, dispersion_of
 from unet_surgery.passes.base import (
     FilterFn,
     PassHandler,
@@ -26,7 +32,8 @@ from unet_surgery.passes.layers import CONV
 from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import MAIN, UNetCall
 
-KERNEL_SUFFIX, TRANSFORM_SUFFIX = ".dispersed_weight", ".dispersion_R"
+TRANSFORM_PREFIX = "dispersion_R/"
+"""Adapter key of a transform: ``dispersion_R/<small>-<large>-<scale>-<input_size>-<eta>``."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,9 @@ class DisperseEntry:
 
 @register_pass
 class DisperseHandler(PassHandler[DispersePass]):
-    """Attaches ``R @ W`` to each conv; switches it on while the window is open and the
-    re-dilation factor is at least the transform's scale (the kernel already covers ``scale``)."""
+    """Gives each conv the transform ``R`` (its kernel ``R @ W`` is computed per forward); switches
+    it on while the window is open and the re-dilation factor is at least the transform's scale
+    (the kernel already covers ``scale``)."""
 
     type = "disperse"
     config = DispersePass
@@ -79,10 +87,7 @@ class DisperseHandler(PassHandler[DispersePass]):
 
     def prepare(self, module: nn.Module, entry: DisperseEntry) -> dict[str, Any]:
         t = entry.transform
-        R = dispersion_transform(t.small, t.large, t.scale, t.input_size, t.eta)
-        with torch.no_grad():
-            kernel = disperse_kernel(module.weight, R)  # type: ignore[arg-type]
-        return {"dispersed_weight": kernel, "dispersed_factor_scale": 1.0 / t.scale}
+        return {"dispersion": transform_tensor(t), "dispersed_factor_scale": 1.0 / t.scale}
 
     def setting(self, patch: Any, entry: DisperseEntry, branch: str, call: UNetCall | None, current: ConvSetting) -> ConvSetting:
         if branch != MAIN or current.factor == 1.0:
@@ -91,15 +96,11 @@ class DisperseHandler(PassHandler[DispersePass]):
         return ConvSetting(factor=current.factor, use_dispersed=use)
 
     def adapter_tensors(self, path: str, module: nn.Module, entry: DisperseEntry) -> dict[str, torch.Tensor]:
-        kernel = dispersed_weight(module)
-        if kernel is None:
-            raise SelectionError(f"{path} is planned as dispersed but carries no dispersed kernel")
+        """``R`` once per distinct transform (layers sharing it give the same key): no kernels."""
+        if dispersion_of(module) is None:
+            raise SelectionError(f"{path} is planned as dispersed but carries no dispersion transform")
         t = entry.transform
-        R = dispersion_transform(t.small, t.large, t.scale, t.input_size, t.eta)
-        return {
-            path + KERNEL_SUFFIX: kernel.detach().to("cpu").contiguous(),
-            path + TRANSFORM_SUFFIX: torch.tensor(R, dtype=torch.float64),
-        }
+        return {TRANSFORM_PREFIX + transform_key(t): transform_tensor(t)}
 
     def no_effect_reasons(self, config: DispersePass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
         reasons = []
