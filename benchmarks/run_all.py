@@ -29,7 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "unet_step": ("bench_unet_step.py", "patched vs unpatched SD1.5 UNet step at the same size"),
     "guidance": ("bench_guidance.py", "noise-damped guidance: one batch-3 call vs the published four evaluations"),
     "scale_fusion": ("bench_scale_fusion.py", "fused (batched) scale-fusion attention vs a one-call-per-window loop"),
-    "dispersion_memory": ("bench_dispersion_memory.py", "dispersed kernels vs the published deep copies"),
+    "dispersion_memory": ("bench_dispersion_memory.py", "dispersion: bytes held (on the fly vs stored kernels vs the published deep copies), step time, adapter sizes"),
     "map": ("bench_map.py", "mapping the full SDXL preset on meta: export and hook probe"),
     "export": ("bench_export.py", "export and load times, adapter size vs full checkpoint"),
     "compile": ("bench_compile.py", "torch.compile: compilations over a schedule, compiled patched vs compiled plain step"),

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="apply a recipe to a checkpoint and export the patched model",
         description="Load MODEL's weights, apply the recipe and write an adapter (recipe + "
-        "dispersed kernels + base fingerprint), a patched diffusers folder, or one frozen "
+        "dispersion transforms + base fingerprint), a patched diffusers folder, or one frozen "
         "torch.export program per schedule phase (.pt2) with a manifest.",
     )
     parser.add_argument("model", metavar="MODEL", help="diffusers UNet/pipeline folder or single-file checkpoint")

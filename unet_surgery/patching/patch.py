@@ -2,11 +2,11 @@
 
 Every layer a recipe selects is planned by its passes' handlers (:mod:`unet_surgery.passes`)
 and class-swapped once by its layer rewrite (:mod:`unet_surgery.ops.rewrite`), so parameters,
-``state_dict`` keys and LoRA loading are untouched; dispersed kernels are the only new tensors
-(non-persistent buffers that follow ``.to()``). A forward pre-hook records each UNet call's
-timestep and size, from which every layer reads its setting (the handlers' contributions
-folded in order): schedules work inside any unmodified sampling loop. ``remove()`` restores
-the model bit for bit.
+``state_dict`` keys and LoRA loading are untouched, and no tensor is added (dispersed kernels
+are computed from the live weights while used). A forward pre-hook records each UNet call's
+timestep and size and resolves every layer's setting (the handlers' contributions folded in
+order) before the forward: schedules work inside any unmodified sampling loop and under
+``torch.compile``. ``remove()`` restores the model bit for bit.
 """
 
 from __future__ import annotations
