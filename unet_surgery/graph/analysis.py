@@ -3,7 +3,8 @@
 Everything is derived from dataflow and shapes, never from layer names, so diffusers
 (``down_blocks.1.resnets.0.conv1``) and LDM (``input_blocks.4.0.in_layers.2``) layouts map alike.
 
-* level: log2(latent size / feature size), read from the symbolic height and width;
+* level: log2(latent size / feature size), read from the symbolic height and width (or from
+  concrete ones that nothing else can equal, see :func:`~unet_surgery.graph.capture.unambiguous_latent_hw`);
 * stage: the up path starts at the first skip concatenation and the down path ends at the last
   feature saved for one; what lies between is the mid stage;
 * self vs cross attention: whether queries and keys are projected from the same tensor;
@@ -77,14 +78,36 @@ def _data_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes]
 
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+_SYMBOL_CHECKS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+
+
+def _record_order(nodes: list[fx.Node]) -> dict[fx.Node, int]:
+    """Each node's position among the nodes a static export has too.
+
+    A symbolic export adds size arithmetic (``sym_size``, products of sizes, range checks) that
+    a static export folds into constants; leaving it out makes a record's ``order`` the same
+    whichever way the model was exported.
+    """
+    order: dict[fx.Node, int] = {}
+    count = 0
+    for node in nodes:
+        order[node] = count
+        if not (isinstance(node.meta.get("val"), _SYMBOLIC) or node.target in _SYMBOL_CHECKS):
+            count += 1
+    return order
+
+
 class _GraphFacts:
     """Per-node facts computed once: order, sample dependency and resolution level."""
 
     def __init__(self, captured: CapturedGraph, spec: ProbeSpec) -> None:
         self.graph = captured.graph
-        self.dynamic = captured.dynamic
+        self.captured = captured
+        self.exact = captured.dynamic or captured.unambiguous  # spatial sizes known as such
         self.nodes = list(self.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.order = _record_order(self.nodes)
         self.sample = self._find_sample(captured, spec)
         shape = _shape(self.sample)
         assert shape is not None
@@ -115,7 +138,7 @@ class _GraphFacts:
         if shape is None or len(shape) < 4:
             return None
         h, w = _expr(shape[-2]), _expr(shape[-1])
-        if self.dynamic and not (h.free_symbols and w.free_symbols):
+        if self.exact and not (self.captured.is_spatial(h) and self.captured.is_spatial(w)):
             return None
         if h == 0 or w == 0:
             return None
@@ -130,8 +153,8 @@ class _GraphFacts:
     def spatial_seq(self, size: Any, level: int | None) -> bool | None:
         """Is a token count the number of pixels of a feature map (True) or frames (False)?"""
         expr = _expr(size)
-        if self.dynamic:
-            return bool(expr.free_symbols)
+        if self.exact:
+            return self.captured.is_spatial(expr)
         if level is not None and expr == sympy.simplify(self.latent_h * self.latent_w / 4**level):
             return True
         if self.frames is not None and expr == self.frames:
@@ -284,7 +307,7 @@ def _conv_record(node: fx.Node, model: nn.Module, facts: _GraphFacts, path: str)
         out_level=facts.level.get(node),
         stage=None,
         axis=axis,  # type: ignore[arg-type]
-        order=facts.index[node],
+        order=facts.order[node],
     )
 
 
@@ -332,7 +355,7 @@ def analyse_graph(captured: CapturedGraph, model: nn.Module, spec: ProbeSpec) ->
             level=level,
             stage=None,
             query_dim=int(q_shape[-1]) if q_shape else None,
-            order=facts.index[core],
+            order=facts.order[core],
         )
 
     # Skip concatenations: a channel cat of two feature maps where one operand feeds the other.
@@ -365,10 +388,10 @@ def analyse_graph(captured: CapturedGraph, model: nn.Module, spec: ProbeSpec) ->
                 hidden_channels=int(_shape(hidden)[1]),  # type: ignore[index]
                 skip_channels=int(_shape(skip)[1]),  # type: ignore[index]
                 skip_first=skip_first,
-                order=facts.index[node],
+                order=facts.order[node],
             )
         )
-        source_positions.append(facts.index[skip])
+        source_positions.append(facts.order[skip])
 
     if not skips:
         raise MappingError(
@@ -400,7 +423,7 @@ def analyse_graph(captured: CapturedGraph, model: nn.Module, spec: ProbeSpec) ->
     probe_latent = tuple(int(s) if not isinstance(s, torch.SymInt) else int(s.node.hint) for s in sample_shape or ())
     return UNetMap(
         model_class=type(model).__name__,
-        method="export" if captured.dynamic else "export-static",
+        method="export" if facts.exact else "export-static",
         convs=conv_records,
         attentions=attn_records,
         skips=skips,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from torch import nn
@@ -9,7 +10,7 @@ from torch import nn
 from unet_surgery.errors import MappingError
 from unet_surgery.graph import cache as map_cache
 from unet_surgery.graph.analysis import analyse_graph
-from unet_surgery.graph.capture import export_unet
+from unet_surgery.graph.capture import export_unet, unambiguous_latent_hw
 from unet_surgery.graph.inputs import ProbeSpec, probe_spec
 from unet_surgery.graph.probe import probe_unet
 from unet_surgery.graph.records import UNetMap
@@ -31,11 +32,15 @@ def map_unet(
 ) -> UNetMap:
     """Map the convolutions, attention ops and skip connections of a diffusion UNet.
 
-    The model is exported with ``torch.export`` (symbolic height and width) and the graph is
-    read for levels, stages and attention roles. Mapping runs on fake tensors: it works on
-    ``meta`` models and never changes the model. With ``method="auto"`` a model that cannot
-    be exported dynamically is exported with fixed sizes, and failing that mapped by forward
-    hooks (``method="probe"``), in which case stages and skips are reported unknown.
+    The model is exported with ``torch.export`` and the graph is read for levels, stages and
+    attention roles. Mapping runs on fake tensors: it works on ``meta`` models and never changes
+    the model. With the default inputs the export is static, at a latent size no other number
+    in the graph can equal (:func:`~unet_surgery.graph.capture.unambiguous_latent_hw`), which
+    reads the same map as a symbolic-size export at a fraction of its cost; where that size is
+    not safe or the export fails, height and width are symbolic. With ``method="auto"`` a model
+    that cannot be exported that way either is exported with fixed sizes, and failing that
+    mapped by forward hooks (``method="probe"``), in which case stages and skips are reported
+    unknown.
 
     Args:
         model: a diffusers UNet, an LDM ``UNetModel`` or any module taking ``inputs``.
@@ -56,6 +61,10 @@ def map_unet(
         )
     spec = _spec(model, inputs, sample_key, latent_hw, frames)
     errors: list[str] = []
+    if method in ("auto", "export") and inputs is None:
+        static_first = _static_first(model, spec, latent_hw, frames)
+        if static_first is not None:
+            return static_first
     if method in ("auto", "export"):
         for dynamic in (True, False):
             try:
@@ -79,6 +88,26 @@ def map_unet(
         raise MappingError(f"{type(model).__name__} is not a UNet: it has no convolution")
     unet_map.notes.extend(errors)
     return unet_map
+
+
+def _static_first(model: nn.Module, spec: ProbeSpec, latent_hw: tuple[int, int], frames: int) -> UNetMap | None:
+    """The map read off a static export at an unambiguous latent size, or None.
+
+    None when the model's sizes could collide with that latent size or the export fails;
+    the mapper then exports with symbolic sizes, as it would have without this shortcut.
+    """
+    safe_hw = unambiguous_latent_hw(model, spec, latent_hw)
+    if safe_hw is None:
+        return None
+    safe = probe_spec(model, latent_hw=safe_hw, frames=frames)
+    try:
+        captured = export_unet(model, safe, dynamic=False, unambiguous=True)
+    except MappingError:
+        raise
+    except Exception:  # the symbolic export that follows reports why a model does not export
+        return None
+    unet_map = analyse_graph(captured, model, safe)
+    return replace(unet_map, probe_latent=tuple(int(s) for s in spec.kwargs[spec.sample_key].shape))
 
 
 def _spec(
