@@ -30,7 +30,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "guidance": ("bench_guidance.py", "noise-damped guidance: one batch-3 call vs the published four evaluations"),
     "scale_fusion": ("bench_scale_fusion.py", "fused (batched) scale-fusion attention vs a one-call-per-window loop"),
     "dispersion_memory": ("bench_dispersion_memory.py", "dispersion: bytes held (on the fly vs stored kernels vs the published deep copies), step time, adapter sizes"),
-    "map": ("bench_map.py", "mapping the full SDXL preset on meta: export and hook probe"),
+    "map": ("bench_map.py", "cold map (symbolic vs static-first export) and apply time cold vs cached, SD1.5 and SDXL on meta"),
     "export": ("bench_export.py", "export and load times, adapter size vs full checkpoint"),
     "compile": ("bench_compile.py", "torch.compile: compilations over a schedule, compiled patched vs compiled plain step"),
     "generate": ("bench_generate.py", "unet-surgery generate: images per minute, one and two processes"),
