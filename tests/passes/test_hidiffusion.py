@@ -542,6 +542,26 @@ def test_rau_net_stays_off_where_the_deepest_level_cannot_halve_again(name) -> N
         assert not torch.allclose(patched_out(model, edge, 0), plain_edge)
 
 
+def test_window_grid_where_the_official_ratio_rule_misses() -> None:
+    """A 17x9 latent: stride-2 convs give ceil halves (k=3, p=1: floor((n - 1) / 2) + 1), so
+    17 -> 9 -> 5 and 9 -> 5 -> 3; the official rule r = round(sqrt(153 / 15)) = 3 reads
+    (ceil(17/3), ceil(9/3)) = (6, 3), 18 tokens, and its reshape fails. Where the rule holds
+    its grid is kept (it is the official one)."""
+    from unet_surgery.ops.hidiffusion import token_grid
+
+    assert token_grid((17, 9), 15) == (5, 3)
+    assert token_grid((17, 9), 45) == (9, 5)  # rule: r = round(sqrt(153 / 45)) = 2 -> (9, 5)
+    assert token_grid((16, 32), 128) == (8, 16)
+    model = tiny("sdxl")
+    inputs = inputs_for(model, (17, 9))
+    plain = patched_out(model, inputs, 0)
+    with apply(model, RECIPES["sdxl"], unet_map=preset_map("sdxl", "tiny")) as patch:
+        patch.set_timesteps(TIMESTEPS)
+        for step in (0, 10, 30):  # RAU-Net conv, RAU-Net pooling, MSW-MSA alone
+            out = patched_out(model, inputs, step)
+            assert out.shape == plain.shape and torch.isfinite(out).all()
+
+
 # ============================================================================================
 # Composition: RAU-Net + MSW-MSA + noise-damped guidance
 # ============================================================================================

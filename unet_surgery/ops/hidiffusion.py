@@ -64,7 +64,29 @@ def token_grid(latent_hw: HW, num_tokens: int) -> HW:
     ratio = round(((h * w) / num_tokens) ** 0.5)
     if ratio < 1:
         raise TransformError(f"{num_tokens} tokens is more than the latent {latent_hw} has")
-    return math.ceil(h / ratio), math.ceil(w / ratio)
+    grid = (math.ceil(h / ratio), math.ceil(w / ratio))
+    if grid[0] * grid[1] == num_tokens:
+        return grid
+    return _halved_grid(latent_hw, num_tokens)
+
+
+def _halved_grid(latent_hw: HW, num_tokens: int) -> HW:
+    """The grid of ``num_tokens`` among the sizes the UNet reaches by halving the latent.
+
+    Where the official ratio rule misses (odd sizes halved several times: a 17x9 latent reaches
+    5x3, which the rule reads as 6x3, and the official code fails on the reshape), the grid is
+    one of the sizes that stride-2 convs (``ceil``) and 2x2 pooling (``floor``) produce; the
+    candidate closest to the latent's aspect ratio wins.
+    """
+    sizes = {tuple(latent_hw)}
+    found: set[HW] = set()
+    for _ in range(12):
+        sizes = {(f(a / 2), f(b / 2)) for a, b in sizes for f in (math.ceil, math.floor) if f(a / 2) and f(b / 2)}
+        found |= {s for s in sizes if s[0] * s[1] == num_tokens}
+    if not found:
+        raise TransformError(f"{num_tokens} tokens match no feature-map size of a {latent_hw} latent")
+    aspect = latent_hw[0] / latent_hw[1]
+    return min(sorted(found), key=lambda s: abs(math.log(s[0] / s[1] / aspect)))
 
 
 def msw_shift(window: HW, u: float) -> HW:
