@@ -14,12 +14,19 @@ import pytest
 import torch
 
 import unet_surgery
+from unet_surgery.generation.run import MKL_REPRODUCIBLE
 from unet_surgery.graph import UNetMap, map_unet
 from unet_surgery.presets import build_unet
 
 # The library's own map cache (unet_surgery.graph.cache) goes to a temporary folder, never the
 # user's; its keys carry a digest of the mapper code, so stale entries are never read.
 os.environ.setdefault("UNET_SURGERY_CACHE", str(Path(tempfile.gettempdir()) / "unet-surgery-test-cache"))
+
+# MKL's strict reproducibility, as `unet-surgery generate` sets it before it computes anything:
+# MKL reads it at its first call, which in a test worker comes long before a generate test, and
+# without it a matmul's last bits depend on memory alignment (generated PNGs then differ by one
+# level between two loads of the same weights).
+os.environ.setdefault(*MKL_REPRODUCIBLE)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per xdist worker: with -n 2 on 2 cores, more threads only contend.
