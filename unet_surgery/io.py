@@ -39,6 +39,30 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_bounded_text(path: Path, limit: int, error: type[Exception], *, prefix: str = "", hint: str = "",
+                      encoding: str = "utf-8") -> str:
+    """The text of a user-named file, refused (``error``, one line) before any parsing when it
+    cannot be read, is over ``limit`` bytes, is not ``encoding`` text or holds NUL characters.
+
+    ``prefix`` starts every message (e.g. the option: ``"--prompts: "``); ``hint`` follows the
+    size refusal (e.g. ``"; a recipe is a few KiB"``).
+    """
+    try:
+        with path.open("rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as exc:
+        raise error(f"{prefix}cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if len(raw) > limit:
+        raise error(f"{prefix}{path} is larger than {limit} bytes{hint}")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise error(f"{prefix}{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if "\x00" in text:
+        raise error(f"{prefix}{path} is not a text file (it holds NUL characters)")
+    return text
+
+
 def readable_file(path: Path, *, missing: str) -> Path:
     """``path`` if it is a file this process can open; ``CheckpointError(missing)`` if absent.
 

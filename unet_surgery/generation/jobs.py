@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unet_surgery.errors import SurgeryError
+from unet_surgery.io import read_bounded_text
 
 MAX_PROMPT_FILE_BYTES = 16 << 20
 
@@ -80,19 +81,7 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line of a UTF-8 text file; blank lines and lines starting with ``#`` are skipped."""
     file = Path(path)
-    try:
-        with file.open("rb") as f:
-            raw = f.read(MAX_PROMPT_FILE_BYTES + 1)
-    except OSError as exc:
-        raise GenerationError(f"--prompts: cannot read {file}: {exc.strerror or type(exc).__name__}") from None
-    if len(raw) > MAX_PROMPT_FILE_BYTES:
-        raise GenerationError(f"--prompts: {file} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise GenerationError(f"--prompts: {file} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    if "\x00" in text:
-        raise GenerationError(f"--prompts: {file} is not a text file (it holds NUL characters)")
+    text = read_bounded_text(file, MAX_PROMPT_FILE_BYTES, GenerationError, prefix="--prompts: ", encoding="utf-8-sig")
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:

@@ -78,7 +78,7 @@ def _halved_grid(latent_hw: HW, num_tokens: int) -> HW:
     one of the sizes that stride-2 convs (``ceil``) and 2x2 pooling (``floor``) produce; the
     candidate closest to the latent's aspect ratio wins.
     """
-    sizes = {tuple(latent_hw)}
+    sizes: set[HW] = {(latent_hw[0], latent_hw[1])}
     found: set[HW] = set()
     for _ in range(12):
         sizes = {(f(a / 2), f(b / 2)) for a, b in sizes for f in (math.ceil, math.floor) if f(a / 2) and f(b / 2)}

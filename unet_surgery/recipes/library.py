@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from unet_surgery.errors import RecipeError
+from unet_surgery.io import read_bounded_text
 from unet_surgery.recipes.schema import Recipe, parse_recipe, to_data
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -50,19 +51,7 @@ def read_document(path: Path) -> Any:
     Bounded before parsing: at most :data:`MAX_RECIPE_BYTES`, strict UTF-8 text; a parser
     that recurses too deep or an integer too long to convert is one clear error, not a traceback.
     """
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few KiB")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    if "\x00" in text:
-        raise RecipeError(f"{path} is not a text file (it holds NUL characters)")
+    text = read_bounded_text(path, MAX_RECIPE_BYTES, RecipeError, hint="; a recipe is a few KiB")
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
