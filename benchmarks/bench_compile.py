@@ -95,10 +95,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one model, fewer repeats")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--pixels", type=int, default=256, help="image side (latent = pixels / 8)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     repeat = args.repeat or (5 if args.quick else 15)
-    cases = [("sd15", 256)] if args.quick else [("sd15", 256), ("sdxl", 256)]
+    cases = [("sd15", args.pixels)] if args.quick else [("sd15", args.pixels), ("sdxl", args.pixels)]
     rows = [measure(preset, pixels, repeat) for preset, pixels in cases]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"torch.compile(unet, fullgraph=True), inductor, {machine}, float32, batch 1, median of {repeat}\n")
