@@ -93,6 +93,7 @@ class RauEntry:
     config: RauNetPass
     side: str
     index: int
+    min_latent: int  # 2**(D+1), D the map's deepest level: see room_to_shrink
 
 
 _LINKS: weakref.WeakKeyDictionary[Any, dict[int, SizeLink]] = weakref.WeakKeyDictionary()
@@ -116,18 +117,16 @@ def step_window_open(patch: Any, config: RauNetPass, call: UNetCall | None) -> b
     return int(n * config.start) <= i < int(n * config.switch)
 
 
-def room_to_shrink(patch: Any, call: UNetCall | None) -> bool:
+def room_to_shrink(entry: RauEntry, call: UNetCall | None) -> bool:
     """Whether ``call``'s latent is large enough for RAU-Net's extra halving.
 
     With the deepest level ``D``, the deepest map is ``latent / 2**D``; RAU-Net halves it once
-    more, so the latent must be at least ``2**(D + 1)`` per side to keep a pixel there. On a
-    smaller call (a 24-pixel SD1.5 image) the official code reaches empty or 1x1 maps that
-    GroupNorm refuses, while the plain model runs it. Our rule: RAU-Net stays off on such a call.
+    more, so the latent must be at least ``2**(D + 1)`` per side (``entry.min_latent``) to keep
+    a pixel there. On a smaller call (a 24-pixel SD1.5 image) the official code reaches empty
+    or 1x1 maps that GroupNorm refuses, while the plain model runs it. Our rule: RAU-Net stays
+    off on such a call.
     """
-    if call is None or not call.latent_hw[0]:
-        return False
-    deepest = max((rec.level for rec in patch.unet_map.convs if rec.level is not None), default=0)
-    return min(call.latent_hw) >= 2 ** (deepest + 1)
+    return call is not None and min(call.latent_hw) >= entry.min_latent
 
 
 def transformer_path(rec: AttentionRecord) -> str:
@@ -202,15 +201,16 @@ class RauNetHandler(PassHandler[RauNetPass]):
                     f"pool_after={config.pool_after}, restore_after={config.restore_after} do not fit"
                 )
             pair = [(downs[config.pool_after], None, "down"), (ups[config.restore_after], None, "up")]
+        deepest = max((r.level for r in unet_map.convs if r.level is not None), default=0)
         for path, rec, side in pair:
-            plan.add(path, rec, self, RauEntry(config, side, index), index)
+            plan.add(path, rec, self, RauEntry(config, side, index, 2 ** (deepest + 1)), index)
 
     def describe(self, entry: RauEntry) -> str:
         c = entry.config
         return f"{entry.side}, steps [{c.start:g}, {c.switch:g}) of the trajectory"
 
     def setting(self, patch: Any, entry: RauEntry, branch: str, call: UNetCall | None, current: Any) -> RauSetting | None:
-        if not step_window_open(patch, entry.config, call) or not room_to_shrink(patch, call):
+        if not step_window_open(patch, entry.config, call) or not room_to_shrink(entry, call):
             return current
         return RauSetting(side=entry.side, link=_link(patch, entry.index))  # type: ignore[arg-type]
 

@@ -109,9 +109,9 @@ class NoiseDampedGuidance:
     def _post(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         rows, self._rows = self._rows, None
         call = self.patch.tracker.current
-        if call is not None and call.groups is not None:
+        if call is not None:
             call.groups = None
-            self.patch.resolve_settings()
+            call.settings = None  # resolved for the split batch; later reads resolve live
         if rows is None:
             return None
         if isinstance(output, torch.Tensor):

@@ -11,6 +11,7 @@ order) before the forward: schedules work inside any unmodified sampling loop an
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +93,9 @@ class Patch:
         settings: dict[str, Any] = {}
         for path, layer in self.plan.layers.items():
             value = self._resolve(layer, call)
-            settings[path] = self._interned.setdefault(value, value) if _hashable(value) else value
+            with contextlib.suppress(TypeError):  # an unhashable setting is kept as it is
+                value = self._interned.setdefault(value, value)
+            settings[path] = value
         call.settings = settings
 
     def _pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -203,14 +206,6 @@ class _SettingSource:
 
 def _setting_source(patch: Patch, layer: LayerPlan) -> Callable[[], Any]:
     return _SettingSource(patch, layer)
-
-
-def _hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
 
 
 class _PreForwardHook:
