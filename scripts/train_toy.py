@@ -12,6 +12,12 @@ loadable model.
     cp -r unet_surgery/toy/weights/toy /tmp/stage1_toy
     python scripts/train_toy.py --arch toy --init-from /tmp/stage1_toy --steps 340 --seed 2 --lr 5e-4 --warmup 10
     python scripts/train_toy.py --steps 20 --out /tmp/toy_smoke
+    # the textured toys (stripes of texture_period px): toy-detail starts from toy's weights
+    python scripts/train_toy.py --arch toy-detail --init-from unet_surgery/toy/weights/toy --steps 300 --lr 5e-4 --warmup 10
+    python scripts/train_toy.py --arch toy-eps --steps 700 --lr 1e-3
+
+An epsilon toy (``toy-eps``) is trained on the noise with the weight min(1, gamma / snr), the
+epsilon form of min-SNR-gamma; the v toys as described below.
 """
 
 from __future__ import annotations
@@ -33,13 +39,15 @@ from unet_surgery.toy.data import NUM_CLASSES, make_batch
 from unet_surgery.toy.metrics import DEFAULT_METRIC_PARAMS
 from unet_surgery.toy.model import (
     CONFIG_NAME,
+    TEXTURED_TOYS,
     TOY_ARCHITECTURES,
     WEIGHTS_NAME,
     build_toy,
-    default_scheduler_config,
     make_ddpm_scheduler,
+    scheduler_config_for,
     toy_metadata,
 )
+from unet_surgery.toy.data import TEXTURE_AMPLITUDE
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "unet_surgery" / "toy" / "weights"
 
@@ -62,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("truncated", "min-snr"),
         default="truncated",
         help="v-loss weight: truncated min(1, gamma / (snr + 1)) or min-SNR min(snr, gamma) / (snr + 1)",
+    )
+    p.add_argument(
+        "--texture-period",
+        type=float,
+        default=None,
+        help="stripe period (px) of the textured data (default: the arch's, none for flat toys)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -122,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out = WEIGHTS_DIR / args.arch
     torch.manual_seed(args.seed)
     unet_config = TOY_ARCHITECTURES[args.arch]
+    if args.texture_period is None:
+        args.texture_period = TEXTURED_TOYS.get(args.arch)
     model = build_toy(unet_config, NUM_CLASSES)
     stages: list[dict] = []
     if args.init_from is not None:
@@ -130,11 +146,19 @@ def main(argv: list[str] | None = None) -> None:
         state = load_file(str(args.init_from / WEIGHTS_NAME))
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         previous = json.loads((args.init_from / CONFIG_NAME).read_text(encoding="utf-8"))
-        stages = [*previous.get("training_stages", []), previous["training"]]
+        if previous["scheduler"] != scheduler_config_for(args.arch):
+            raise SystemExit(f"--init-from {args.init_from} was trained on another schedule")
+        stages = [
+            *previous.get("training_stages", []),
+            {**previous["training"], "name": previous["name"],
+             "texture_period": previous.get("texture_period")},
+        ]
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    scheduler = make_ddpm_scheduler(default_scheduler_config())
+    scheduler_config = scheduler_config_for(args.arch)
+    epsilon = scheduler_config["prediction_type"] == "epsilon"
+    scheduler = make_ddpm_scheduler(scheduler_config)
     alpha_bar = scheduler.alphas_cumprod
     snr = alpha_bar / (1 - alpha_bar)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -150,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         "empty_class": NUM_CLASSES,
         **toy_metadata(),
         "label": "shape",
-        "scheduler": default_scheduler_config(),
+        "texture_period": args.texture_period,
+        "texture_amplitude": None if args.texture_period is None else TEXTURE_AMPLITUDE,
+        "scheduler": scheduler_config,
         "metrics": DEFAULT_METRIC_PARAMS,
         "num_parameters": n_params,
         "training": {},
@@ -160,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     smooth: float | None = None
     for step in range(args.steps):
-        images, labels = make_batch(args.batch_size, data_gen)
+        images, labels = make_batch(args.batch_size, data_gen, texture_period=args.texture_period)
         b = images.shape[0]
         drop = torch.rand(b, generator=noise_gen) < args.p_uncond
         labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
@@ -170,13 +196,15 @@ def main(argv: list[str] | None = None) -> None:
 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        target = scheduler.get_velocity(images, noise, t)
+        target = noise if epsilon else scheduler.get_velocity(images, noise, t)
         # Truncated SNR weighting of the v loss: min(1, gamma / (snr + 1)). Easy low-noise steps
         # (snr + 1 > gamma) are down-weighted as in min-SNR-gamma, but high-noise steps keep the
         # full v weight: min-SNR's min(snr, gamma) / (snr + 1) goes to 0 there, and a first
         # run with it (stage 1 of the shipped toys, --weighting min-snr) left a fifth of the
         # samples at 10 steps without a committed object.
-        if args.weighting == "truncated":
+        if epsilon:  # min-SNR-gamma for an eps target: min(snr, gamma) / snr
+            weight = torch.clamp(args.snr_gamma / snr[t], max=1.0)
+        elif args.weighting == "truncated":
             weight = torch.clamp(args.snr_gamma / (snr[t] + 1), max=1.0)
         else:
             weight = torch.clamp(snr[t], max=args.snr_gamma) / (snr[t] + 1)

@@ -20,7 +20,9 @@ __all__ = [
     "NUM_CLASSES",
     "SHAPES",
     "SIZE_RANGE",
+    "TEXTURE_AMPLITUDE",
     "make_batch",
+    "stripe_texture",
     "shape_coverage",
 ]
 
@@ -43,6 +45,11 @@ COLOURS = torch.tensor(
     dtype=torch.float32,
 )
 """Saturated object colours in [-1, 1] RGB; all far from any background grey."""
+
+TEXTURE_AMPLITUDE = 0.15
+"""Peak luminance amplitude of the textured toys' stripes (images in [-1, 1]). Small enough that
+the stripes stay far below the object metric's foreground threshold (RGB distance 0.5: the
+stripes add at most sqrt(3) * 0.15 = 0.26), large enough that a 4M-parameter model learns them."""
 
 _SUPERSAMPLE = 2  # anti-aliased edges: rasterise at 2x and average-pool
 
@@ -90,15 +97,44 @@ def shape_coverage(
     return _coverage(labels, one(cx), one(cy), one(side), size)[0]
 
 
+def stripe_texture(
+    angle: torch.Tensor, phase: torch.Tensor, period: float, height: int, width: int
+) -> torch.Tensor:
+    """``(n, H, W)`` unit-amplitude stripes ``cos(2 pi (x cos a + y sin a) / period + phase)``.
+
+    ``x``, ``y`` are pixel centres in output pixels, so the period is ``period`` pixels at every
+    image size: a sinusoid below Nyquist (period > 2) needs no anti-aliasing.
+    """
+    n = angle.shape[0]
+    ys = torch.arange(height, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    along = torch.cos(angle).view(n, 1, 1) * xx + torch.sin(angle).view(n, 1, 1) * yy
+    return torch.cos(2 * math.pi * along / period + phase.view(n, 1, 1))
+
+
 def make_batch(
-    n: int, generator: torch.Generator, *, size: int = IMAGE_SIZE
+    n: int,
+    generator: torch.Generator,
+    *,
+    size: int = IMAGE_SIZE,
+    texture_period: float | None = None,
+    texture_amplitude: float = TEXTURE_AMPLITUDE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``n`` images and their shape labels from ``generator`` (reproducible for a seed).
 
     Returns ``(images, labels)``: float32 ``(n, 3, size, size)`` in [-1, 1] and int64 ``(n,)`` with
     the index into :data:`SHAPES`. The label is the shape only; the colour is a nuisance variable,
     so a class-conditional model must still learn all colours for each shape.
+
+    ``texture_period`` (pixels, > 2) gives the object's fill and the background each a luminance
+    stripe texture of that period, at independent random orientations and phases and peak
+    amplitude ``texture_amplitude``: the detail a model sampled above its training size must
+    draw at the same pixel scale (``toy-detail``, ``toy-eps``). Without it the stream of random
+    numbers, and so every image, is exactly that of the flat toys.
     """
+    if texture_period is not None and not texture_period > 2:
+        raise ValueError(f"texture_period must exceed 2 pixels (Nyquist), got {texture_period}")
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
@@ -123,5 +159,13 @@ def make_batch(
         grad_amp.view(n, 1, 1) * ramp
     ).unsqueeze(1)
     colour = COLOURS[colour_idx].view(n, 3, 1, 1)
-    images = background * (1 - mask) + colour * mask
+    fill = colour.expand(n, 3, size, size)
+    if texture_period is not None:
+        angles = _rand(2 * n, generator, 0.0, math.pi)
+        phases = _rand(2 * n, generator, 0.0, 2 * math.pi)
+        stripes = texture_amplitude * stripe_texture(angles, phases, texture_period, size, size)
+        background = background + stripes[:n].unsqueeze(1)
+        # The colour is scaled down by the amplitude so that the stripes are not clipped at +-1.
+        fill = fill * (1 - texture_amplitude) + stripes[n:].unsqueeze(1)
+    images = background * (1 - mask) + fill * mask
     return images.clamp(-1, 1).contiguous(), labels

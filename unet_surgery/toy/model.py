@@ -21,6 +21,8 @@ from unet_surgery.toy.data import COLOUR_NAMES, IMAGE_SIZE, SHAPES, SIZE_RANGE
 __all__ = [
     "DEFAULT_TOY",
     "DEFAULT_UNET_CONFIG",
+    "EPSILON_TOYS",
+    "TEXTURED_TOYS",
     "TOY_ARCHITECTURES",
     "TOY_NAMES",
     "ToyDiffusion",
@@ -30,6 +32,8 @@ __all__ = [
     "load_toy_config",
     "make_ddim_scheduler",
     "make_ddpm_scheduler",
+    "scaled_linear_scheduler_config",
+    "scheduler_config_for",
 ]
 
 WEIGHTS_PACKAGE = "unet_surgery.toy.weights"
@@ -61,15 +65,70 @@ TOY_ARCHITECTURES: dict[str, dict[str, Any]] = {
         "attention_head_dim": 4,
         "norm_num_groups": 8,
     },
+    "toy-detail": {
+        "sample_size": IMAGE_SIZE,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 64, 128],
+        "layers_per_block": 1,
+        "cross_attention_dim": 128,
+        "attention_head_dim": 4,
+        "norm_num_groups": 16,
+    },
+    "toy-eps": {
+        "sample_size": IMAGE_SIZE,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": [
+            "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"
+        ],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 48, 64, 96],
+        "layers_per_block": 1,
+        "cross_attention_dim": 64,
+        "attention_head_dim": 4,
+        "norm_num_groups": 16,
+    },
 }
 """UNet configs of the shipped toys (``attention_head_dim`` is, as in SD 1.x configs, the number of
 heads). ``toy``: three levels, cross-attention at the deepest; ``toy4``: four levels, other widths,
 cross-attention at the two deepest, trained from another seed. Recipes and the automatic policy are
-designed on ``toy`` and only *checked* on ``toy4``."""
+designed on ``toy`` and only *checked* on ``toy4``.
+
+The textured toys draw the same one-object images with a stripe texture of ``texture_period``
+pixels on the object and the background (:func:`~unet_surgery.toy.data.make_batch`), so that a
+sample above the training size shows whether detail was drawn at the new resolution or blown up.
+``toy-detail``: ``toy``'s layout and v/cosine schedule, fine-tuned from ``toy``; ``toy-eps``:
+epsilon prediction with Stable Diffusion's scaled-linear schedule and an SD1.5-like layout
+(cross-attention at the middle levels, none at the deepest down block), trained from scratch."""
+
+TEXTURED_TOYS: dict[str, float] = {"toy-detail": 4.0, "toy-eps": 4.0}
+"""``texture_period`` (pixels) of each textured toy; also stated in its ``toy_config.json``."""
+
+EPSILON_TOYS: frozenset[str] = frozenset({"toy-eps"})
 
 TOY_NAMES: tuple[str, ...] = tuple(TOY_ARCHITECTURES)
 DEFAULT_TOY = "toy"
 DEFAULT_UNET_CONFIG: dict[str, Any] = TOY_ARCHITECTURES[DEFAULT_TOY]
+
+
+def scaled_linear_scheduler_config() -> dict[str, Any]:
+    """Stable Diffusion 1.x/2.1-base/XL's training schedule: epsilon, scaled-linear betas."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
+
+
+def scheduler_config_for(name: str) -> dict[str, Any]:
+    """The training schedule of toy architecture ``name``."""
+    return scaled_linear_scheduler_config() if name in EPSILON_TOYS else default_scheduler_config()
 
 
 def default_scheduler_config() -> dict[str, Any]:
