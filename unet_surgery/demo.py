@@ -1,10 +1,13 @@
-"""The demo: both shipped toy models sampled at 1x, 2x and 4x per side, plain and with automatic recipes.
+"""The demo: the textured toy models sampled at 1x, 2x and 4x per side, plain, blown up and with automatic recipes.
 
 The toys were trained on 32x32 images holding exactly one object. Sampled larger, a plain UNet
-repeats objects. Every recipe in the demo is derived automatically from the toy's map and the
-target size (:func:`unet_surgery.auto_recipe`): nothing here was tuned on the demo's seeds. It
-writes a labelled PNG grid and prints, per row, how many images hold exactly one object, none,
-several, and the requested class.
+repeats objects; blowing up a 1x sample (bicubic, or a "hires fix") keeps one object but its
+detail is the small image's, stretched. The textured toys carry stripes of a fixed pixel period,
+so each row says both: how many images hold exactly one object of the requested class, and how
+many have *native detail* (:mod:`unet_surgery.toy.detail`). Every recipe is derived
+automatically from the toy's map and the target size (:func:`unet_surgery.auto_recipe`):
+nothing here was tuned on the demo's seeds. It writes a labelled PNG grid and a grid of zoomed
+crops.
 """
 
 from __future__ import annotations
@@ -17,18 +20,28 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from unet_surgery.graph import map_unet
 from unet_surgery.recipes import Recipe
 from unet_surgery.recipes.auto import auto_recipe
 from unet_surgery.toy.data import SHAPES
+from unet_surgery.toy.detail import analyse_detail, summarise_detail, texture_contrast
 from unet_surgery.toy.metrics import analyse_images, summarise
-from unet_surgery.toy.model import TOY_NAMES, load_toy
-from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, sample_recipe
+from unet_surgery.toy.model import load_toy
+from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, sample, sample_recipe
 
 BASE = 32
+UPSCALERS: dict[str, float | None] = {"bicubic": None, "hires-0.3": 0.3, "hires-0.5": 0.5,
+                                      "hires-0.7": 0.7}
+"""Methods that start from the 1x sample: a bicubic upsample (``None``), or the "hires fix":
+upsample, then img2img with the plain model at that strength."""
 METHODS: dict[str, str] = {
     "baseline": "the plain model",
+    "bicubic": "the 1x sample upsampled (bicubic): one object, but blown-up detail",
+    "hires-0.3": "hires fix: the 1x sample upsampled, then img2img with the plain model, strength 0.3",
+    "hires-0.5": "hires fix at strength 0.5",
+    "hires-0.7": "hires fix at strength 0.7",
     "scalecrafter": "auto_recipe(policy='scalecrafter'): full-ratio re-dilation, ScaleCrafter's rule",
     "auto": "auto_recipe(): self-cascade with restrained deepest-level dilation",
     "hidiffusion": "hidiffusion_recipe(): RAU-Net + MSW-MSA with the official settings",
@@ -37,13 +50,15 @@ METHODS: dict[str, str] = {
 }
 """Demo methods and what each one is. Every recipe is derived from the toy's map by the
 method's builder, with published settings: none is tuned on the demo's seeds."""
-DEFAULT_METHODS = ("baseline", "scalecrafter", "auto")
+DEFAULT_METHODS = ("baseline", "bicubic", "scalecrafter", "auto")
 """What ``unet-surgery demo`` runs unless ``--methods`` says otherwise (about 2 minutes)."""
+DEFAULT_TOYS = ("toy-detail", "toy-eps")
+"""The textured toys: v/cosine and epsilon/scaled-linear, three and four levels."""
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    toys: Sequence[str] = TOY_NAMES
+    toys: Sequence[str] = DEFAULT_TOYS
     sizes: Sequence[int] = (32, 64, 128)
     methods: Sequence[str] = DEFAULT_METHODS
     seeds: Sequence[int] = tuple(range(4))
@@ -51,9 +66,12 @@ class DemoConfig:
     guidance_scale: float = DEFAULT_GUIDANCE
 
     def jobs(self) -> list[tuple[str, int, str]]:
-        """(toy, size, method) rows in order; 1x runs only the baseline."""
-        return [(t, s, m) for t in self.toys for s in self.sizes for m in self.methods
-                if s != BASE or m == "baseline"]
+        """(toy, size, method) rows in order: per toy, the plain model at 1x first (the reference
+        of the detail metric and the image the upscalers start from), then every larger size
+        with every method."""
+        return [row for t in self.toys for row in
+                [(t, BASE, "baseline"),
+                 *((t, s, m) for s in self.sizes if s != BASE for m in self.methods)]]
 
 
 DEFAULT = DemoConfig()
@@ -76,13 +94,16 @@ class DemoRow:
     per_image: list[int] = field(default_factory=list)
     shapes: list[str | None] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    detail: dict[str, Any] | None = None
+    """:func:`~unet_surgery.toy.detail.summarise_detail` plus ``contrast_vs_1x`` on a textured
+    toy (``None`` on the flat ones)."""
 
 
 def recipe_for(method: str, unet_map: Any, size: int) -> Recipe | None:
     """The recipe a demo ``method`` uses at ``size`` (``None`` for the plain model)."""
     if method not in METHODS:
         raise ValueError(f"unknown demo method {method!r}; choose from {', '.join(METHODS)}")
-    if method == "baseline" or size == BASE:
+    if method == "baseline" or method in UPSCALERS or size == BASE:
         return None
     if method == "hidiffusion":
         from unet_surgery.recipes.hidiffusion import hidiffusion_recipe
@@ -132,6 +153,17 @@ class _RowProgress:
 RecipeFor = Callable[[str, Any, int], Recipe | None]
 
 
+def upscale(toy: Any, small: torch.Tensor, size: int, method: str, cfg: DemoConfig) -> torch.Tensor:
+    """An upscaler row (:data:`UPSCALERS`) from the 1x images ``small`` of ``cfg.seeds``."""
+    up = F.interpolate(small, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    strength = UPSCALERS[method]
+    if strength is None:
+        return up
+    labels = torch.tensor([s % 3 for s in cfg.seeds])
+    return sample(toy, labels, seeds=cfg.seeds, height=size, width=size, steps=cfg.steps,
+                  guidance_scale=cfg.guidance_scale, init_image=up, strength=strength)
+
+
 def run_demo(
     cfg: DemoConfig,
     *,
@@ -142,53 +174,116 @@ def run_demo(
     """Sample every (toy, size, method) of ``cfg``; ``bars`` shows a progress bar per row.
 
     ``recipes(method, unet_map, size)`` gives each row's recipe (default: :func:`recipe_for`);
-    the benchmarks pass their own to compare more methods.
+    the benchmarks pass their own to compare more methods. Upscaler rows start from the toy's
+    1x row, and their time includes it. On a textured toy every row also gets the detail metric,
+    against the 1x row's median texture contrast.
     """
     make_recipe = recipes or recipe_for
     rows: list[DemoRow] = []
     jobs = cfg.jobs()
     labels = torch.tensor([s % 3 for s in cfg.seeds])
     toy_cache: dict[str, tuple[Any, Any]] = {}
+    small: DemoRow | None = None
+    reference: float | None = None
     for i, (toy_name, size, method) in enumerate(jobs, 1):
         if toy_name not in toy_cache:
             toy = load_toy(toy_name)
             toy_cache.clear()  # one toy in memory at a time
             toy_cache[toy_name] = (toy, map_unet(toy.unet, latent_hw=(64, 64)))
         toy, unet_map = toy_cache[toy_name]
-        recipe = make_recipe(method, unet_map, size)
+        period = toy.config.get("texture_period")
+        recipe = None if method in UPSCALERS else make_recipe(method, unet_map, size)
         desc = f"[{i}/{len(jobs)}] {toy_name} {method} {size}x{size}"
-        bar = _RowProgress(toy.unet, _unet_calls(recipe, cfg.steps), desc, bars)
+        calls = 0 if UPSCALERS.get(method, 1.0) is None else _unet_calls(recipe, cfg.steps)
+        bar = _RowProgress(toy.unet, calls, desc, bars)
         t0 = time.perf_counter()
         try:
-            images = sample_recipe(toy, recipe, labels, seeds=cfg.seeds, size=size, steps=cfg.steps,
-                                   guidance_scale=cfg.guidance_scale, unet_map=unet_map)
+            if method in UPSCALERS:
+                assert small is not None and small.toy == toy_name  # jobs() puts 1x first
+                images = upscale(toy, small.images, size, method, cfg)
+            else:
+                images = sample_recipe(toy, recipe, labels, seeds=cfg.seeds, size=size,
+                                       steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                       unet_map=unet_map)
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
+        if method in UPSCALERS and small is not None:
+            seconds += small.seconds
         stats = analyse_images(images)
         summary = summarise(stats, labels=labels.tolist())
-        rows.append(DemoRow(toy_name, method, size, None if recipe is None else recipe.name, images,
-                            summary, seconds, [s.num_objects for s in stats],
-                            [getattr(s, "shape", None) for s in stats], labels.tolist()))
+        detail = None
+        if period is not None:
+            if size == BASE and method == "baseline":
+                reference = float(np.median([texture_contrast(im, period) for im in images]))
+            details = [analyse_detail(im, period, reference) for im in images]
+            detail = {**summarise_detail(details),
+                      "contrast_vs_1x": float(np.median([d.contrast for d in details])) / reference
+                      if reference else None}
+        row = DemoRow(toy_name, method, size, None if recipe is None else recipe.name, images,
+                      summary, seconds, [s.num_objects for s in stats],
+                      [getattr(s, "shape", None) for s in stats], labels.tolist(), detail)
+        rows.append(row)
+        if size == BASE and method == "baseline":
+            small = row
+        native = "" if detail is None else f", native detail {detail['native_detail']:.0%}"
         progress(f"{desc:<34} {seconds:6.1f} s  one object {summary['frac_one']:.0%}, "
-                 f"none {summary['frac_none']:.0%}, class kept {summary['frac_class_kept']:.0%}")
+                 f"none {summary['frac_none']:.0%}, class kept {summary['frac_class_kept']:.0%}"
+                 f"{native}")
     return rows
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 def table(rows: list[DemoRow]) -> str:
-    """Markdown table of the demo's metrics."""
+    """Markdown table of the demo's metrics (detail columns "n/a" on the flat toys)."""
     lines = [
-        "| toy | size | method | exactly one | no object | several | class kept | objects / image | object size | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| toy | size | method | exactly one | no object | several | class kept | object scale | "
+        "native detail | period (px) | contrast vs 1x | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        s = r.summary
+        s, d = r.summary, r.detail or {}
+        period = d.get("median_period")
+        ratio = d.get("contrast_vs_1x")
         lines.append(
             f"| {r.toy} | {r.size}x{r.size} | {r.method} | {s['frac_one']:.0%} | {s['frac_none']:.0%} | "
-            f"{s['frac_multi']:.0%} | {s['frac_class_kept']:.0%} | {s['mean_objects']:.2f} | "
-            f"{s['mean_size']:.2f} | {r.seconds:.1f} |"
+            f"{s['frac_multi']:.0%} | {_pct(s['frac_class_kept'])} | {s['mean_scale']:.2f} | "
+            f"{_pct(d.get('native_detail'))} | {'n/a' if period is None else f'{period:.1f}'} | "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {r.seconds:.1f} |"
         )
     return "\n".join(lines)
+
+
+def crop_grid_png(rows: list[DemoRow], path: str | Path, *, crop: int = 32, zoom: int = 4,
+                  images: int = 4) -> Path:
+    """Zoomed centre crops of each toy's largest size, a row per method: native stripes are
+    fine and sharp, blown-up ones wide and soft. ``crop`` output pixels are shown ``zoom``x."""
+    from PIL import Image, ImageDraw
+
+    chosen = [r for r in rows if r.size == max(q.size for q in rows if q.toy == r.toy)]
+    tile, label_w = crop * zoom, 150
+    n = min(images, max(len(r.images) for r in chosen))
+    canvas = Image.new("RGB", (label_w + n * (tile + 4), len(chosen) * (tile + 4) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, r in enumerate(chosen):
+        y = 4 + i * (tile + 4)
+        side = min(crop, r.size)
+        lo = (r.size - side) // 2
+        native = "" if r.detail is None else f"\nnative detail {r.detail['native_detail']:.0%}"
+        draw.text((6, y + tile // 2 - 24), f"{r.toy}\n{r.method}\n{r.size}x{r.size}, centre {side}px"
+                  f"{native}", fill="black")
+        for j, img in enumerate(r.images[:n]):
+            part = img[:, lo : lo + side, lo : lo + side]
+            arr = ((part.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            im = Image.fromarray(np.ascontiguousarray(arr)).resize((tile, tile), Image.Resampling.NEAREST)
+            canvas.paste(im, (label_w + j * (tile + 4), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 def grid_png(rows: list[DemoRow], path: str | Path, *, tile: int = 96) -> Path:
@@ -206,7 +301,8 @@ def grid_png(rows: list[DemoRow], path: str | Path, *, tile: int = 96) -> Path:
     for i, r in enumerate(rows):
         y = 4 + i * (tile + 4)
         draw.text((6, y + tile // 2 - 24),
-                  f"{r.toy}\n{r.method}\n{r.size}x{r.size}\none object: {r.summary['frac_one']:.0%}",
+                  f"{r.toy}\n{r.method}\n{r.size}x{r.size}\none object: {r.summary['frac_one']:.0%}"
+                  + ("" if r.detail is None else f"\nnative detail: {r.detail['native_detail']:.0%}"),
                   fill="black")
         for j, img in enumerate(r.images):
             arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -233,5 +329,6 @@ def summary_json(rows: list[DemoRow], cfg: DemoConfig) -> dict[str, Any]:
         "methods": {m: METHODS[m] for m in cfg.methods},
         "rows": [{"toy": r.toy, "method": r.method, "size": r.size, "recipe": r.recipe,
                   "seconds": round(r.seconds, 2), "objects_per_image": r.per_image,
-                  "shapes": r.shapes, **{k: v for k, v in r.summary.items()}} for r in rows],
+                  "shapes": r.shapes, **{k: v for k, v in r.summary.items()},
+                  "detail": r.detail} for r in rows],
     }

@@ -15,6 +15,7 @@ from unet_surgery.demo import (
     QUICK,
     DemoConfig,
     _unet_calls,
+    crop_grid_png,
     grid_png,
     recipe_for,
     run_demo,
@@ -26,12 +27,18 @@ from unet_surgery.recipes.schema import Recipe, SamplingSpec
 def test_demo_uses_derived_recipes_only() -> None:
     # Every non-baseline row is built from the toy's map by a method's builder: no shipped
     # (tuned) recipe is named. The command line knows the same methods without importing torch.
+    from unet_surgery.cli.demo_cmd import DEFAULT_TOYS as CLI_DEFAULT_TOYS
     from unet_surgery.cli.demo_cmd import METHODS as CLI_METHODS
+    from unet_surgery.cli.demo_cmd import TOYS as CLI_TOYS
+    from unet_surgery.toy.model import TOY_NAMES
 
-    assert tuple(METHODS) == CLI_METHODS == ("baseline", "scalecrafter", "auto", "hidiffusion", "fouriscale", "freeu")
-    assert DEFAULT.methods == ("baseline", "scalecrafter", "auto")
-    assert DEFAULT.toys == ("toy", "toy4") and QUICK.sizes == (32, 64)
-    assert len(DEFAULT.jobs()) == 2 * (1 + 2 * 3)  # per toy: 1x baseline, 2 sizes x 3 methods
+    assert tuple(METHODS) == CLI_METHODS == (
+        "baseline", "bicubic", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter", "auto",
+        "hidiffusion", "fouriscale", "freeu")
+    assert CLI_TOYS == TOY_NAMES
+    assert DEFAULT.methods == ("baseline", "bicubic", "scalecrafter", "auto")
+    assert DEFAULT.toys == CLI_DEFAULT_TOYS == ("toy-detail", "toy-eps") and QUICK.sizes == (32, 64)
+    assert len(DEFAULT.jobs()) == 2 * (1 + 2 * 4)  # per toy: 1x baseline, 2 sizes x 4 methods
 
 
 @pytest.mark.parametrize("method", ["hidiffusion", "fouriscale", "freeu"])
@@ -65,10 +72,31 @@ def test_demo_rows_table_and_grid(tmp_path) -> None:
     assert rows[0].recipe is None and rows[2].recipe.startswith("auto-")
     assert all(r.images.shape == (2, 3, r.size, r.size) for r in rows)
     assert not rows[1].images.equal(rows[2].images)  # the recipe acts
+    assert all(r.detail is None for r in rows)  # a flat toy: no detail columns
     text = table(rows)
     assert text.count("\n") == 4 and "no object" in text.splitlines()[0]
+    assert text.splitlines()[2].split(" | ")[8] == "n/a"
     grid = Image.open(grid_png(rows, tmp_path / "grid.png", tile=32))
     assert grid.size == (150 + 2 * 36, 3 * 36 + 4)
+
+
+def test_upscaler_rows_start_from_the_1x_row(tmp_path) -> None:
+    import torch.nn.functional as F
+
+    cfg = DemoConfig(toys=("toy-detail",), sizes=(64,), methods=("bicubic", "hires-0.5"),
+                     seeds=(0, 1), steps=4)
+    assert cfg.jobs() == [("toy-detail", 32, "baseline"), ("toy-detail", 64, "bicubic"),
+                          ("toy-detail", 64, "hires-0.5")]
+    small, bicubic, hires = run_demo(cfg, progress=lambda _: None)
+    expected = F.interpolate(small.images, size=(64, 64), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert torch.equal(bicubic.images, expected)
+    assert bicubic.seconds >= small.seconds  # an upscaler's time includes the 1x sample's
+    assert not hires.images.equal(bicubic.images)
+    # the detail metric on a textured toy: the reference is the 1x row itself
+    assert small.detail is not None and small.detail["contrast_vs_1x"] == 1.0
+    assert bicubic.detail is not None and bicubic.detail["native_detail"] == 0.0
+    crops = Image.open(crop_grid_png([small, bicubic, hires], tmp_path / "crops.png", crop=16, zoom=2))
+    assert crops.size == (150 + 2 * 36, 2 * 36 + 4)  # the largest size's two rows, two images
 
 
 def test_progress_counts_every_unet_call_of_a_cascade() -> None:
@@ -96,7 +124,7 @@ def test_row_progress_matches_the_unet_calls_made(monkeypatch) -> None:
     monkeypatch.setattr(demo, "_RowProgress", Bar)
     cfg = DemoConfig(toys=("toy",), sizes=(128,), methods=("auto",), seeds=(0,), steps=5)
     run_demo(cfg, progress=lambda _: None)
-    assert seen == [0]
+    assert seen == [0, 0]  # the 1x row, then the cascade
 
 
 def test_demo_cli_rejects_bad_arguments(capsys) -> None:
@@ -117,3 +145,4 @@ def test_demo_json_is_written(tmp_path, monkeypatch, capsys) -> None:
     assert data["seeds"] == [0, 1] and data["rows"][0]["method"] == "baseline"
     assert data["rows"][0]["toy"] == "toy4" and len(data["rows"][0]["objects_per_image"]) == 2
     assert (tmp_path / "demo_grid.png").stat().st_size > 0
+    assert (tmp_path / "demo_crops.png").stat().st_size > 0

@@ -38,7 +38,7 @@ def toy(request):
 
 
 def test_unknown_toy_is_one_clear_error():
-    with pytest.raises(ValueError, match="unknown toy 'toy9'; shipped toys: toy, toy4"):
+    with pytest.raises(ValueError, match="unknown toy 'toy9'; shipped toys: toy, toy4, toy-detail, toy-eps"):
         load_toy("toy9")
 
 
@@ -66,6 +66,39 @@ def test_load_toy_needs_no_network(monkeypatch, name):
         config["unet"]["cross_attention_dim"],
     )
     assert model.scheduler_config == config["scheduler"]
+
+
+def test_epsilon_toy_states_stable_diffusions_schedule():
+    # SD 1.5 / 2.1-base / XL scheduler_config.json: epsilon, scaled_linear 0.00085..0.012, 1000 steps
+    scheduler = load_toy_config("toy-eps")["scheduler"]
+    assert scheduler["prediction_type"] == "epsilon"
+    assert scheduler["beta_schedule"] == "scaled_linear"
+    assert (scheduler["beta_start"], scheduler["beta_end"]) == (0.00085, 0.012)
+    assert scheduler["num_train_timesteps"] == 1000
+    unet = load_toy_config("toy-eps")["unet"]
+    # an SD1.5-like layout unlike toy's and toy4's: cross-attention at the middle levels only
+    assert unet["down_block_types"] == [
+        "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    for name in ("toy", "toy4"):
+        assert load_toy_config(name)["unet"]["down_block_types"] != unet["down_block_types"]
+
+
+@pytest.mark.parametrize(("name", "period"), [("toy-detail", 4.0), ("toy-eps", 4.0), ("toy", None), ("toy4", None)])
+def test_texture_period_is_stated_in_the_config(name, period):
+    assert load_toy_config(name).get("texture_period") == period
+
+
+def test_textured_toys_draw_their_texture_period_at_training_resolution():
+    from unet_surgery.toy.detail import analyse_detail
+
+    for name in ("toy-detail", "toy-eps"):
+        model = load_toy(name)
+        period = load_toy_config(name)["texture_period"]
+        labels = [i % NUM_CLASSES for i in QUALITY_SEEDS]
+        images = sample(model, labels, seeds=QUALITY_SEEDS, steps=25)
+        periods = [analyse_detail(im, period).period for im in images]
+        within = [p is not None and abs(p - period) <= 0.2 * period for p in periods]
+        assert sum(within) >= 23, (name, periods)  # 24 fixed seeds, at most one miss
 
 
 def test_make_batch_is_reproducible():
@@ -155,3 +188,46 @@ def test_sample_rejects_sizes_the_unet_cannot_halve(toy):
     multiple = 2 ** (levels - 1)
     with pytest.raises(ValueError, match=f"multiples of {multiple}"):
         sample(toy, [0], seeds=[0], height=32 + multiple // 2, width=32, steps=1)
+
+
+@pytest.mark.parametrize(("steps", "strength", "calls"), [(10, 0.3, 3), (10, 0.5, 5), (25, 0.7, 17), (7, 1.0, 7)])
+def test_img2img_runs_the_last_steps_from_the_noised_image(toy, steps, strength, calls):
+    # diffusers' img2img: int(steps * strength) steps, from the image noised to the first of them
+    seen: list[int] = []
+    init = torch.zeros(1, 3, 32, 32)
+    sample(toy, [0], seeds=[4], steps=steps, init_image=init, strength=strength,
+           callback=lambda i, t: seen.append(t))
+    assert seen == ddim_timesteps(steps, toy.scheduler_config).tolist()[steps - calls:]
+
+
+def test_img2img_starts_from_the_image_noised_with_the_seeds_noise(toy):
+    class Seen(Exception):
+        pass
+
+    class First(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            raise Seen(x[:1].clone())
+
+    init = make_batch(1, torch.Generator().manual_seed(1))[0]
+    with pytest.raises(Seen) as caught:
+        sample(toy, [0], seeds=[9], steps=10, init_image=init, strength=0.4, unet=First())
+    t = ddim_timesteps(10, toy.scheduler_config)[6]
+    from diffusers import DDPMScheduler  # the schedule's alpha_bar at t, from its betas
+
+    ab = DDPMScheduler(**load_toy_config(toy.name)["scheduler"]).alphas_cumprod[int(t)]
+    noise = torch.randn((3, 32, 32), generator=torch.Generator().manual_seed(9))
+    expected = ab.sqrt() * init[0] + (1 - ab).sqrt() * noise
+    torch.testing.assert_close(caught.value.args[0][0], expected, atol=1e-5, rtol=0)
+
+
+def test_img2img_rejects_bad_strengths(toy):
+    init = torch.zeros(1, 3, 32, 32)
+    for strength in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="strength must be in"):
+            sample(toy, [0], seeds=[0], steps=4, init_image=init, strength=strength)
+    with pytest.raises(ValueError, match="leaves no step"):
+        sample(toy, [0], seeds=[0], steps=4, init_image=init, strength=0.2)
+    with pytest.raises(ValueError, match="needs an init_image"):
+        sample(toy, [0], seeds=[0], steps=4, strength=0.5)
+    with pytest.raises(ValueError, match="init_image must have shape"):
+        sample(toy, [0], seeds=[0], steps=4, init_image=torch.zeros(1, 3, 16, 16), strength=0.5)

@@ -1,4 +1,4 @@
-"""``unet-surgery demo``: both toy models at 1x, 2x and 4x, plain and with automatic recipes."""
+"""``unet-surgery demo``: the textured toys at 1x, 2x and 4x, plain, blown up and with automatic recipes."""
 
 from __future__ import annotations
 
@@ -9,29 +9,34 @@ from pathlib import Path
 
 from unet_surgery.errors import SurgeryError
 
-TOYS = ("toy", "toy4")  # kept here so --help needs no torch import
-METHODS = ("baseline", "scalecrafter", "auto", "hidiffusion", "fouriscale", "freeu")  # demo.METHODS
+# kept here so --help needs no torch import: toy.model.TOY_NAMES, demo.DEFAULT_TOYS, demo.METHODS
+TOYS = ("toy", "toy4", "toy-detail", "toy-eps")
+DEFAULT_TOYS = ("toy-detail", "toy-eps")
+METHODS = ("baseline", "bicubic", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter", "auto",
+           "hidiffusion", "fouriscale", "freeu")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="sample the shipped toy models above their training size, with and without automatic recipes",
-        description="Load the two shipped toy diffusion models (trained at 32x32, one object per "
-        "image; 'toy' has 3 levels, 'toy4' 4), sample fixed seeds at 1x, 2x and 4x per side: the "
-        "plain model, ScaleCrafter's full-ratio re-dilation rule and the automatic policy (both "
-        "from auto_recipe, nothing tuned on these seeds). Writes a labelled PNG grid and prints, "
-        "per row, images with exactly one object, none, several, and the requested class. "
-        "Default: 4 seeds, 10 steps, about 2 minutes on 2 CPU cores.",
+        description="Load the two textured toy diffusion models (trained at 32x32, one object per "
+        "image, stripes of a 4-px period; 'toy-detail' v-prediction with 3 levels, 'toy-eps' "
+        "epsilon with SD's schedule and 4 levels), sample fixed seeds at 1x, 2x and 4x per side: "
+        "the plain model, the 1x sample blown up (bicubic), ScaleCrafter's full-ratio re-dilation "
+        "rule and the automatic policy (both from auto_recipe, nothing tuned on these seeds). "
+        "Writes a labelled PNG grid and a grid of zoomed crops, and prints, per row, images with "
+        "exactly one object, none, several, the requested class, and native detail (the stripes "
+        "drawn at the output resolution). Default: 4 seeds, 10 steps, about 2 minutes on 2 CPU cores.",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="32x32 and 64x64 only (about 20 s)")
     size.add_argument("--full", action="store_true",
                       help="16 seeds at 25 steps (about 15 minutes on 2 CPU cores)")
-    parser.add_argument("--toys", nargs="+", choices=TOYS, help="toys to run (default: both)")
+    parser.add_argument("--toys", nargs="+", choices=TOYS, help=f"toys to run (default: {' '.join(DEFAULT_TOYS)})")
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, "all"], metavar="METHOD",
                         help=f"methods to compare: {', '.join(METHODS)} or all "
-                        "(default: baseline scalecrafter auto)")
+                        "(default: baseline bicubic scalecrafter auto)")
     parser.add_argument("--out", type=Path, default=Path("unet-surgery-demo"),
                         help="output folder (default: %(default)s)")
     parser.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default 4, --full 16)")
@@ -65,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     bars = not args.no_progress and sys.stderr.isatty()
     rows = demo.run_demo(cfg, progress=lambda line: print(line, flush=True), bars=bars)
     grid = demo.grid_png(rows, args.out / "demo_grid.png")
+    crops = demo.crop_grid_png(rows, args.out / "demo_crops.png")
     (args.out / "demo.json").write_text(json.dumps(demo.summary_json(rows, cfg), indent=2))
     print()
     print(demo.table(rows))
-    print(f"\nwrote {grid} and {args.out / 'demo.json'}")
+    print(f"\nwrote {grid}, {crops} (zoomed crops) and {args.out / 'demo.json'}")
     return 0

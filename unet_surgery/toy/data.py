@@ -22,8 +22,8 @@ __all__ = [
     "SIZE_RANGE",
     "TEXTURE_AMPLITUDE",
     "make_batch",
-    "stripe_texture",
     "shape_coverage",
+    "stripe_texture",
 ]
 
 IMAGE_SIZE = 32

@@ -64,6 +64,8 @@ def sample(
     unet: nn.Module | None = None,
     callback: Callable[[int, int], None] | None = None,
     eta: float = DEFAULT_ETA,
+    init_image: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Generate images in [-1, 1], shape ``(B, 3, height, width)``, on the toy model's device.
 
@@ -73,7 +75,16 @@ def sample(
     ``eta`` > 0 adds DDIM's stochastic term (1 = DDPM-like ancestral sampling), still per-seed.
     ``height`` and ``width`` must be multiples of ``2 ** (levels - 1)`` (4 for ``toy``, 8 for
     ``toy4``): every level halves the size.
+
+    ``init_image`` (``(B, 3, height, width)`` in [-1, 1]) with ``strength`` in (0, 1] is
+    img2img as diffusers runs it: the last ``int(steps * strength)`` steps of the schedule,
+    starting from the image noised to the first of them with the seed's first noise draw. This is
+    the second half of a "hires fix" (sample small, upsample, img2img).
     """
+    if init_image is None and strength != 1.0:
+        raise ValueError("strength needs an init_image")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     multiple = 2 ** (len(toy.unet.config.block_out_channels) - 1)
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
@@ -101,7 +112,18 @@ def sample(
         return torch.stack(rows).to(device=device, dtype=dtype)
 
     x = per_seed_noise()
+    start = 0
+    if init_image is not None:
+        if tuple(init_image.shape) != (b, *shape):
+            raise ValueError(f"init_image must have shape {(b, *shape)}, got {tuple(init_image.shape)}")
+        start = steps - int(steps * strength)
+        if start >= steps:
+            raise ValueError(f"strength {strength} leaves no step of {steps} to run")
+        t0 = scheduler.timesteps[start].reshape(1)
+        x = scheduler.add_noise(init_image.to(device=device, dtype=dtype), x, t0)
     for i, t in enumerate(scheduler.timesteps):
+        if i < start:
+            continue
         if callback is not None:
             callback(i, int(t))
         eps = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample

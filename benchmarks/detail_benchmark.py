@@ -1,0 +1,125 @@
+"""Generating detail vs upsampling: every method side by side on the toys, held-out seeds.
+
+For each toy, size and method, samples one image per seed (class = seed % 3) and measures
+
+* the object columns of :mod:`unet_surgery.toy.metrics` (exactly one object, empty, several,
+  class kept, object scale), and
+* on the textured toys (``texture_period`` in ``toy_config.json``), the detail columns of
+  :mod:`unet_surgery.toy.detail`: native detail (the stripes' period within 20 % of the
+  training period *in output pixels*, with at least 70 % of the 1x samples' contrast), the
+  median period and the texture contrast relative to 1x.
+
+Methods: ``baseline``, the plain model at the target size; ``bicubic`` (a 1x sample blown up); ``hires-S``
+(the "hires fix": a 1x sample, bicubic upsample, img2img with the plain model at strength S);
+``cascade`` (FreeScale's self-cascade without dilation); ``auto`` (``auto_recipe`` alone);
+``scalecrafter``; ``freescale`` (cascade + scale-fusion attention); ``hidiffusion``;
+``fouriscale``. The 1x row (the plain model at 32 px) gives the reference contrast.
+
+The seeds 9500-9515 were used for nothing else: no setting of any method was chosen on them.
+The row loop is the demo's (:func:`unet_surgery.demo.run_demo`), with two more methods.
+
+    python benchmarks/detail_benchmark.py                                # the committed report
+    python benchmarks/detail_benchmark.py --toys toy-detail --sizes 64 --seeds 9500-9503 --methods baseline auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from unet_surgery.demo import METHODS as DEMO_METHODS
+from unet_surgery.demo import (
+    UPSCALERS,
+    DemoConfig,
+    DemoRow,
+    crop_grid_png,
+    grid_png,
+    recipe_for,
+    run_demo,
+    table,
+)
+from unet_surgery.recipes import Recipe
+from unet_surgery.recipes.auto import cascade_recipe
+from unet_surgery.toy.model import TOY_NAMES
+from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+BASE = 32
+HELD_OUT = tuple(range(9500, 9516))
+DESIGN = tuple(range(200, 208))
+
+EXTRA = {
+    "cascade": lambda m, size: cascade_recipe(m, base=BASE, target=size, vae_scale_factor=1,
+                                              dilate_fraction=0.0),
+    "freescale": lambda m, size: cascade_recipe(m, base=BASE, target=size, vae_scale_factor=1,
+                                                scale_fusion=True),
+}
+EXTRA_DESCRIPTIONS = {
+    "cascade": "FreeScale's self-cascade without dilation (cascade_recipe(dilate_fraction=0))",
+    "freescale": "FreeScale: self-cascade, restrained dilation and scale-fusion attention",
+}
+METHODS: tuple[str, ...] = ("baseline", *UPSCALERS, "cascade", "auto", "scalecrafter",
+                            "freescale", "hidiffusion", "fouriscale")
+
+
+def recipe(method: str, unet_map: Any, size: int) -> Recipe | None:
+    if method in EXTRA and size != BASE:
+        return EXTRA[method](unet_map, size)
+    return recipe_for(method, unet_map, size)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``heldout`` (9500-9515), ``design`` (200-207), ``A-B`` (inclusive) or a comma list."""
+    if text == "heldout":
+        return HELD_OUT
+    if text == "design":
+        return DESIGN
+    if "-" in text and "," not in text:
+        lo, hi = (int(v) for v in text.split("-"))
+        return tuple(range(lo, hi + 1))
+    return tuple(int(v) for v in text.split(","))
+
+
+def row_json(r: DemoRow) -> dict[str, Any]:
+    return {"toy": r.toy, "size": r.size, "method": r.method, "recipe": r.recipe,
+            "seconds": round(r.seconds, 1), "objects_per_image": r.per_image, "shapes": r.shapes,
+            **r.summary, "detail": r.detail}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toys", nargs="+", default=list(TOY_NAMES), choices=TOY_NAMES)
+    p.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", default="heldout", help="heldout (9500-9515), design (200-207), A-B or a,b,c")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/detail"))
+    args = p.parse_args(argv)
+    seeds = parse_seeds(args.seeds)
+    command = "python benchmarks/detail_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"{command}\n{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}), {args.steps} steps", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[DemoRow] = []
+    for toy_name in args.toys:  # a report after each toy, so a long run leaves what it measured
+        cfg = DemoConfig(toys=(toy_name,), sizes=tuple(args.sizes), methods=tuple(args.methods),
+                         seeds=seeds, steps=args.steps, guidance_scale=args.guidance)
+        rows += run_demo(cfg, progress=lambda line: print(line, flush=True), recipes=recipe)
+        report = {"command": command, "seeds": list(seeds), "labels": [s % 3 for s in seeds],
+                  "steps": args.steps, "guidance": args.guidance, "base": BASE,
+                  "methods": {m: DEMO_METHODS.get(m) or EXTRA_DESCRIPTIONS[m] for m in args.methods},
+                  "rows": [row_json(r) for r in rows]}
+        (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        (args.out / "report.md").write_text(table(rows) + "\n", encoding="utf-8")
+        own = [r for r in rows if r.toy == toy_name]
+        grid_png(own, args.out / f"grid_{toy_name}.png", tile=64)
+        crop_grid_png([r for r in own if r.method in ("baseline", "bicubic", "hires-0.5", "auto")],
+                      args.out / f"crops_{toy_name}.png")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
