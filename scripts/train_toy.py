@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from unet_surgery.io import atomic_path, atomic_write_text
-from unet_surgery.toy.data import NUM_CLASSES, make_batch
+from unet_surgery.toy.data import NUM_CLASSES, TEXTURE_AMPLITUDE, make_batch
 from unet_surgery.toy.metrics import DEFAULT_METRIC_PARAMS
 from unet_surgery.toy.model import (
     CONFIG_NAME,
@@ -47,7 +47,6 @@ from unet_surgery.toy.model import (
     scheduler_config_for,
     toy_metadata,
 )
-from unet_surgery.toy.data import TEXTURE_AMPLITUDE
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "unet_surgery" / "toy" / "weights"
 
@@ -67,9 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of the loss weighting")
     p.add_argument(
         "--weighting",
-        choices=("truncated", "min-snr"),
+        choices=("truncated", "min-snr", "uniform"),
         default="truncated",
-        help="v-loss weight: truncated min(1, gamma / (snr + 1)) or min-SNR min(snr, gamma) / (snr + 1)",
+        help="loss weight: truncated min(1, gamma / (snr + 1)), min-SNR min(snr, gamma) / (snr + 1) "
+        "(v; for eps min(1, gamma / snr)), or uniform 1 (plain MSE: full weight on the low-noise "
+        "steps that draw fine texture)",
     )
     p.add_argument(
         "--texture-period",
@@ -202,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
         # full v weight: min-SNR's min(snr, gamma) / (snr + 1) goes to 0 there, and a first
         # run with it (stage 1 of the shipped toys, --weighting min-snr) left a fifth of the
         # samples at 10 steps without a committed object.
-        if epsilon:  # min-SNR-gamma for an eps target: min(snr, gamma) / snr
+        if args.weighting == "uniform":
+            weight = torch.ones_like(snr[t])
+        elif epsilon:  # min-SNR-gamma for an eps target: min(snr, gamma) / snr
             weight = torch.clamp(args.snr_gamma / snr[t], max=1.0)
         elif args.weighting == "truncated":
             weight = torch.clamp(args.snr_gamma / (snr[t] + 1), max=1.0)

@@ -211,7 +211,7 @@ def run_demo(
         if method in UPSCALERS and small is not None:
             seconds += small.seconds
         stats = analyse_images(images)
-        summary = summarise(stats, labels=labels.tolist())
+        summary = summarise(stats, labels=labels.tolist(), size_range=toy.config.get("size_range"))
         detail = None
         if period is not None:
             if size == BASE and method == "baseline":
@@ -241,8 +241,8 @@ def table(rows: list[DemoRow]) -> str:
     """Markdown table of the demo's metrics (detail columns "n/a" on the flat toys)."""
     lines = [
         "| toy | size | method | exactly one | no object | several | class kept | object scale | "
-        "native detail | period (px) | contrast vs 1x | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "scale in range | native detail | period (px) | contrast vs 1x | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, d = r.summary, r.detail or {}
@@ -251,7 +251,7 @@ def table(rows: list[DemoRow]) -> str:
         lines.append(
             f"| {r.toy} | {r.size}x{r.size} | {r.method} | {s['frac_one']:.0%} | {s['frac_none']:.0%} | "
             f"{s['frac_multi']:.0%} | {_pct(s['frac_class_kept'])} | {s['mean_scale']:.2f} | "
-            f"{_pct(d.get('native_detail'))} | {'n/a' if period is None else f'{period:.1f}'} | "
+            f"{_pct(s.get('frac_scale_in_range'))} | {_pct(d.get('native_detail'))} | {'n/a' if period is None else f'{period:.1f}'} | "
             f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {r.seconds:.1f} |"
         )
     return "\n".join(lines)

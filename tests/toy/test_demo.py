@@ -75,7 +75,7 @@ def test_demo_rows_table_and_grid(tmp_path) -> None:
     assert all(r.detail is None for r in rows)  # a flat toy: no detail columns
     text = table(rows)
     assert text.count("\n") == 4 and "no object" in text.splitlines()[0]
-    assert text.splitlines()[2].split(" | ")[8] == "n/a"
+    assert text.splitlines()[2].split(" | ")[9] == "n/a"  # native detail
     grid = Image.open(grid_png(rows, tmp_path / "grid.png", tile=32))
     assert grid.size == (150 + 2 * 36, 3 * 36 + 4)
 

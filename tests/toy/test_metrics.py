@@ -257,3 +257,17 @@ def test_parameters_round_trip_and_it_is_fast():
         times.append(time.perf_counter() - t0)
     # ~2 ms on an idle core; the best of 15 tolerates a CPU shared with training runs.
     assert min(times) < 0.02, min(times)
+
+
+def test_scale_in_range_counts_single_objects_of_the_training_scale():
+    from unet_surgery.toy.data import SIZE_RANGE, shape_coverage
+
+    def one(side: float) -> torch.Tensor:
+        mask = shape_coverage(1, 0.5, 0.5, side, size=64)  # a square of that side
+        colour = torch.tensor([0.95, -0.8, -0.8]).view(3, 1, 1)
+        return 0.1 * (1 - mask) + colour * mask
+
+    images = [one(0.2), one(0.45), one(0.58), one(0.8)]  # out, in, in, out of 0.35-0.6
+    summary = summarise(analyse_images(torch.stack(images)), size_range=SIZE_RANGE)
+    assert summary["frac_scale_in_range"] == 0.5
+    assert summarise(analyse_images(torch.stack(images)))["frac_scale_in_range"] is None

@@ -380,10 +380,17 @@ def analyse_images(
 
 
 def summarise(
-    stats: list[ImageStats], labels: Sequence[int] | torch.Tensor | np.ndarray | None = None
+    stats: list[ImageStats],
+    labels: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+    *,
+    size_range: tuple[float, float] | None = None,
 ) -> dict[str, float | None]:
     """Fractions of images with exactly one / several / no object, with a merged blob, and with
     the requested class kept; mean objects per image; mean size and scale.
+
+    With the training ``size_range`` (object side / image side), ``frac_scale_in_range`` is the
+    fraction of images holding exactly one object whose scale lies in that range, widened by one
+    training pixel (1/32) on each side: the metric's own precision.
 
     ``frac_class_kept`` is the fraction of images holding exactly one object, of the requested
     class (from ``labels``, else from the stats' own labels; ``None`` if no label is known).
@@ -414,6 +421,10 @@ def summarise(
     )
     sized = [s.size for s in stats if s.num_objects > 0]
     scaled = [s.scale for s in stats if s.scale > 0]
+    in_range = None
+    if size_range is not None:
+        lo, hi = size_range[0] - 1 / _TRAIN_SIDE, size_range[1] + 1 / _TRAIN_SIDE
+        in_range = float(np.mean([s.num_objects == 1 and lo <= s.scale <= hi for s in stats]))
     return {
         "n_images": len(stats),
         "mean_objects": float(counts.mean()),
@@ -424,6 +435,7 @@ def summarise(
         "frac_class_kept": kept,
         "mean_size": float(np.mean(sized)) if sized else 0.0,
         "mean_scale": float(np.mean(scaled)) if scaled else 0.0,
+        "frac_scale_in_range": in_range,
     }
 
 
