@@ -52,8 +52,10 @@ METHODS: dict[str, str] = {
 method's builder, with published settings: none is tuned on the demo's seeds."""
 DEFAULT_METHODS = ("baseline", "bicubic", "scalecrafter", "auto")
 """What ``unet-surgery demo`` runs unless ``--methods`` says otherwise (about 2 minutes)."""
-DEFAULT_TOYS = ("toy-detail", "toy-eps")
-"""The textured toys: v/cosine and epsilon/scaled-linear, three and four levels."""
+DEFAULT_TOYS = ("toy-detail", "toy4")
+"""The textured design toy and the flat four-level check toy (about 2 minutes together);
+``toy-eps``, whose attention at the 64x64-token level makes 128x128 rows four times slower, runs
+with ``--toys``."""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def test_demo_uses_derived_recipes_only() -> None:
         "hidiffusion", "fouriscale", "freeu")
     assert CLI_TOYS == TOY_NAMES
     assert DEFAULT.methods == ("baseline", "bicubic", "scalecrafter", "auto")
-    assert DEFAULT.toys == CLI_DEFAULT_TOYS == ("toy-detail", "toy-eps") and QUICK.sizes == (32, 64)
+    assert DEFAULT.toys == CLI_DEFAULT_TOYS == ("toy-detail", "toy4") and QUICK.sizes == (32, 64)
     assert len(DEFAULT.jobs()) == 2 * (1 + 2 * 4)  # per toy: 1x baseline, 2 sizes x 4 methods
 
 

@@ -11,7 +11,7 @@ from unet_surgery.errors import SurgeryError
 
 # kept here so --help needs no torch import: toy.model.TOY_NAMES, demo.DEFAULT_TOYS, demo.METHODS
 TOYS = ("toy", "toy4", "toy-detail", "toy-eps")
-DEFAULT_TOYS = ("toy-detail", "toy-eps")
+DEFAULT_TOYS = ("toy-detail", "toy4")
 METHODS = ("baseline", "bicubic", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter", "auto",
            "hidiffusion", "fouriscale", "freeu")
 
@@ -20,9 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="sample the shipped toy models above their training size, with and without automatic recipes",
-        description="Load the two textured toy diffusion models (trained at 32x32, one object per "
-        "image, stripes of a 4-px period; 'toy-detail' v-prediction with 3 levels, 'toy-eps' "
-        "epsilon with SD's schedule and 4 levels), sample fixed seeds at 1x, 2x and 4x per side: "
+        description="Load two toy diffusion models (trained at 32x32, one object per image; "
+        "'toy-detail' with stripes of a 4-px period, 3 levels; 'toy4' flat, 4 levels; 'toy-eps' "
+        "textured, epsilon with SD's schedule, with --toys), sample fixed seeds at 1x, 2x and 4x per side: "
         "the plain model, the 1x sample blown up (bicubic), ScaleCrafter's full-ratio re-dilation "
         "rule and the automatic policy (both from auto_recipe, nothing tuned on these seeds). "
         "Writes a labelled PNG grid and a grid of zoomed crops, and prints, per row, images with "
