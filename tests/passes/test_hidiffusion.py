@@ -519,7 +519,7 @@ def test_two_seeded_passes_draw_from_their_own_generators() -> None:
         {"type": "msw_msa", "select": {**attn, "stage": ["up"]}, "seed": 2},
     ]})
     paths = {stage: sorted(p for p, layer in make_plan(seeded, unet_map).layers.items()
-                           if layer.entry("msw_msa").seed == seed)
+                           if layer.entry("msw_msa").config.seed == seed)
              for stage, seed in (("down", 1), ("up", 2))}
     assert (len(paths["down"]), len(paths["up"])) == (2, 3)
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from unet_surgery.core.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.dispersion import TransformParams, transform_key, transform_tensor
@@ -29,7 +30,6 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import CONV
-from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import MAIN, UNetCall
 
 TRANSFORM_PREFIX = "dispersion_R/"

@@ -19,12 +19,12 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
+from unet_surgery.core.schema import OnMissing, PassConfig, Recipe, Selector, doc, fail
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.lowpass import LowPass
 from unet_surgery.ops.redilate import ConvSetting
 from unet_surgery.passes.base import FilterFn, PassHandler, Plan, register_pass, spatial_convs
 from unet_surgery.passes.layers import CONV
-from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, Selector, doc, fail
 from unet_surgery.runtime import MAIN, UNetCall
 
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from unet_surgery.core.schema import (
+    OnMissing,
+    PassConfig,
+    Recipe,
+    ScheduleSpec,
+    Selector,
+    doc,
+    fail,
+    key_path,
+)
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.redilate import ConvSetting
 from unet_surgery.passes.base import (
@@ -20,16 +30,6 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import CONV
-from unet_surgery.recipes.schema import (
-    OnMissing,
-    PassConfig,
-    Recipe,
-    ScheduleSpec,
-    Selector,
-    doc,
-    fail,
-    key_path,
-)
 from unet_surgery.runtime import MAIN, UNetCall
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from unet_surgery.core.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.scale_fusion import PUBLISHED_JITTER, FusionSetting, fusion_window
 from unet_surgery.passes.base import (
@@ -24,7 +25,6 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import ATTENTION
-from unet_surgery.recipes.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import UNetCall
 
 
