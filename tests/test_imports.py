@@ -8,8 +8,9 @@ module, else to ``a.b``.
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import unet_surgery
 from unet_surgery._version import __version__

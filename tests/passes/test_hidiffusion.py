@@ -781,3 +781,28 @@ def test_misuse_is_refused() -> None:
         parse_recipe({**base, "passes": [{"type": "msw_msa", "select": {"level": 0}, "shift": 4}]})
     with pytest.raises(RecipeError, match="switch"):
         parse_recipe({**base, "passes": [{"type": "rau_net", "select": {"level": 0}, "switch": 1.5}]})
+
+
+def test_export_phases_freeze_a_fixed_shift_and_refuse_a_random_one() -> None:
+    """A .pt2 export freezes every phase's settings: a fixed MSW-MSA shift freezes (the phases
+    then hold that quarter on every windowed layer), a random shift is refused naming the layer."""
+    from unet_surgery.export.phases import default_timesteps, enumerate_phases
+    from unet_surgery.ops.hidiffusion import WindowSetting
+
+    unet_map = preset_map("sd15", "tiny")
+    model = build_unet("sd15", size="tiny", device="meta")
+    timesteps = default_timesteps(50)
+    for shift in (2, None):
+        doc = to_data(load_recipe(RECIPES["sd15"]))
+        doc["passes"][1] = dict(doc["passes"][1], shift=shift)
+        with apply(model, parse_recipe(doc), unet_map=unet_map) as patch:
+            phases, table = enumerate_phases(patch, timesteps, (16, 16))
+            errors = [e for phase in phases for e in phase.freeze_errors(patch)]
+            windows = [s for phase in phases for _, s in phase.layers if isinstance(s, WindowSetting)]
+        assert len(table) == 50 and len(phases) == 2  # RAU-Net on for steps < 20, then off
+        assert len(windows) == 2 * 5 and {w.quarter for w in windows} == {shift}
+        if shift is None:
+            assert errors and all("random MSW-MSA shift" in e for e in errors)
+            assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in errors[0]
+        else:
+            assert errors == []
