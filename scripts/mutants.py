@@ -36,6 +36,8 @@ class Mutant:
 HID = "tests/passes/test_hidiffusion.py"
 FOURI = "tests/passes/test_fouriscale.py"
 AUTO = "tests/recipes/test_auto_policy.py"
+AUTO_K = (AUTO, "-k", "larger_side or never_repeat or cascade_stages_known")
+CACHE_K = ("tests/graph/test_map_cache.py", "-k", "changes_the_key or share_one_entry")
 CASCADE = "tests/sampling/test_cascade.py"
 GUIDANCE = "tests/patching/test_guidance.py"
 
@@ -44,15 +46,15 @@ MUTANTS = [
     Mutant("fouriscale step rescale set to 1", "passes/fouriscale.py", "ratio = n / entry.steps", "ratio = 1.0",
            (FOURI, "-k", "another_step_count or official_schedule")),
     Mutant("auto_factor max -> min", "passes/base.py", "ratio = max(latent_hw[0] / base_latent_hw[0]",
-           "ratio = min(latent_hw[0] / base_latent_hw[0]", (AUTO,)),
+           "ratio = min(latent_hw[0] / base_latent_hw[0]", AUTO_K),
     Mutant("diffusers version dropped from the map-cache key", "graph/cache.py",
-           'out["diffusers"] = metadata.version("diffusers")', "pass", ("tests/graph/test_map_cache.py",)),
+           'out["diffusers"] = metadata.version("diffusers")', "pass", CACHE_K),
     Mutant("cascade stage dedupe > -> >=", "recipes/auto.py", "st[0] * st[1] > out[-1][0] * out[-1][1]",
-           "st[0] * st[1] >= out[-1][0] * out[-1][1]", (AUTO,)),
+           "st[0] * st[1] >= out[-1][0] * out[-1][1]", AUTO_K),
     Mutant("MSW-MSA freeze check flipped", "passes/msw_msa.py", "setting.quarter is None:",
            "setting.quarter is not None:", (HID, "-k", "freeze")),
     # --- passes/
-    Mutant("auto_factor floor -> ceil", "passes/base.py", "math.floor(ratio + 1e-9)", "math.ceil(ratio - 1e-9)", (AUTO,)),
+    Mutant("auto_factor floor -> ceil", "passes/base.py", "math.floor(ratio + 1e-9)", "math.ceil(ratio - 1e-9)", AUTO_K),
     Mutant("empty window tau <= 0 -> < 0", "passes/base.py", "schedule.tau <= 0", "schedule.tau < 0",
            ("tests/patching/test_registry.py",)),
     Mutant("redilate accepts factor 0", "passes/redilate.py", "        if factor <= 0:", "        if factor < 0:",
@@ -98,9 +100,9 @@ MUTANTS = [
            (CASCADE, "-k", "literal")),
     # --- graph/cache.py
     Mutant("map key keeps the torch build tag", "graph/cache.py", 'str(torch.__version__).split("+")[0]',
-           "str(torch.__version__)", ("tests/graph/test_map_cache.py",)),
+           "str(torch.__version__)", CACHE_K),
     Mutant("map key ignores module settings", "graph/cache.py", '_ADDRESS.sub("", module.extra_repr())', '""',
-           ("tests/graph/test_map_cache.py",)),
+           CACHE_K),
 ]
 
 

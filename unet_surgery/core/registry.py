@@ -174,8 +174,21 @@ class PassHandler(Generic[C]):
 
     # --- planning (pure) -------------------------------------------------------------------
     def plan(self, config: C, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        """Add this pass's layers to ``plan`` (``plan.add``); raise SelectionError on misuse."""
-        raise NotImplementedError
+        """Add this pass's layers to ``plan``: every layer :meth:`layers` selects, with the
+        entry :meth:`entry` makes for it (None skips the layer). Raise SelectionError on misuse.
+        Override only when a pass plans other modules than it selects (RAU-Net's partners)."""
+        for rec in self.layers(config, index, unet_map, plan, filter_fn):
+            entry = self.entry(config, index, rec)
+            if entry is not None:
+                plan.add(rec.path, rec, self, entry, index)
+
+    def layers(self, config: C, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        """The layers the pass selects (a selection helper of :mod:`unet_surgery.passes.base`)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither layers() nor plan()")
+
+    def entry(self, config: C, index: int, rec: Any) -> Any:
+        """What the pass keeps for one selected layer (default: the config itself)."""
+        return config
 
     def check_plan(self, plan: Plan) -> None:
         """Cross-pass checks once every pass is planned (e.g. dispersion needs re-dilation)."""

@@ -30,7 +30,7 @@ from unet_surgery.core.schema import ScheduleSpec
 from unet_surgery.core.selectors import Selection, closest_paths, select
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import AttentionRecord, ConvRecord, UNetMap
-from unet_surgery.ops.schedules import FactorSchedule
+from unet_surgery.ops.schedules import FactorSchedule, inferred_step
 from unet_surgery.runtime import UNetCall
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "selection",
     "spatial_convs",
     "spatial_self_attentions",
+    "step_position",
     "unregister_pass",
     "window_is_empty",
 ]
@@ -113,12 +114,22 @@ def factor_now(patch: Patch, fp: FactorPlan | None, call: UNetCall | None) -> fl
             return 1.0
         factor = auto_factor(call.latent_hw, patch.base_latent_hw)
     schedule = fp.schedule_for(float(factor))
-    if call is None or call.timestep is None:
+    position = step_position(patch, call, schedule.steps)
+    if position is None:
         return float(schedule.factor) if schedule.tau is None else 1.0
+    return schedule.factor_at_step(*position)
+
+
+def step_position(patch: Patch, call: UNetCall | None, steps: int) -> tuple[int, int] | None:
+    """``(step, step count)`` of ``call``: exact from the sampler's timestep list when the patch
+    knows it, else inferred from ``t / T`` on a ``steps``-step run; None without a timestep.
+    The one place a pass turns a UNet call into a step."""
+    if call is None or call.timestep is None:
+        return None
     tracker = patch.tracker
     if tracker.timesteps and call.step is not None:
-        return schedule.factor_at_step(call.step, len(tracker.timesteps))
-    return schedule.factor_at_timestep(call.timestep, None, tracker.num_train_timesteps)
+        return call.step, len(tracker.timesteps)
+    return inferred_step(call.timestep, steps, tracker.num_train_timesteps), steps
 
 
 def active_now(patch: Patch, schedule: ScheduleSpec, call: UNetCall | None) -> bool:

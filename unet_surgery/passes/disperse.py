@@ -64,14 +64,14 @@ class DisperseHandler(PassHandler[DispersePass]):
     rewrite = CONV
     order = 10  # after re-dilation: it reads the factor re-dilation set
 
-    def plan(self, config: DispersePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
+    def layers(self, config: DispersePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        return spatial_convs(config, index, unet_map, plan, filter_fn)
+
+    def entry(self, config: DispersePass, index: int, rec: Any) -> DisperseEntry:
         t = config.transform
-        for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
-            if rec.spatial_kernel != (t.small, t.small):
-                raise SelectionError(
-                    f"passes[{index}] (disperse): {rec.path} is not a spatial {t.small}x{t.small} convolution"
-                )
-            plan.add(rec.path, rec, self, DisperseEntry(t, config.schedule), index)
+        if rec.spatial_kernel != (t.small, t.small):
+            raise SelectionError(f"passes[{index}] (disperse): {rec.path} is not a spatial {t.small}x{t.small} convolution")
+        return DisperseEntry(t, config.schedule)
 
     def check_plan(self, plan: Plan) -> None:
         for path, layer in plan.layers.items():

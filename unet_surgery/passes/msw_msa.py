@@ -85,9 +85,11 @@ class MswMsaHandler(PassHandler[MswMsaPass]):
     config = MswMsaPass
     rewrite = WINDOW_ATTENTION
 
-    def plan(self, config: MswMsaPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in spatial_self_attentions(config, index, unet_map, plan, filter_fn):
-            plan.add(rec.path, rec, self, WindowEntry(config, index), index)
+    def layers(self, config: MswMsaPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        return spatial_self_attentions(config, index, unet_map, plan, filter_fn)
+
+    def entry(self, config: MswMsaPass, index: int, rec: Any) -> WindowEntry:
+        return WindowEntry(config, index)
 
     def describe(self, entry: WindowEntry) -> str:
         shift = entry.config.shift

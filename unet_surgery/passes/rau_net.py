@@ -18,7 +18,6 @@ The window follows the official switching rule: active while
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +35,7 @@ from unet_surgery.passes.base import (
     Plan,
     register_pass,
     selection,
+    step_position,
 )
 from unet_surgery.runtime import UNetCall
 
@@ -107,14 +107,10 @@ def _link(patch: Any, index: int) -> SizeLink:
 
 def step_window_open(patch: Any, config: RauNetPass, call: UNetCall | None) -> bool:
     """The official switching rule on ``call``: ``int(n * start) <= i < int(n * switch)``."""
-    if call is None or call.timestep is None:
+    position = step_position(patch, call, config.steps)
+    if position is None:
         return False
-    tracker = patch.tracker
-    if tracker.timesteps and call.step is not None:
-        n, i = len(tracker.timesteps), call.step
-    else:
-        n = config.steps
-        i = min(max(math.floor(n * (1.0 - call.timestep / tracker.num_train_timesteps)), 0), n - 1)
+    i, n = position
     return int(n * config.start) <= i < int(n * config.switch)
 
 

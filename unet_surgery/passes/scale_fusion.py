@@ -54,9 +54,8 @@ class ScaleFusionHandler(PassHandler[ScaleFusionPass]):
     config = ScaleFusionPass
     rewrite = ATTENTION
 
-    def plan(self, config: ScaleFusionPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in spatial_self_attentions(config, index, unet_map, plan, filter_fn):
-            plan.add(rec.path, rec, self, config, index)
+    def layers(self, config: ScaleFusionPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        return spatial_self_attentions(config, index, unet_map, plan, filter_fn)
 
     def describe(self, entry: ScaleFusionPass) -> str:
         return f"blur {entry.blur}, jitter {'on' if entry.jitter else 'off'}" + (", fast" if entry.fast_mode else "")
