@@ -6,8 +6,7 @@ model.
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
-
+from unet_surgery._version import __version__
 from unet_surgery.errors import (
     CheckpointError,
     MappingError,

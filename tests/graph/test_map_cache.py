@@ -62,7 +62,7 @@ def test_same_architecture_other_weights_device_and_dtype_share_one_entry() -> N
 
 @pytest.mark.parametrize(
     "change",
-    ["dilation", "shape", "probe", "code", "torch"],
+    ["dilation", "shape", "probe", "code", "torch", "diffusers"],
 )
 def test_anything_a_map_depends_on_changes_the_key(change: str, monkeypatch) -> None:
     build = Builds()
@@ -78,6 +78,9 @@ def test_anything_a_map_depends_on_changes_the_key(change: str, monkeypatch) -> 
         monkeypatch.setattr(map_cache, "code_digest", lambda: "another mapper")
     elif change == "torch":
         monkeypatch.setattr(torch, "__version__", "9.9.9")
+    elif change == "diffusers":  # its forward code is traced too
+        real = map_cache.metadata.version
+        monkeypatch.setattr(map_cache.metadata, "version", lambda name: "9.9.9" if name == "diffusers" else real(name))
     out = map_cache.cached_map(model, probe, build)
     assert build.calls == 2 and out.model_class == "Build2"
 

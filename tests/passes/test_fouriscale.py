@@ -493,3 +493,32 @@ def test_setting_follows_the_official_schedule(latent: tuple[int, int], value: f
         else:
             assert patch.layer_setting(filtered, MAIN, call) == ConvSetting(1.0, False, None)
     patch.remove()
+
+
+@pytest.mark.parametrize("n", [20, 25, 75])
+def test_schedule_of_another_step_count_is_the_50_step_one_scaled(n: int) -> None:
+    """start/stop are in units of a 50-step run (``steps: 50``): on an ``n``-step sampler the
+    window is ``i < 30 * n / 50`` and the decay runs from ``10 * n / 50`` (n = 25: step 14 is
+    the last active one, 15 plain)."""
+    from unet_surgery.ops.redilate import ConvSetting
+    from unet_surgery.runtime import MAIN, UNetCall
+
+    model = build_unet("sd15", size="tiny", device="meta")
+    patch = apply(model, _recipe(OFFICIAL_SD15_LAYERS, (64, 64), start=10, stop=30, value=0.0),
+                  unet_map=preset_map("sd15", "tiny"))
+    timesteps = [999.0 - i * 999.0 / (n - 1) for i in range(n)]
+    patch.set_timesteps(timesteps)
+    latent, dilation = (16, 32), 4.0  # max(ceil(16 / 8), ceil(32 / 8))
+    start, stop = 10 * n / 50, 30 * n / 50
+    filtered = patch.plan.layers["mid_block.resnets.0.conv1"]
+    active = []
+    for i, t in enumerate(timesteps):
+        got = patch.layer_setting(filtered, MAIN, UNetCall(timestep=t, latent_hw=latent, batch=1, step=i))
+        if i < stop:
+            cur = official_cur_dilation(dilation, i, start, stop)  # type: ignore[arg-type]
+            assert got == ConvSetting(math.ceil(cur), False, LowPass(cur, (8, 8), latent[0], 0.0)), i
+            active.append(i)
+        else:
+            assert got == ConvSetting(1.0, False, None), i
+    assert active == list(range(math.ceil(stop)))
+    patch.remove()

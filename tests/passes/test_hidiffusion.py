@@ -44,6 +44,11 @@ switching_threshold_ratio_dict = {
 }
 is_aggressive_raunet = True
 aggressive_step = 8
+# The latent side from which the official code uses its "4x" rows (``ori_H < 256`` for SD1.5,
+# ``< 512`` for SDXL). A test of the 4x rows lowers them to its tiny latent (a 2048-pixel
+# SD1.5 latent has 65536 tokens at the windowed level, too large for a CPU test); the rest of
+# the official forward is unchanged.
+FOUR_X_FROM = {"sd15": 256, "sdxl": 512}
 
 
 def sd15_hidiffusion_key() -> dict[str, list[str]]:
@@ -82,12 +87,12 @@ def _switching_ratio(self: Any) -> None:
     self.max_timestep = self.info["pipeline"]._num_timesteps
     ori_H, ori_W = self.info["size"]
     if self.model == "sd15":
-        if ori_H < 256 or ori_W < 256:
+        if ori_H < FOUR_X_FROM["sd15"] or ori_W < FOUR_X_FROM["sd15"]:
             self.T1_ratio = switching_threshold_ratio_dict["sd15_1024"][self.switching_threshold_ratio]
         else:
             self.T1_ratio = switching_threshold_ratio_dict["sd15_2048"][self.switching_threshold_ratio]
     elif self.model == "sdxl":
-        if ori_H < 512 or ori_W < 512:
+        if ori_H < FOUR_X_FROM["sdxl"] or ori_W < FOUR_X_FROM["sdxl"]:
             self.T1_ratio = switching_threshold_ratio_dict["sdxl_2048"][self.switching_threshold_ratio]
             self.aggressive_raunet = is_aggressive_raunet
         else:
@@ -418,6 +423,31 @@ def test_shipped_recipe_equals_official_code(name, hw, steps) -> None:
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
+# 4x area (the official "sd15_2048" / "sdxl_4096" rows): both RAU-Net pairs act on the first
+# steps (sd15: downsampler while step < 35, pooling while step < 15; sdxl: pooling while
+# step < 35, downsampler while step < 15), each pair with its own recorded size.
+FOUR_X = [("sd15", 512, 2048, (32, 64), [0, 14, 15, 35]), ("sdxl", 1024, 4096, (32, 32), [0, 14, 15, 35])]
+
+
+@pytest.mark.parametrize(("name", "base", "target", "hw", "steps"), FOUR_X)
+def test_builder_at_4x_area_equals_official_code(name, base, target, hw, steps, monkeypatch) -> None:
+    """The builder's 4x recipe against the official 4x rows over the switching steps; at
+    step 0 both pairs act in the same UNet call (two recorded sizes in flight at once)."""
+    monkeypatch.setitem(FOUR_X_FROM, name, min(hw))
+    model = tiny(name)
+    ref = apply_hidiffusion(copy.deepcopy(model), name)
+    inputs = inputs_for(model, hw)
+    unet_map = preset_map(name, "tiny")
+    recipe = hidiffusion_recipe(unet_map, base, target)
+    assert len([p for p in recipe.passes if type(p).type == "rau_net"]) == 2
+    with apply(model, recipe, unet_map=unet_map) as patch:
+        patch.set_timesteps(TIMESTEPS)
+        for step in steps:
+            out = patched_out(model, inputs, step, seed=step)
+            expected = official_out(ref, inputs, step, seed=step)
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
 def test_each_pass_alone_equals_the_official_switch(name) -> None:
     """apply_raunet / apply_window_attn of the official code against one pass type each; and
@@ -473,6 +503,41 @@ def test_seeded_shift_draws_the_official_stream() -> None:
     torch.testing.assert_close(first, expected_first, rtol=0, atol=1e-6)
     torch.testing.assert_close(second, expected_second, rtol=0, atol=1e-6)
     assert not torch.allclose(first, second)  # 5 layers drew again: some shift changed
+
+
+def test_two_seeded_passes_draw_from_their_own_generators() -> None:
+    """Two msw_msa passes seeded 1 and 2 (down side, up side of level 0) each draw from their
+    own generator in execution order: equal to the same layers with the shifts those draws
+    give fixed, one pass per layer (quarter k for u in (k/4, (k+1)/4], the official rule)."""
+    model = tiny("sd15")
+    inputs = inputs_for(model, (16, 16))
+    unet_map = preset_map("sd15", "tiny")
+    attn = {"op": ["attention"], "kind": ["self"], "axis": ["spatial"], "level": 0}
+    base = {"name": "two-seeds", "base_resolution": [512, 512], "target_resolutions": [[1024, 1024]]}
+    seeded = parse_recipe({**base, "passes": [
+        {"type": "msw_msa", "select": {**attn, "stage": ["down"]}, "seed": 1},
+        {"type": "msw_msa", "select": {**attn, "stage": ["up"]}, "seed": 2},
+    ]})
+    paths = {stage: sorted(p for p, layer in make_plan(seeded, unet_map).layers.items()
+                           if layer.entry("msw_msa").config.seed == seed)
+             for stage, seed in (("down", 1), ("up", 2))}
+    assert (len(paths["down"]), len(paths["up"])) == (2, 3)
+
+    def quarters(seed: int, n: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        return [min(3, max(0, math.ceil(float(torch.rand(1, generator=g)) * 4) - 1)) for _ in range(n)]
+
+    fixed = [{"type": "msw_msa", "select": {"paths": [path]}, "shift": q}
+             for stage, seed in (("down", 1), ("up", 2))
+             for path, q in zip(paths[stage], quarters(seed, len(paths[stage])), strict=True)]
+    assert len({f["shift"] for f in fixed}) > 1  # the draws differ, so the order matters
+    with apply(model, seeded, unet_map=unet_map) as patch:
+        patch.set_timesteps(TIMESTEPS)
+        out = patched_out(model, inputs, 0)
+    with apply(model, parse_recipe({**base, "passes": fixed}), unet_map=unet_map) as patch:
+        patch.set_timesteps(TIMESTEPS)
+        expected = patched_out(model, inputs, 0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shift", [0, 2])
@@ -716,3 +781,28 @@ def test_misuse_is_refused() -> None:
         parse_recipe({**base, "passes": [{"type": "msw_msa", "select": {"level": 0}, "shift": 4}]})
     with pytest.raises(RecipeError, match="switch"):
         parse_recipe({**base, "passes": [{"type": "rau_net", "select": {"level": 0}, "switch": 1.5}]})
+
+
+def test_export_phases_freeze_a_fixed_shift_and_refuse_a_random_one() -> None:
+    """A .pt2 export freezes every phase's settings: a fixed MSW-MSA shift freezes (the phases
+    then hold that quarter on every windowed layer), a random shift is refused naming the layer."""
+    from unet_surgery.export.phases import default_timesteps, enumerate_phases
+    from unet_surgery.ops.hidiffusion import WindowSetting
+
+    unet_map = preset_map("sd15", "tiny")
+    model = build_unet("sd15", size="tiny", device="meta")
+    timesteps = default_timesteps(50)
+    for shift in (2, None):
+        doc = to_data(load_recipe(RECIPES["sd15"]))
+        doc["passes"][1] = dict(doc["passes"][1], shift=shift)
+        with apply(model, parse_recipe(doc), unet_map=unet_map) as patch:
+            phases, table = enumerate_phases(patch, timesteps, (16, 16))
+            errors = [e for phase in phases for e in phase.freeze_errors(patch)]
+            windows = [s for phase in phases for _, s in phase.layers if isinstance(s, WindowSetting)]
+        assert len(table) == 50 and len(phases) == 2  # RAU-Net on for steps < 20, then off
+        assert len(windows) == 2 * 5 and {w.quarter for w in windows} == {shift}
+        if shift is None:
+            assert errors and all("random MSW-MSA shift" in e for e in errors)
+            assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in errors[0]
+        else:
+            assert errors == []

@@ -100,6 +100,24 @@ def test_cascade_stages_known_cases(base, target, expected) -> None:
     assert cascade_stages(base, target, 4 if base[0] == 32 else 64) == expected
 
 
+def test_cascade_stages_never_repeat_a_size() -> None:
+    """Base 32, target 24x48, multiple 8: r = sqrt(1152 / 1024) = 1.06, one stage above the
+    first; the first is target / r = (22.6, 45.3), snapped to (24, 48): the target itself, so
+    the cascade is that one stage, not the same size twice."""
+    assert cascade_stages((32, 32), (24, 48), 8) == ((24, 48),)
+
+
+def test_auto_factor_follows_the_larger_side_of_a_non_square_size() -> None:
+    """FreeScale's restrained dilation: floor(max(h / h0, w / w0)), at least 1."""
+    from unet_surgery.passes.base import auto_factor
+
+    assert auto_factor((64, 128), (64, 64)) == 2.0
+    assert auto_factor((128, 64), (64, 64)) == 2.0
+    assert auto_factor((96, 40), (32, 32)) == 3.0
+    assert auto_factor((40, 200), (64, 64)) == 3.0
+    assert auto_factor((32, 32), (64, 64)) == 1.0
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     base=st.integers(4, 16).map(lambda k: k * 64),

@@ -127,17 +127,23 @@ FREEU_MERGES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FREEU_PUBLISHED))
-def test_freeu_recipe_has_the_published_factors_and_selects_the_diffusers_merges(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "model_name"),
+    # One case per (recipe, layout): the LDM cases map an ldm_* preset, skipped without ldm.
+    [(n, m) for n in sorted(FREEU_PUBLISHED) for m in (n.removeprefix("freeu-"), f"ldm_{n.removeprefix('freeu-')}")
+     if m != "ldm_sdxl"],
+)
+def test_freeu_recipe_has_the_published_factors_and_selects_the_merges(name: str, model_name: str) -> None:
     recipe = load_recipe(name)
     (config,) = recipe.passes
     assert type(config).type == "freeu" and config.threshold == 1 and config.schedule.tau is None
     assert {k: getattr(config, k) for k in ("b1", "b2", "s1", "s2")} == FREEU_PUBLISHED[name]
-    models = [recipe.model] + ([f"ldm_{recipe.model}"] if recipe.model != "sdxl" else [])
-    for model_name in models:
-        plan = make_plan(recipe, preset_map(model_name))
-        layout = "ldm" if model_name.startswith("ldm_") else "diffusers"
-        assert sorted(plan.entries("freeu"), key=FREEU_MERGES[layout].index) == FREEU_MERGES[layout]
+    assert model_name.removeprefix("ldm_") == recipe.model
+    plan = make_plan(recipe, preset_map(model_name))
+    layout = "ldm" if model_name.startswith("ldm_") else "diffusers"
+    assert sorted(plan.entries("freeu"), key=FREEU_MERGES[layout].index) == FREEU_MERGES[layout]
+
+
 # FouriScale: the official configs (LeonHLJ/FouriScale configs/*.yaml), typed here:
 # recipe -> (start_step, stop_step, latent_height, latent_width, layer list, mask floor).
 FOURISCALE_CONFIGS = {

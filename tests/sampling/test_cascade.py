@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tests.conftest import preset_map
 from tests.pipelines import tiny_pipelines as tp
 from unet_surgery import RecipeError, SurgeryError, current_patch, load_recipe
-from unet_surgery.passes.base import factor_now
+from unet_surgery.ops.redilate import redilated_conv
 from unet_surgery.presets import build_unet
 from unet_surgery.recipes.schema import SamplingSpec
 from unet_surgery.sampling import cfg_denoiser, self_cascade, self_cascade_sample
@@ -167,14 +167,15 @@ def test_freescale_recipe_dilates_later_stages_only() -> None:
            "sampling": {"stages": [[64, 64], [128, 128]], "steps": 10, "restart_step": 3}}
     assert recipe.sampling is not None and recipe.sampling.restart_step == 15
     seen: list[tuple[int, int, float]] = []
+    conv = pipe.unet.get_submodule("down_blocks.1.resnets.0.conv1")  # kernel 3, level 1, down: selected
 
-    def spy(module, args):
-        patch = current_patch(pipe.unet)
-        fp = next(iter(patch.plan.entries("redilate").values()))
-        call = patch.tracker.current
-        seen.append((call.latent_hw[0], call.step, factor_now(patch, fp, call)))
+    def spy(module, args, out):
+        """The factor this conv really ran with: its output is the conv re-dilated by that factor."""
+        call = current_patch(pipe.unet).tracker.current
+        ran = [f for f in (1.0, 2.0, 3.0) if torch.equal(out, redilated_conv(module, args[0], f))]
+        seen.append((call.latent_hw[0], call.step, ran[0] if len(ran) == 1 else float("nan")))
 
-    handle = pipe.unet.conv_in.register_forward_pre_hook(spy)
+    handle = conv.register_forward_hook(spy)
     out = self_cascade_sample(pipe, doc, prompt_embeds=kwargs["prompt_embeds"],
                               negative_prompt_embeds=kwargs["negative_prompt_embeds"], guidance_scale=5.0,
                               generator=torch.Generator().manual_seed(0), unet_map=preset_map("sd15", "tiny"),
@@ -182,6 +183,7 @@ def test_freescale_recipe_dilates_later_stages_only() -> None:
     handle.remove()
     assert current_patch(pipe.unet) is None and "set_timesteps" not in vars(pipe.scheduler)
     assert out.latents.shape == (1, 4, 16, 16)
+    assert conv is pipe.unet.get_submodule("down_blocks.1.resnets.0.conv1") and len(seen) == 17
     stage1 = [f for hw, _, f in seen if hw == 8]
     stage2 = [(i, f) for hw, i, f in seen if hw == 16]
     assert stage1 == [1.0] * 10

@@ -23,7 +23,7 @@ from unet_surgery.export import load_patch, save_patch
 from unet_surgery.export.manifest import manifest_digest
 from unet_surgery.loading import load_unet
 from unet_surgery.ops.rewrite import is_rewritten
-from unet_surgery.presets import build_unet
+from unet_surgery.presets import build_unet, example_inputs
 
 RECIPE = "scalecrafter-sd15-2048x2048-disperse-active"
 
@@ -111,8 +111,21 @@ def test_an_edited_recipe_is_refused_by_its_hash(adapter: Path, tmp_path: Path) 
         load(folder)
 
 
-def test_an_untampered_adapter_loads(adapter: Path) -> None:
-    load(adapter)
+def test_an_untampered_adapter_loads_and_runs_as_the_saved_patch(adapter: Path) -> None:
+    """The loaded patch is the applied recipe: same layers, same output as applying it directly."""
+    inputs = example_inputs(fresh(), height=128, width=128)
+    inputs["timestep"] = torch.tensor([999])
+    direct_model = fresh()
+    with apply(direct_model, RECIPE, unet_map=preset_map("sd15", "tiny")) as direct, torch.no_grad():
+        expected, layers = direct_model(**inputs).sample, sorted(direct.plan.layers)
+    model = fresh()
+    with load_patch(model, adapter, unet_map=preset_map("sd15", "tiny")) as loaded, torch.no_grad():
+        assert sorted(loaded.plan.layers) == layers and loaded.recipe.name == RECIPE
+        out = model(**inputs).sample
+    with torch.no_grad():
+        plain = model(**inputs).sample
+    assert torch.equal(out, expected) and not torch.equal(out, plain)
+    assert not any(is_rewritten(m) for m in model.modules())
 
 
 def test_a_weight_edit_anywhere_changes_the_fingerprint(adapter: Path) -> None:

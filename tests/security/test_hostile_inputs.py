@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from unet_surgery.cli import main
+from unet_surgery.core.pathregex import PatternError, compile_path_pattern
 from unet_surgery.errors import RecipeError
 from unet_surgery.loading import resolve_model
 from unet_surgery.recipes.library import load_recipe
-from unet_surgery.recipes.pathregex import PatternError, compile_path_pattern
 from unet_surgery.recipes.schema import parse_recipe
 
 GOOD = """name: ok

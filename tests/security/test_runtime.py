@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import threading
+from typing import Any
 
+import pytest
 import torch
 
 from tests.conftest import preset_map
@@ -101,3 +103,86 @@ def test_two_threads_under_noise_damped_guidance_get_their_own_batch_split() -> 
     expected = {early: run(model, inputs, early), late: run(model, inputs, late)}
     assert not torch.equal(expected[early], expected[late])
     assert wrong_in_two_threads(model, inputs, expected) == []
+
+
+def test_a_patched_model_refuses_pickling_in_one_line_and_pickles_once_removed() -> None:
+    import io
+    import pickle
+
+    from unet_surgery.errors import SurgeryError
+
+    model, patch = patched()
+    for dump in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):
+        with pytest.raises(SurgeryError) as info:
+            dump(model)
+        message = str(info.value)
+        assert "\n" not in message and "cannot pickle" in message and "remove" in message
+    patch.remove()
+    inputs = example_inputs(model, height=64, width=64)
+    assert torch.equal(run(pickle.loads(pickle.dumps(model)), inputs, TIMESTEPS[0]), run(model, inputs, TIMESTEPS[0]))
+
+
+def test_remove_from_many_threads_at_once_removes_once() -> None:
+    model, patch = patched()
+    plain = build_unet("sd15", size="tiny", device="cpu")
+    inputs = example_inputs(model, height=64, width=64)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            patch.remove()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert current_patch(model) is None and not any(rewrite.is_rewritten(m) for m in model.modules())
+    assert torch.equal(run(model, inputs, TIMESTEPS[0]), run(plain, inputs, TIMESTEPS[0]))
+
+
+def test_a_forward_sees_the_whole_patch_or_none_of_it_while_another_thread_removes() -> None:
+    """Thread A is held inside a patched forward (in the mid block); thread B calls remove(),
+    which must wait for A; thread C starts a forward while B waits: C runs plain, A finishes
+    with the whole patch, and afterwards the model is plain. Ordered by events, not sleeps."""
+    model, patch = patched()
+    plain_model = build_unet("sd15", size="tiny", device="cpu")
+    inputs = example_inputs(model, height=64, width=64)
+    t = TIMESTEPS[0]
+    patched_ref, plain_ref = run(model, inputs, t), run(plain_model, inputs, t)
+    assert not torch.equal(patched_ref, plain_ref)
+    entered, proceed = threading.Event(), threading.Event()
+    holder: dict[str, Any] = {}
+
+    def hold(module: Any, args: Any) -> None:
+        if threading.current_thread() is holder.get("a"):
+            entered.set()
+            proceed.wait()
+
+    handle = model.mid_block.register_forward_pre_hook(hold)
+    results: dict[str, torch.Tensor] = {}
+    a = threading.Thread(target=lambda: results.__setitem__("a", run(model, inputs, t)))
+    holder["a"] = a
+    b = threading.Thread(target=patch.remove)
+    a.start()
+    entered.wait()
+    b.start()
+    while not patch._closing:  # B has begun removing and waits for A (no timing involved)
+        if not b.is_alive():
+            break
+        threading.Event().wait(0)
+    assert b.is_alive() and patch._closing
+    results["c"] = run(model, inputs, t)  # starts while the layers are still swapped
+    proceed.set()
+    a.join()
+    b.join()
+    handle.remove()
+    assert torch.equal(results["a"], patched_ref)
+    assert torch.equal(results["c"], plain_ref)
+    assert current_patch(model) is None
+    assert torch.equal(run(model, inputs, t), plain_ref)

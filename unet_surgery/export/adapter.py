@@ -69,7 +69,7 @@ def write_adapter_files(patch: Patch, folder: Path) -> dict[str, Any]:
     """Write the three adapter files into ``folder`` (``adapter.json`` last); return its data."""
     from safetensors.torch import save_file
 
-    from unet_surgery import __version__
+    from unet_surgery._version import __version__
     from unet_surgery.recipes.library import dump_recipe
 
     if not patch.active:

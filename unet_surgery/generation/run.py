@@ -73,10 +73,10 @@ def _versions() -> dict[str, str]:
     import PIL
     import transformers
 
-    import unet_surgery
+    from unet_surgery._version import __version__
 
     return {
-        "unet_surgery": unet_surgery.__version__, "torch": torch.__version__.split("+")[0],
+        "unet_surgery": __version__, "torch": torch.__version__.split("+")[0],
         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "accelerate": accelerate.__version__, "pillow": PIL.__version__,
         "python": platform.python_version(),

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -146,12 +146,14 @@ class WindowSetting:
 
     ``quarter`` None draws the shift on every forward (the published behaviour) from
     ``generator``, or from torch's global generator when that is None (exactly as published:
-    ``torch.rand(1)``); 0..3 fixes it.
+    ``torch.rand(1)``); 0..3 fixes it. Every field takes part in equality (a generator by
+    identity): equal settings are shared per call, so two passes seeded differently must
+    never compare equal.
     """
 
     latent_hw: HW
     quarter: int | None = None
-    generator: torch.Generator | None = field(default=None, compare=False)
+    generator: torch.Generator | None = None
 
     def draw(self) -> float:
         if self.quarter is not None:
@@ -161,17 +163,24 @@ class WindowSetting:
 
 @dataclass(eq=False)
 class SizeLink:
-    """The size a RAU-Net down layer reduced from, handed to its up layer on the same call."""
+    """The size a RAU-Net down layer reduced from, handed to its up layer on the same call.
+
+    Compared by identity: each pair has its own link.
+    """
 
     size: HW | None = None
 
 
 @dataclass(frozen=True)
 class RauSetting:
-    """An active RAU-Net layer: its side of the pair and the link it shares with the other."""
+    """An active RAU-Net layer: its side of the pair and the link it shares with the other.
+
+    The link takes part in equality (by identity), so the settings of two pairs never
+    compare equal and never share one link.
+    """
 
     side: Literal["down", "up"]
-    link: SizeLink = field(compare=False)
+    link: SizeLink
 
 
 def _resolve(module: nn.Module, kind: type) -> Any:

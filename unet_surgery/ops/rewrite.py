@@ -55,6 +55,24 @@ class Rewritten:
     _rewrite_attrs: ClassVar[tuple[str, ...]] = ()
     _rewrite_buffers: ClassVar[tuple[str, ...]] = ()
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refused in one line: a swapped class is made at run time and reads a live setting
+        source, so a pickle could not be loaded back into a working layer."""
+        raise TransformError(
+            f"cannot pickle a {type(self).__name__} rewritten by unet-surgery; remove the patch first "
+            "(patch.remove()), or save it with save_patch() / export it (unet-surgery export)"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """The ordinary deep copy (pickling is refused above, copying is not)."""
+        import copy
+
+        cls = type(self)
+        copied = cls.__new__(cls)
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))  # type: ignore[attr-defined]
+        return copied
+
 
 _SWAPPED: dict[tuple[type, type], type[nn.Module]] = {}
 

@@ -31,6 +31,16 @@ def progressive_factor(factor: float, tau: float, step: int) -> float:
     return float(max(math.ceil(factor * (tau - step) / tau), 2))
 
 
+def inferred_step(timestep: float | torch.Tensor, steps: int, num_train_timesteps: int = 1000) -> int:
+    """The step of ``timestep`` on a ``steps``-step run when the sampler's list is unknown:
+    ``floor(steps * (1 - t / T))``, clamped to ``[0, steps)`` -- exact at a window boundary for
+    the "leading" and "trailing" spacings of DDIM-like samplers, approximate otherwise."""
+    if num_train_timesteps < 1:
+        raise TransformError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    u = steps * (1.0 - _scalar_timestep(timestep) / num_train_timesteps)
+    return min(max(math.floor(u), 0), steps - 1)
+
+
 def step_index(timestep: float | torch.Tensor, timesteps: Sequence[float] | torch.Tensor) -> int:
     """Index of ``timestep`` in the sampler's ``timesteps`` (the nearest entry; first on ties).
 
@@ -169,9 +179,4 @@ class FactorSchedule(ScheduleSpec):
         if timesteps is not None:
             ts = torch.as_tensor(timesteps).flatten()
             return self.factor_at_step(step_index(t, ts), int(ts.numel()))
-        if num_train_timesteps < 1:
-            raise TransformError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
-        value = _scalar_timestep(t)
-        u = self.steps * (1.0 - value / num_train_timesteps)
-        i = min(max(math.floor(u), 0), self.steps - 1)
-        return self.factor_at_step(i, self.steps)
+        return self.factor_at_step(inferred_step(t, self.steps, num_train_timesteps), self.steps)

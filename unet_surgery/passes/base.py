@@ -1,160 +1,71 @@
-"""The pass registry: every pass type is one config dataclass and one handler object.
+"""What the passes share: factor schedules, the step window, and layer selection helpers.
 
-In the manner of torchao's ``quantize_`` (one handler per config type), a handler owns all
-there is to know about its pass: planning (which layers, with which per-layer entry), the
-layer rewrite its layers get, the setting it contributes on each UNet call, what blocks
-freezing it for export, the tensors it adds to an adapter, and why it could have no effect.
-:class:`~unet_surgery.patching.patch.Patch`, the export formats and the recipe parser only go
-through :func:`handler_for` and :func:`pass_types`; adding a pass is one file that defines a
-config (a :class:`~unet_surgery.recipes.schema.PassConfig`) and a handler decorated with
-:func:`register_pass` (see ``docs/architecture.md``).
-
-Several passes may shape one layer (re-dilation, dispersion and noise-damped guidance all act
-on the same conv): the layer is rewritten once, by its :class:`LayerRewrite`, and its setting
-on a call is a fold over the handlers that planned it, in handler ``order``, starting from the
-rewrite's ``off`` setting.
+The registry, plans and handler base class live in :mod:`unet_surgery.core.registry` (below
+this package and :mod:`unet_surgery.recipes`) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import builtins
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
+from unet_surgery.core.registry import (
+    FilterFn,
+    LayerPart,
+    LayerPlan,
+    LayerRewrite,
+    MissingPath,
+    PassHandler,
+    Plan,
+    Record,
+    handler_for,
+    make_plan,
+    no_effect_reasons,
+    pass_types,
+    register_pass,
+    unregister_pass,
+)
+from unet_surgery.core.schema import ScheduleSpec
+from unet_surgery.core.selectors import Selection, closest_paths, select
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import AttentionRecord, ConvRecord, UNetMap
-from unet_surgery.ops.schedules import FactorSchedule
-from unet_surgery.recipes.schema import PassConfig, Recipe, ScheduleSpec
-from unet_surgery.recipes.selectors import Selection, closest_paths, select
+from unet_surgery.ops.schedules import FactorSchedule, inferred_step
 from unet_surgery.runtime import UNetCall
+
+__all__ = [
+    "AUTO",
+    "FactorPlan",
+    "FilterFn",
+    "LayerPart",
+    "LayerPlan",
+    "LayerRewrite",
+    "MissingPath",
+    "PassHandler",
+    "Plan",
+    "Record",
+    "active_now",
+    "auto_factor",
+    "describe_schedule",
+    "factor_for",
+    "factor_now",
+    "handler_for",
+    "make_plan",
+    "no_effect_reasons",
+    "pass_types",
+    "register_pass",
+    "selection",
+    "spatial_convs",
+    "spatial_self_attentions",
+    "step_position",
+    "unregister_pass",
+    "window_is_empty",
+]
 
 if TYPE_CHECKING:
     from unet_surgery.patching.patch import Patch
 
 AUTO = "auto"
-Record = ConvRecord | AttentionRecord
-FilterFn = Callable[[str, str], bool]
-C = TypeVar("C", bound=PassConfig)
-
-
-# ----------------------------------------------------------------------------- layer rewrites
-
-
-@dataclass(frozen=True)
-class LayerRewrite:
-    """How one kind of layer is rewritten in place (a class swap from ``unet_surgery.ops``).
-
-    ``install(module, source, extras)`` swaps the module so it reads ``source()`` on every
-    forward (``extras`` are what the handlers' :meth:`PassHandler.prepare` returned);
-    ``restore`` undoes it. ``off`` is the setting that means "the plain layer", ``group`` the
-    key its paths are listed under in adapter metadata, ``split_batches`` whether a setting
-    may differ per slice of the batch (noise-damped guidance), and ``summary`` turns a
-    setting into a manifest row (None when the setting is plain).
-    """
-
-    name: str
-    group: str
-    off: Any
-    install: Callable[[nn.Module, Callable[[], Any], dict[str, Any]], Any]
-    restore: Callable[[nn.Module], Any]
-    summary: Callable[[Any], dict[str, Any] | None]
-    split_batches: bool = False
-
-
-# ----------------------------------------------------------------------------- plans
-
-
-@dataclass
-class LayerPart:
-    """One pass's contribution to one layer."""
-
-    handler: PassHandler[Any]
-    entry: Any
-    pass_index: int
-
-
-@dataclass
-class LayerPlan:
-    """A layer that is rewritten, and every pass that shapes its setting (in handler order)."""
-
-    path: str
-    record: Record | None
-    rewrite: LayerRewrite
-    parts: list[LayerPart] = field(default_factory=list)
-
-    def entry(self, pass_type: str) -> Any | None:
-        """The entry of pass type ``pass_type`` on this layer, if it has one."""
-        return next((p.entry for p in self.parts if p.handler.type == pass_type), None)
-
-
-@dataclass
-class MissingPath:
-    pass_index: int
-    path: str
-    suggestions: list[str]
-
-
-@dataclass
-class Plan:
-    """Per-layer plan of a recipe on one model: pure data, nothing is touched."""
-
-    recipe: Recipe
-    layers: dict[str, LayerPlan] = field(default_factory=dict)
-    missing: list[MissingPath] = field(default_factory=list)
-
-    def add(self, path: str, record: Record | None, handler: PassHandler[Any], entry: Any, index: int) -> None:
-        """Record that pass ``index`` (handled by ``handler``) acts on ``path`` with ``entry``."""
-        layer = self.layers.get(path)
-        if layer is None:
-            layer = self.layers[path] = LayerPlan(path, record, handler.rewrite)
-        elif layer.rewrite is not handler.rewrite:
-            raise SelectionError(
-                f"passes[{index}] ({handler.type}): {path} is already rewritten as "
-                f"{layer.rewrite.name} by another pass"
-            )
-        existing = next((p for p in layer.parts if p.handler is handler), None)
-        if existing is not None:  # a later pass of the same type overrides, as before
-            existing.entry, existing.pass_index = entry, index
-        else:
-            layer.parts.append(LayerPart(handler, entry, index))
-            layer.parts.sort(key=lambda p: p.handler.order)
-
-    def entries(self, pass_type: str) -> dict[str, Any]:
-        """``path -> entry`` of every layer pass type ``pass_type`` acts on."""
-        out = {}
-        for path, layer in self.layers.items():
-            entry = layer.entry(pass_type)
-            if entry is not None:
-                out[path] = entry
-        return out
-
-    def planned_by(self, index: int) -> list[str]:
-        """Paths of the layers pass ``index`` of the recipe acts on."""
-        return [p for p, layer in self.layers.items() if any(x.pass_index == index for x in layer.parts)]
-
-    def paths(self, group: str) -> list[str]:
-        """Sorted paths of the layers whose rewrite lists them under ``group``."""
-        return sorted(p for p, layer in self.layers.items() if layer.rewrite.group == group)
-
-    def groups(self) -> dict[str, list[str]]:
-        """Sorted paths per rewrite group, every registered group present (adapter metadata)."""
-        names = sorted({h.rewrite.group for h in _HANDLERS.values()} | {lp.rewrite.group for lp in self.layers.values()})
-        return {g: self.paths(g) for g in names}
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per (layer, pass): path, op, what changes and when (for reports)."""
-        rows = []
-        for layer in self.layers.values():
-            op = layer.record.op if layer.record is not None else layer.rewrite.name
-            for part in layer.parts:
-                rows.append({"path": layer.path, "op": op, "change": part.handler.type,
-                             "setting": part.handler.describe(part.entry)})
-        return rows
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -203,12 +114,22 @@ def factor_now(patch: Patch, fp: FactorPlan | None, call: UNetCall | None) -> fl
             return 1.0
         factor = auto_factor(call.latent_hw, patch.base_latent_hw)
     schedule = fp.schedule_for(float(factor))
-    if call is None or call.timestep is None:
+    position = step_position(patch, call, schedule.steps)
+    if position is None:
         return float(schedule.factor) if schedule.tau is None else 1.0
+    return schedule.factor_at_step(*position)
+
+
+def step_position(patch: Patch, call: UNetCall | None, steps: int) -> tuple[int, int] | None:
+    """``(step, step count)`` of ``call``: exact from the sampler's timestep list when the patch
+    knows it, else inferred from ``t / T`` on a ``steps``-step run; None without a timestep.
+    The one place a pass turns a UNet call into a step."""
+    if call is None or call.timestep is None:
+        return None
     tracker = patch.tracker
     if tracker.timesteps and call.step is not None:
-        return schedule.factor_at_step(call.step, len(tracker.timesteps))
-    return schedule.factor_at_timestep(call.timestep, None, tracker.num_train_timesteps)
+        return call.step, len(tracker.timesteps)
+    return inferred_step(call.timestep, steps, tracker.num_train_timesteps), steps
 
 
 def active_now(patch: Patch, schedule: ScheduleSpec, call: UNetCall | None) -> bool:
@@ -219,98 +140,6 @@ def active_now(patch: Patch, schedule: ScheduleSpec, call: UNetCall | None) -> b
 def window_is_empty(schedule: ScheduleSpec) -> bool:
     """True when no step can fall inside the window (``tau`` of 0)."""
     return schedule.tau is not None and schedule.tau <= 0
-
-
-# ----------------------------------------------------------------------------- handlers
-
-
-class PassHandler(Generic[C]):
-    """Everything one pass type does. Subclass, set the class attributes, register.
-
-    ``type`` is the recipe's ``type:`` string, ``config`` the dataclass, ``rewrite`` the
-    :class:`LayerRewrite` its layers get and ``order`` its position when several passes shape
-    one layer's setting (lower first).
-    """
-
-    type: ClassVar[str]
-    config: ClassVar[builtins.type[PassConfig]]
-    rewrite: ClassVar[LayerRewrite]
-    order: ClassVar[int] = 0
-
-    # --- planning (pure) -------------------------------------------------------------------
-    def plan(self, config: C, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        """Add this pass's layers to ``plan`` (``plan.add``); raise SelectionError on misuse."""
-        raise NotImplementedError
-
-    def check_plan(self, plan: Plan) -> None:
-        """Cross-pass checks once every pass is planned (e.g. dispersion needs re-dilation)."""
-
-    def describe(self, entry: Any) -> str:
-        """One line saying what the pass does to a layer, for reports."""
-        return ""
-
-    def no_effect_reasons(self, config: C, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
-        """Why this pass can change nothing (empty when it can act).
-
-        ``plan`` is None when no model is at hand (``recipes validate``): then only what the
-        recipe alone shows is reported; with a plan, what the selected layers show as well.
-        """
-        return []
-
-    # --- installing ------------------------------------------------------------------------
-    def prepare(self, module: nn.Module, entry: Any) -> dict[str, Any]:
-        """Extra install arguments for the layer rewrite (e.g. a dispersed kernel)."""
-        return {}
-
-    def setting(self, patch: Patch, entry: Any, branch: str, call: UNetCall | None, current: Any) -> Any:
-        """The layer's setting on ``call`` after this pass, given the setting before it."""
-        return current
-
-    # --- export ----------------------------------------------------------------------------
-    def freeze_error(self, path: str, setting: Any) -> str | None:
-        """Why ``setting`` cannot be frozen into a static program (None: it can)."""
-        return None
-
-    def adapter_tensors(self, path: str, module: nn.Module, entry: Any) -> dict[str, torch.Tensor]:
-        """Tensors this pass adds to ``module`` that an adapter stores (keyed by full name)."""
-        return {}
-
-
-_HANDLERS: dict[str, PassHandler[Any]] = {}
-
-
-def register_pass(handler_cls: type[PassHandler[Any]]) -> type[PassHandler[Any]]:
-    """Class decorator: make ``handler_cls`` the handler of its config's ``type``."""
-    name = handler_cls.config.type
-    if handler_cls.type != name:
-        raise TypeError(f"{handler_cls.__name__}.type {handler_cls.type!r} != its config's type {name!r}")
-    _HANDLERS[name] = handler_cls()
-    return handler_cls
-
-
-def unregister_pass(name: str) -> None:
-    """Forget the handler of pass type ``name`` (plugins and tests that register their own)."""
-    _HANDLERS.pop(name, None)
-
-
-def _load_builtin() -> None:
-    import unet_surgery.passes  # noqa: F401  (registers the built-in passes)
-
-
-def pass_types() -> dict[str, type[PassConfig]]:
-    """``type`` string -> config dataclass of every registered pass."""
-    _load_builtin()
-    return {name: h.config for name, h in _HANDLERS.items()}
-
-
-def handler_for(config: PassConfig | str) -> PassHandler[Any]:
-    """The handler of a config (or of a ``type`` string)."""
-    _load_builtin()
-    name = config if isinstance(config, str) else type(config).type
-    try:
-        return _HANDLERS[name]
-    except KeyError:
-        raise SelectionError(f"no handler is registered for pass type {name!r}") from None
 
 
 # ----------------------------------------------------------------------------- planning helpers
@@ -376,23 +205,3 @@ def factor_for(config: Any, path: str, where: str) -> float | str:
     return config.factor
 
 
-def make_plan(recipe: Recipe, unet_map: UNetMap, filter_fn: FilterFn | None = None) -> Plan:
-    """Resolve every pass of ``recipe`` against ``unet_map`` through its handler."""
-    plan = Plan(recipe)
-    handlers = []
-    for index, config in enumerate(recipe.passes):
-        handler = handler_for(config)
-        handler.plan(config, index, unet_map, plan, filter_fn)
-        handlers.append(handler)
-    for handler in dict.fromkeys(handlers):
-        handler.check_plan(plan)
-    return plan
-
-
-def no_effect_reasons(recipe: Recipe, plan: Plan | None = None) -> list[str]:
-    """Every reason a pass of ``recipe`` can have no effect (on ``plan``'s layers, if given)."""
-    out = []
-    for index, config in enumerate(recipe.passes):
-        for reason in handler_for(config).no_effect_reasons(config, index, recipe, plan):
-            out.append(f"passes[{index}] ({type(config).type}): {reason}")
-    return out

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from unet_surgery.core.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.dispersion import TransformParams, transform_key, transform_tensor
@@ -29,7 +30,6 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import CONV
-from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import MAIN, UNetCall
 
 TRANSFORM_PREFIX = "dispersion_R/"
@@ -64,14 +64,14 @@ class DisperseHandler(PassHandler[DispersePass]):
     rewrite = CONV
     order = 10  # after re-dilation: it reads the factor re-dilation set
 
-    def plan(self, config: DispersePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
+    def layers(self, config: DispersePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        return spatial_convs(config, index, unet_map, plan, filter_fn)
+
+    def entry(self, config: DispersePass, index: int, rec: Any) -> DisperseEntry:
         t = config.transform
-        for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
-            if rec.spatial_kernel != (t.small, t.small):
-                raise SelectionError(
-                    f"passes[{index}] (disperse): {rec.path} is not a spatial {t.small}x{t.small} convolution"
-                )
-            plan.add(rec.path, rec, self, DisperseEntry(t, config.schedule), index)
+        if rec.spatial_kernel != (t.small, t.small):
+            raise SelectionError(f"passes[{index}] (disperse): {rec.path} is not a spatial {t.small}x{t.small} convolution")
+        return DisperseEntry(t, config.schedule)
 
     def check_plan(self, plan: Plan) -> None:
         for path, layer in plan.layers.items():

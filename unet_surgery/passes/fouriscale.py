@@ -19,12 +19,19 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
+from unet_surgery.core.schema import OnMissing, PassConfig, Recipe, Selector, doc, fail
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.lowpass import LowPass
 from unet_surgery.ops.redilate import ConvSetting
-from unet_surgery.passes.base import FilterFn, PassHandler, Plan, register_pass, spatial_convs
+from unet_surgery.passes.base import (
+    FilterFn,
+    PassHandler,
+    Plan,
+    register_pass,
+    spatial_convs,
+    step_position,
+)
 from unet_surgery.passes.layers import CONV
-from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, Selector, doc, fail
 from unet_surgery.runtime import MAIN, UNetCall
 
 
@@ -71,17 +78,6 @@ def auto_dilation(latent_hw: tuple[int, int], base_latent_hw: tuple[int, int]) -
     return float(max(math.ceil(latent_hw[0] / base_latent_hw[0]), math.ceil(latent_hw[1] / base_latent_hw[1])))
 
 
-def _step_of(patch: Any, call: UNetCall, steps: int) -> tuple[int, int] | None:
-    """(step index, step count) of ``call``: exact with the sampler's list, else from t / T."""
-    tracker = patch.tracker
-    if tracker.timesteps and call.step is not None:
-        return call.step, len(tracker.timesteps)
-    if call.timestep is None:
-        return None
-    u = steps * (1.0 - call.timestep / tracker.num_train_timesteps)
-    return min(max(math.floor(u), 0), steps - 1), steps
-
-
 @register_pass
 class FouriScaleHandler(PassHandler[FouriScalePass]):
     """Plans the selected spatial convs; sets factor ceil(d_i) and the low-pass filter."""
@@ -91,9 +87,8 @@ class FouriScaleHandler(PassHandler[FouriScalePass]):
     rewrite = CONV
     order = 10
 
-    def plan(self, config: FouriScalePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
-            plan.add(rec.path, rec, self, config, index)
+    def layers(self, config: FouriScalePass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        return spatial_convs(config, index, unet_map, plan, filter_fn)
 
     def describe(self, entry: FouriScalePass) -> str:
         d = entry.dilation if isinstance(entry.dilation, str) else f"{entry.dilation:g}"
@@ -105,7 +100,7 @@ class FouriScaleHandler(PassHandler[FouriScalePass]):
     def setting(self, patch: Any, entry: FouriScalePass, branch: str, call: UNetCall | None, current: ConvSetting) -> ConvSetting:
         if branch != MAIN or call is None or not call.latent_hw[0]:
             return current
-        position = _step_of(patch, call, entry.steps)
+        position = step_position(patch, call, entry.steps)
         if position is None:
             return current
         step, n = position

@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
+from unet_surgery.core.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc, fail
+from unet_surgery.core.selectors import closest_paths, is_pattern, path_matches
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import SkipRecord, UNetMap
 from unet_surgery.ops.freeu import FreeUSetting, freeu_, restore_freeu_
@@ -31,8 +33,6 @@ from unet_surgery.passes.base import (
     register_pass,
     window_is_empty,
 )
-from unet_surgery.recipes.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc, fail
-from unet_surgery.recipes.selectors import closest_paths, is_pattern, path_matches
 from unet_surgery.runtime import UNetCall
 
 STAGES = 2

@@ -7,12 +7,12 @@ cyclically shifted by a random quarter of a window on every call (HiDiffusion,
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from unet_surgery.core.schema import PassConfig, Selector, doc, fail
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops import rewrite
 from unet_surgery.ops.hidiffusion import WindowSetting, window_attention_
@@ -24,7 +24,6 @@ from unet_surgery.passes.base import (
     register_pass,
     spatial_self_attentions,
 )
-from unet_surgery.recipes.schema import PassConfig, Selector, doc, fail
 from unet_surgery.runtime import UNetCall
 
 WINDOW_ATTENTION = LayerRewrite(
@@ -59,17 +58,23 @@ class MswMsaPass(PassConfig):
             fail(f"{where}.shift", f"must be 0, 1, 2, 3 or null, got {self.shift}")
 
 
-_GENERATORS: weakref.WeakKeyDictionary[Any, dict[int, torch.Generator]] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class WindowEntry:
+    """One windowed layer: its pass config and the pass's index (the key of its state slot)."""
+
+    config: MswMsaPass
+    index: int
 
 
-def _generator(patch: Any, config: MswMsaPass) -> torch.Generator | None:
+def _generator(patch: Any, config: MswMsaPass, index: int) -> torch.Generator | None:
+    """Pass ``index``'s private generator, in the patch's state slot of that pass."""
     if config.seed is None:
         return None
-    held = _GENERATORS.setdefault(patch, {})
-    key = id(config)
-    if key not in held:
-        held[key] = torch.Generator().manual_seed(config.seed)
-    return held[key]
+    slot = patch.state.slot(index)
+    generator = slot.get("generator")
+    if generator is None:
+        generator = slot["generator"] = torch.Generator().manual_seed(config.seed)
+    return generator
 
 
 @register_pass
@@ -80,17 +85,22 @@ class MswMsaHandler(PassHandler[MswMsaPass]):
     config = MswMsaPass
     rewrite = WINDOW_ATTENTION
 
-    def plan(self, config: MswMsaPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in spatial_self_attentions(config, index, unet_map, plan, filter_fn):
-            plan.add(rec.path, rec, self, config, index)
+    def layers(self, config: MswMsaPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        return spatial_self_attentions(config, index, unet_map, plan, filter_fn)
 
-    def describe(self, entry: MswMsaPass) -> str:
-        return "2x2 windows, " + ("random shift" if entry.shift is None else f"shift {entry.shift}/4 window")
+    def entry(self, config: MswMsaPass, index: int, rec: Any) -> WindowEntry:
+        return WindowEntry(config, index)
 
-    def setting(self, patch: Any, entry: MswMsaPass, branch: str, call: UNetCall | None, current: Any) -> WindowSetting | None:
+    def describe(self, entry: WindowEntry) -> str:
+        shift = entry.config.shift
+        return "2x2 windows, " + ("random shift" if shift is None else f"shift {shift}/4 window")
+
+    def setting(self, patch: Any, entry: WindowEntry, branch: str, call: UNetCall | None, current: Any) -> WindowSetting | None:
         if call is None or not call.latent_hw[0]:
             return current
-        return WindowSetting(latent_hw=call.latent_hw, quarter=entry.shift, generator=_generator(patch, entry))
+        config = entry.config
+        return WindowSetting(latent_hw=call.latent_hw, quarter=config.shift,
+                             generator=_generator(patch, config, entry.index))
 
     def freeze_error(self, path: str, setting: Any) -> str | None:
         if isinstance(setting, WindowSetting) and setting.quarter is None:

@@ -2,8 +2,21 @@
 
 The unconditional prediction of the damped branch runs with its own (vanilla) re-dilation
 table. The conv side is a branch of the conv rewrite (a :class:`~unet_surgery.ops.BatchSplit`
-slice); the batch side is :class:`~unet_surgery.patching.guidance.NoiseDampedGuidance`, which
-:meth:`Patch.enable_noise_damped_cfg` (or ``apply_to_pipeline``) switches on.
+slice). The batch side is two model hooks the handler registers on the patch (``attach``);
+they act once the caller declares ``[uncond, cond]`` batches (``patch.set_cfg_batches(True)``,
+done by ``apply_to_pipeline``).
+
+A pipeline batches ``[uncond, cond]`` and combines ``uncond + w * (cond - uncond)``. While the
+noise-damped window is open, the pre hook turns that batch into ``[uncond, uncond, cond]``; the
+first slice runs the damped (vanilla-table) branch and the other two the main branch, in one
+UNet call (each re-dilated conv splits its batch). The post hook then returns
+
+    uncond' = eps_v(u)          cond' = eps_v(u) + eps_d(c) - eps_d(u)
+
+so the pipeline's own combination yields ``eps_v(u) + w * (eps_d(c) - eps_d(u))``, the
+published formula, for any guidance scale. The published loop spends four evaluations (two
+batch-2 calls) and discards one. What a call in flight needs (its rows) is on the call
+record, which is per thread.
 """
 
 from __future__ import annotations
@@ -11,6 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
+from unet_surgery.core.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
+from unet_surgery.errors import SurgeryError
 from unet_surgery.passes.base import (
     AUTO,
     FactorPlan,
@@ -20,8 +37,7 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.redilate import FactorPassHandler, check_factors
-from unet_surgery.recipes.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
-from unet_surgery.runtime import DAMPED, UNetCall
+from unet_surgery.runtime import DAMPED, MAIN, UNetCall
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,10 @@ class NoiseDampedCFGHandler(FactorPassHandler):
     def guidance_active(self, patch: Any, call: UNetCall | None) -> bool:
         """Whether the damped branch differs from plain on ``call`` (guidance splits the batch)."""
         return any(factor_now(patch, e, call) != 1.0 for e in patch.plan.entries(self.type).values())
+
+    def attach(self, patch: Any) -> None:
+        hooks = _BatchSplitHooks(patch, self)
+        patch.hooks.add(self.type, pre=hooks.pre, post=hooks.post)
 
     def no_effect_reasons(self, config: NoiseDampedCFGPass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
         reasons = []
@@ -87,3 +107,67 @@ def _same_branches(damped: dict[str, FactorPlan], main: dict[str, FactorPlan]) -
         elif (d.factor, d.schedule) != (m.factor, m.schedule):
             return False
     return True
+
+
+def _expand(value: Any, batch: int) -> Any:
+    """[u, c] -> [u, u, c] along dim 0 for every per-sample tensor.
+
+    Recurses into dicts (SDXL's added conditioning) and lists/tuples (ControlNet residuals,
+    IP-adapter embeddings).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] % batch or value.shape[0] < 2:
+            return value
+        half = value.shape[0] // 2
+        return torch.cat([value[:half], value[:half], value[half:]])
+    if isinstance(value, dict):
+        return {k: _expand(v, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_expand(v, batch) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _combine(sample: torch.Tensor, rows: int) -> torch.Tensor:
+    k = sample.shape[0] // (3 * rows)
+    n = rows * k
+    vanilla_u, damped_u, damped_c = sample[:n], sample[n : 2 * n], sample[2 * n :]
+    return torch.cat([vanilla_u, vanilla_u + (damped_c - damped_u)])
+
+
+class _BatchSplitHooks:
+    """The pre/post model hooks of noise-damped guidance, acting while ``patch.cfg_batches``."""
+
+    def __init__(self, patch: Any, handler: NoiseDampedCFGHandler) -> None:
+        self.patch, self.handler = patch, handler
+
+    def pre(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        patch = self.patch
+        call = patch.tracker.current
+        if call is None or not patch.cfg_batches or not self.handler.guidance_active(patch, call):
+            return None
+        if call.batch % 2:
+            raise SurgeryError(
+                f"noise-damped guidance needs a [uncond, cond] batch of even size, got {call.batch}"
+            )
+        rows = call.batch // 2
+        call.groups = ((rows, DAMPED), (2 * rows, MAIN))
+        call.batch = 3 * rows
+        patch.resolve_settings()
+        return tuple(_expand(a, 2 * rows) for a in args), {k: _expand(v, 2 * rows) for k, v in kwargs.items()}
+
+    def post(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        call = self.patch.tracker.current
+        if call is None or call.groups is None:
+            return None
+        rows = call.groups[0][0]
+        call.groups = None
+        call.settings = None  # resolved for the split batch; later reads resolve live
+        if isinstance(output, torch.Tensor):
+            return _combine(output, rows)
+        if isinstance(output, tuple):
+            return (_combine(output[0], rows), *output[1:])
+        if hasattr(output, "sample"):
+            output.sample = _combine(output.sample, rows)
+            return output
+        raise SurgeryError(f"cannot apply noise-damped guidance to a UNet returning {type(output).__name__}")

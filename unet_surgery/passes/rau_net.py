@@ -18,13 +18,12 @@ The window follows the official switching rule: active while
 
 from __future__ import annotations
 
-import math
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
+from unet_surgery.core.schema import PassConfig, Recipe, Selector, doc, fail
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import AttentionRecord, ConvRecord, UNetMap
 from unet_surgery.ops import rewrite
@@ -36,8 +35,8 @@ from unet_surgery.passes.base import (
     Plan,
     register_pass,
     selection,
+    step_position,
 )
-from unet_surgery.recipes.schema import PassConfig, Recipe, Selector, doc, fail
 from unet_surgery.runtime import UNetCall
 
 
@@ -96,24 +95,22 @@ class RauEntry:
     min_latent: int  # 2**(D+1), D the map's deepest level: see room_to_shrink
 
 
-_LINKS: weakref.WeakKeyDictionary[Any, dict[int, SizeLink]] = weakref.WeakKeyDictionary()
-
-
 def _link(patch: Any, index: int) -> SizeLink:
-    """The size link of pair ``index`` in ``patch`` (one per applied patch)."""
-    return _LINKS.setdefault(patch, {}).setdefault(index, SizeLink())
+    """The size link of pair ``index``: in the patch's state slot of that pass, one per pair
+    (the official code keeps separate state per pair)."""
+    slot = patch.state.slot(index)
+    link = slot.get("link")
+    if link is None:
+        link = slot["link"] = SizeLink()
+    return link
 
 
 def step_window_open(patch: Any, config: RauNetPass, call: UNetCall | None) -> bool:
     """The official switching rule on ``call``: ``int(n * start) <= i < int(n * switch)``."""
-    if call is None or call.timestep is None:
+    position = step_position(patch, call, config.steps)
+    if position is None:
         return False
-    tracker = patch.tracker
-    if tracker.timesteps and call.step is not None:
-        n, i = len(tracker.timesteps), call.step
-    else:
-        n = config.steps
-        i = min(max(math.floor(n * (1.0 - call.timestep / tracker.num_train_timesteps)), 0), n - 1)
+    i, n = position
     return int(n * config.start) <= i < int(n * config.switch)
 
 

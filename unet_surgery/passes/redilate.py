@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from unet_surgery.core.schema import (
+    OnMissing,
+    PassConfig,
+    Recipe,
+    ScheduleSpec,
+    Selector,
+    doc,
+    fail,
+    key_path,
+)
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.redilate import ConvSetting
 from unet_surgery.passes.base import (
@@ -20,16 +30,6 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import CONV
-from unet_surgery.recipes.schema import (
-    OnMissing,
-    PassConfig,
-    Recipe,
-    ScheduleSpec,
-    Selector,
-    doc,
-    fail,
-    key_path,
-)
 from unet_surgery.runtime import MAIN, UNetCall
 
 
@@ -89,12 +89,14 @@ class FactorPassHandler(PassHandler[Any]):
     branch: str = MAIN
     skip_factor_one: bool = False  # a factor of 1 is the plain conv: not planned at all
 
-    def plan(self, config: Any, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in spatial_convs(config, index, unet_map, plan, filter_fn):
-            factor = factor_for(config, rec.path, f"passes[{index}]")
-            if self.skip_factor_one and factor != AUTO and float(factor) == 1.0:
-                continue
-            plan.add(rec.path, rec, self, FactorPlan(factor, config.schedule), index)
+    def layers(self, config: Any, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        return spatial_convs(config, index, unet_map, plan, filter_fn)
+
+    def entry(self, config: Any, index: int, rec: Any) -> FactorPlan | None:
+        factor = factor_for(config, rec.path, f"passes[{index}]")
+        if self.skip_factor_one and factor != AUTO and float(factor) == 1.0:
+            return None
+        return FactorPlan(factor, config.schedule)
 
     def describe(self, entry: FactorPlan) -> str:
         return entry.describe()

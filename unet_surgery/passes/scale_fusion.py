@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from unet_surgery.core.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.ops.scale_fusion import PUBLISHED_JITTER, FusionSetting, fusion_window
 from unet_surgery.passes.base import (
@@ -24,7 +25,6 @@ from unet_surgery.passes.base import (
     window_is_empty,
 )
 from unet_surgery.passes.layers import ATTENTION
-from unet_surgery.recipes.schema import PassConfig, Recipe, ScheduleSpec, Selector, doc
 from unet_surgery.runtime import UNetCall
 
 
@@ -54,9 +54,8 @@ class ScaleFusionHandler(PassHandler[ScaleFusionPass]):
     config = ScaleFusionPass
     rewrite = ATTENTION
 
-    def plan(self, config: ScaleFusionPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:
-        for rec in spatial_self_attentions(config, index, unet_map, plan, filter_fn):
-            plan.add(rec.path, rec, self, config, index)
+    def layers(self, config: ScaleFusionPass, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> list[Any]:
+        return spatial_self_attentions(config, index, unet_map, plan, filter_fn)
 
     def describe(self, entry: ScaleFusionPass) -> str:
         return f"blur {entry.blur}, jitter {'on' if entry.jitter else 'off'}" + (", fast" if entry.fast_mode else "")

@@ -7,26 +7,40 @@ are computed from the live weights while used). A forward pre-hook records each 
 timestep and size and resolves every layer's setting (the handlers' contributions folded in
 order) before the forward: schedules work inside any unmodified sampling loop and under
 ``torch.compile``. ``remove()`` restores the model bit for bit.
+
+What passes keep between calls (a RAU-Net pair's recorded size, a seeded generator) lives in
+the patch's :class:`~unet_surgery.patching.state.PatchState`, and model-level hooks (noise-damped
+guidance's batch split) in its :class:`~unet_surgery.patching.state.ModelHooks`: both are
+created here and cleared by ``remove()``.
+
+Threads: a forward sees the whole patch or none of it. ``remove()`` waits for the forwards in
+flight, and a forward that starts while the patch is being removed (or before it is fully
+installed) runs every layer plain. Removing from two threads at once removes once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from unet_surgery.errors import SurgeryError
 from unet_surgery.graph import UNetMap, map_unet
 from unet_surgery.ops.redilate import BatchSplit
 from unet_surgery.passes.base import LayerPlan, Plan, make_plan, no_effect_reasons
+from unet_surgery.patching.state import ModelHooks, PatchState
 from unet_surgery.recipes.schema import Recipe
 from unet_surgery.runtime import MAIN, UNetCall, UNetCallTracker
 
 PATCH_ATTR = "_unet_surgery_patch"
+PICKLE_REFUSAL = (
+    "cannot pickle a model patched by unet-surgery; call patch.remove() first, or save the patch "
+    "with save_patch() / export it (unet-surgery export)"
+)
 
 
 class NoEffectWarning(UserWarning):
@@ -43,10 +57,18 @@ class Patch:
         self.plan = plan
         self.tracker = tracker
         self._modules: list[tuple[nn.Module, LayerPlan]] = []
-        self._hook: Any = None
-        self.guidance: Any = None
+        self.state = PatchState()
+        self.hooks = ModelHooks(model)
+        self.cfg_batches = False  # the caller's batches are [uncond, cond] halves (set_cfg_batches)
         self.active = False
         self._interned: dict[Any, Any] = {}
+        self._init_concurrency()
+
+    def _init_concurrency(self) -> None:
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._closing = False
+        self._depth = threading.local()  # this thread's forwards of the model in flight
 
     # --- schedule -----------------------------------------------------------------------
     def set_timesteps(self, timesteps: Any) -> None:
@@ -67,9 +89,16 @@ class Patch:
         return setting
 
     def current_setting(self, layer: LayerPlan) -> Any:
-        """What ``layer`` runs with on the current UNet call (a BatchSplit while guidance splits)."""
+        """What ``layer`` runs with on the current UNet call (a BatchSplit while guidance splits).
+
+        Plain (the rewrite's ``off``) outside a UNet call this patch's pre-hook recorded on
+        this thread: a forward that started before the patch was complete, or while it is
+        being removed, sees no patch; one recorded before removal began keeps all of it.
+        """
         call = self.tracker.current
-        if call is not None and call.settings is not None:
+        if call is None:
+            return layer.rewrite.off
+        if call.settings is not None:
             return call.settings[layer.path]
         return self._resolve(layer, call)
 
@@ -99,8 +128,38 @@ class Patch:
         call.settings = settings
 
     def _pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        with self._cond:
+            if not self.active or self._closing:  # not (or no longer) installed: run plain
+                self.tracker.current = None
+                return
+            self._in_flight += 1
+            self._depth.n = getattr(self._depth, "n", 0) + 1
         self.tracker.record(module, args, kwargs)
         self.resolve_settings()
+
+    def _post_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """Last hook of every forward (also when it raised): the call is over."""
+        self.tracker.current = None
+        if getattr(self._depth, "n", 0) > 0:
+            with self._cond:
+                self._depth.n -= 1
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    def set_cfg_batches(self, on: bool) -> None:
+        """Declare that the model's batches are ``[uncond, cond]`` halves (classifier-free
+        guidance), which passes acting on the batch (noise-damped guidance) need;
+        :func:`apply_to_pipeline` does it for you."""
+        self.cfg_batches = bool(on)
+
+    def enable_noise_damped_cfg(self) -> None:
+        """``set_cfg_batches(True)`` for a recipe with a ``noise_damped_cfg`` pass (kept for callers)."""
+        if not self.plan.entries("noise_damped_cfg"):
+            raise SurgeryError(f"recipe {self.recipe.name!r} has no noise_damped_cfg pass")
+        self.set_cfg_batches(True)
+
+    def disable_noise_damped_cfg(self) -> None:
+        self.set_cfg_batches(False)
 
     # --- install / remove ---------------------------------------------------------------
     def _install(self) -> None:
@@ -113,64 +172,70 @@ class Patch:
                     extras.update(part.handler.prepare(module, part.entry))
                 layer.rewrite.install(module, _setting_source(self, layer), extras)
                 self._modules.append((module, layer))
-            self._hook = model.register_forward_pre_hook(_PreForwardHook(self), with_kwargs=True)
+            self.hooks.add("patch", pre=self._pre_forward)
+            for handler in dict.fromkeys(part.handler for layer in self.plan.layers.values() for part in layer.parts):
+                handler.attach(self)
+            self.hooks.add("patch.end", post=self._post_forward)  # added last: runs after every other post hook
             object.__setattr__(model, PATCH_ATTR, self)
-            self.active = True
+            with self._cond:
+                self.active = True
         except BaseException:
             self._uninstall()
             raise
 
-    def enable_noise_damped_cfg(self) -> None:
-        """Turn the pipeline's [uncond, cond] guidance into noise-damped guidance.
-
-        Only for callers whose UNet batches are ``[uncond, cond]`` halves (diffusers
-        pipelines with classifier-free guidance); :func:`apply_to_pipeline` does it for you.
-        """
-        from unet_surgery.patching.guidance import NoiseDampedGuidance
-
-        if self.guidance is None:
-            self.guidance = NoiseDampedGuidance(self)
-        self.guidance.enable()
-
-    def disable_noise_damped_cfg(self) -> None:
-        if self.guidance is not None:
-            self.guidance.disable()
-
     def _uninstall(self) -> None:
-        self.disable_noise_damped_cfg()
+        self.hooks.clear()
         for module, layer in reversed(self._modules):
             layer.rewrite.restore(module)
         self._modules.clear()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
         if getattr(self.model, PATCH_ATTR, None) is self:
             object.__delattr__(self.model, PATCH_ATTR)
         self._interned.clear()
+        self.state.clear()
         self.tracker.reset()
+        self.cfg_batches = False
         self.active = False
 
     def remove(self) -> None:
-        """Undo the patch. Removing twice is a no-op."""
-        if self.active:
+        """Undo the patch. Removing twice, or from two threads at once, removes once.
+
+        Waits for the forwards in flight on other threads; forwards that start meanwhile run
+        plain. Refused from inside a forward of the patched model (it would wait for itself).
+        """
+        with self._cond:
+            if not self.active or self._closing:
+                while self.active:  # another thread is removing: return once it is done
+                    self._cond.wait()
+                return
+            if getattr(self._depth, "n", 0):
+                raise SurgeryError("cannot remove a patch from inside a forward of the patched model")
+            self._closing = True
+            while self._in_flight:
+                self._cond.wait()
+        try:
             self._uninstall()
+        finally:
+            with self._cond:
+                self.active = False
+                self._closing = False
+                self._cond.notify_all()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Patch:
-        """Reached through ``copy.deepcopy(model)``: the copy carries its own working patch.
-
-        Refused while noise-damped guidance is enabled (its hooks hold per-call state that a
-        copy cannot share); disable it, copy, and enable it on the copy.
-        """
+        """Reached through ``copy.deepcopy(model)``: the copy carries its own working patch
+        (its own hooks, empty state slots, no call in flight)."""
         import copy
 
-        if self.guidance is not None and self.guidance._handles:
-            raise SurgeryError("cannot deepcopy a model while noise-damped guidance is enabled; "
-                               "call patch.disable_noise_damped_cfg() first")
         copied = Patch.__new__(Patch)
         memo[id(self)] = copied
+        skip = {"_cond", "_in_flight", "_closing", "_depth"}
         for key, value in self.__dict__.items():
-            setattr(copied, key, copy.deepcopy(value, memo))
+            if key not in skip:
+                setattr(copied, key, copy.deepcopy(value, memo))
+        copied._init_concurrency()
         return copied
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise SurgeryError(PICKLE_REFUSAL)
 
     def __enter__(self) -> Patch:
         return self
@@ -206,25 +271,6 @@ class _SettingSource:
 
 def _setting_source(patch: Patch, layer: LayerPlan) -> Callable[[], Any]:
     return _SettingSource(patch, layer)
-
-
-class _PreForwardHook:
-    """The patch's forward pre-hook: records the call and resolves every layer's setting.
-
-    It runs outside any compiled graph (it reads the timestep's value): ``torch.compile(model)``
-    calls a disabled hook before the compiled frame, with no graph break, so ``fullgraph=True``
-    works and the graph guards on the resolved settings only. An object, not a closure, so a
-    deep copy of the model calls the copy's patch.
-    """
-
-    __slots__ = ("patch",)
-
-    def __init__(self, patch: Patch) -> None:
-        self.patch = patch
-
-    @torch.compiler.disable
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.patch._pre_forward(module, args, kwargs)
 
 
 def current_patch(model: nn.Module) -> Patch | None:

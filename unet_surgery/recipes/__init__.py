@@ -1,11 +1,11 @@
-"""Declarative recipes: the schema, selectors and the shipped library.
+"""Declarative recipes: the parser, the recipe builders and the shipped library.
 
-The pass configs (``RedilatePass``...) are defined beside their handlers in
-:mod:`unet_surgery.passes` and re-exported here on first use.
+Above :mod:`unet_surgery.passes` (the pass configs, ``RedilatePass``..., are defined beside
+their handlers there and re-exported here) and :mod:`unet_surgery.core` (the data types).
 """
 
-from typing import Any
-
+from unet_surgery.core.selectors import Selection, select
+from unet_surgery.passes import DispersePass, NoiseDampedCFGPass, RedilatePass, ScaleFusionPass
 from unet_surgery.recipes.library import list_recipes, load_recipe, recipes_dir
 from unet_surgery.recipes.schema import (
     LevelRange,
@@ -18,7 +18,6 @@ from unet_surgery.recipes.schema import (
     parse_recipe,
     to_data,
 )
-from unet_surgery.recipes.selectors import Selection, select
 
 __all__ = [
     "DispersePass",
@@ -41,11 +40,3 @@ __all__ = [
     "to_data",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """The built-in pass configs, imported lazily (the passes import this package)."""
-    if name in ("RedilatePass", "DispersePass", "NoiseDampedCFGPass", "ScaleFusionPass"):
-        import unet_surgery.passes as passes
-
-        return getattr(passes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

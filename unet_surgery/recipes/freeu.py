@@ -26,25 +26,25 @@ SETTINGS: dict[str, dict[str, float]] = {
 def freeu_pass(
     unet_map: UNetMap,
     *,
-    b1: float = 1.2,
-    b2: float = 1.4,
-    s1: float = 0.9,
-    s2: float = 0.2,
-    threshold: int = 1,
+    b1: float | None = None,
+    b2: float | None = None,
+    s1: float | None = None,
+    s2: float | None = None,
+    threshold: int | None = None,
     schedule: ScheduleSpec | None = None,
 ) -> FreeUPass:
-    """A ``freeu`` pass selecting, by level, the skip merges of FreeU's two stages in ``unet_map``."""
+    """A ``freeu`` pass selecting, by level, the skip merges of FreeU's two stages in ``unet_map``.
+
+    A factor left out (None) is :class:`FreeUPass`'s default, the one copy of FreeU's defaults.
+    """
     levels = stage_levels(unet_map)
     if not levels:
         raise RecipeError(f"{unet_map.model_class} has no skip concatenation: FreeU has nothing to act on")
+    given = {k: v for k, v in {"b1": b1, "b2": b2, "s1": s1, "s2": s2, "threshold": threshold}.items() if v is not None}
     return FreeUPass(
         select=Selector(stage=("up",), level=LevelRange(min(levels), max(levels))),
-        b1=b1,
-        b2=b2,
-        s1=s1,
-        s2=s2,
-        threshold=threshold,
         schedule=schedule or ScheduleSpec(),
+        **given,  # type: ignore[arg-type]
     )
 
 
@@ -52,17 +52,18 @@ def freeu_recipe(
     unet_map: UNetMap,
     *,
     base: int | tuple[int, int],
-    b1: float = 1.2,
-    b2: float = 1.4,
-    s1: float = 0.9,
-    s2: float = 0.2,
-    threshold: int = 1,
+    b1: float | None = None,
+    b2: float | None = None,
+    s1: float | None = None,
+    s2: float | None = None,
+    threshold: int | None = None,
     schedule: ScheduleSpec | None = None,
     name: str | None = None,
     model: str | None = None,
     vae_scale_factor: int = 8,
 ) -> Recipe:
-    """A one-pass FreeU recipe for ``unet_map`` at its training resolution ``base`` (pixels)."""
+    """A one-pass FreeU recipe for ``unet_map`` at its training resolution ``base`` (pixels);
+    factors left out are :class:`FreeUPass`'s defaults."""
     size = size_pair(base, "base")
     config = freeu_pass(unet_map, b1=b1, b2=b2, s1=s1, s2=s2, threshold=threshold, schedule=schedule)
     return Recipe(
@@ -70,7 +71,8 @@ def freeu_recipe(
         base_resolution=size,
         target_resolutions=(size,),
         passes=(config,),
-        description=f"FreeU (b1={b1:g}, b2={b2:g}, s1={s1:g}, s2={s2:g}) at the two lowest-resolution up levels",
+        description=f"FreeU (b1={config.b1:g}, b2={config.b2:g}, s1={config.s1:g}, s2={config.s2:g}) "
+        "at the two lowest-resolution up levels",
         model=model,
         vae_scale_factor=vae_scale_factor,
     )

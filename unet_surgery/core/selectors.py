@@ -12,10 +12,10 @@ import difflib
 import fnmatch
 from dataclasses import dataclass, field
 
+from unet_surgery.core.pathregex import compile_path_pattern
+from unet_surgery.core.schema import Selector
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import AttentionRecord, ConvRecord, UNetMap
-from unet_surgery.recipes.pathregex import compile_path_pattern
-from unet_surgery.recipes.schema import Selector
 
 Record = ConvRecord | AttentionRecord
 
