@@ -15,7 +15,6 @@ by its name and by the ``.unet-surgery-stage`` file created in it first, never b
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from unet_surgery.errors import SurgeryError
+from unet_surgery.io import read_bounded_json
 
 STAGE_TAG = ".unet-surgery-stage"
 # Manifests that can prove a folder is an export of ours, and the formats they must declare.
@@ -69,8 +69,8 @@ def _owned_files(folder: Path) -> set[str] | None:
         if file.is_symlink() or not file.is_file() or file.stat().st_size > _MAX_OWNER_BYTES:
             continue
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+            data = read_bounded_json(file, SurgeryError, limit=_MAX_OWNER_BYTES)
+        except SurgeryError:
             continue
         files = data.get("export_files") if isinstance(data, dict) and data.get("format") == fmt else None
         if isinstance(files, list) and name in files and all(

@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-from unet_surgery.io import atomic_path
+from unet_surgery.io import atomic_path, open_regular, parse_bounded_json
 
 SETTINGS_KEY = "unet_surgery.settings"
 RECIPE_KEY = "unet_surgery.recipe"
@@ -74,7 +74,6 @@ def write_png(path: Path, image: Any, settings: dict[str, Any], recipe_document:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(settings, recipe_document))
         digest = file_sha256(tmp)
-        readable(tmp)
     return digest
 
 
@@ -82,14 +81,6 @@ def write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) atomically, readable as any new file would be."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        readable(tmp)
-
-
-def readable(path: Path) -> None:
-    """The permissions of a plain new file (``0o666`` less the umask), not ``mkstemp``'s ``0o600``."""
-    mask = os.umask(0)
-    os.umask(mask)
-    path.chmod(0o666 & ~mask)
 
 
 def file_sha256(path: Path) -> str:
@@ -105,18 +96,35 @@ def read_settings(path: Path) -> dict[str, Any] | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image.load()  # a truncated file fails here, not later
-            text = getattr(image, "text", {}).get(SETTINGS_KEY)
-    except (OSError, SyntaxError, ValueError):
+        with warnings.catch_warnings(), open_regular(path) as f:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own bound below
+            with Image.open(f, formats=["PNG"]) as image:
+                check_pixels(image, str(path))  # the header's size, before any pixel is decoded
+                image.load()  # a truncated file fails here, not later
+                text = getattr(image, "text", {}).get(SETTINGS_KEY)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, ImageTooLarge):
         return None
-    if text is None:
+    if not isinstance(text, str):
         return None
-    with contextlib.suppress(json.JSONDecodeError):
-        data = json.loads(text)
+    with contextlib.suppress(ValueError):
+        data = parse_bounded_json(text, str(path), ValueError)
         if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("request"), dict):
             return data
     return None
+
+
+MAX_PIXELS = 1 << 26  # 8192 x 8192: an RGB copy is 192 MiB
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header claims more than :data:`MAX_PIXELS` pixels (refused undecoded)."""
+
+
+def check_pixels(image: Any, where: str) -> None:
+    """Refuse an opened, not yet decoded image whose header claims more than :data:`MAX_PIXELS`."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(f"{where} claims {width}x{height} pixels, more than the limit of {MAX_PIXELS} (8192x8192)")
 
 
 def remove_stale_temporaries(path: Path) -> None:

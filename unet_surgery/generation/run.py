@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from unet_surgery.generation.pipeline_loader import (
 from unet_surgery.generation.recipe_choice import check_recipe, resolve_recipe
 from unet_surgery.generation.schedulers import SCHEDULERS, set_scheduler
 from unet_surgery.generation.vae_memory import configure_vae
+from unet_surgery.io import open_regular
 from unet_surgery.recipes.library import dump_recipe
 from unet_surgery.recipes.schema import Recipe
 
@@ -97,11 +99,17 @@ def _open_init_image(path: str | Path) -> tuple[Any, str]:
 
     file = Path(path)
     try:
-        with Image.open(file) as image:
-            rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise GenerationError(f"--init-image: cannot read {file}: {reason}") from None
+        with warnings.catch_warnings(), open_regular(file) as f:  # our own bound replaces PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as image:
+                pngmeta.check_pixels(image, str(file))  # the header's size, before any pixel is decoded
+                rgb = image.convert("RGB")
+    except pngmeta.ImageTooLarge as exc:
+        raise GenerationError(f"--init-image: {exc}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text
+        raise GenerationError(f"--init-image: cannot read {file}: {reason[:200]}") from None
     return rgb, pngmeta.file_sha256(file)
 
 
