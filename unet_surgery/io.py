@@ -207,3 +207,34 @@ def read_json_object(path: Path, *, missing: str, error: type[Exception] = Check
     if not isinstance(data, dict):
         raise error(f"{path} must hold a JSON object")
     return data
+
+
+# --- the one rule for everything the tool writes -------------------------------------------------
+
+def may_replace(target: Path, *, same: bool, overwrite: bool, error: type[Exception], what: str = "other content") -> bool:
+    """The rule every output follows (``generate``'s images, ``apply --out``, ``export``):
+    an existing output with the same content is kept (``False``: nothing to write) unless
+    ``overwrite``; one with other content is refused (``error``, one line) unless ``overwrite``.
+    ``True``: write it. Content the tool did not write is the caller's to refuse first.
+    """
+    if same:
+        return overwrite
+    if overwrite:
+        return True
+    raise error(f"{target} holds {what}; refusing to replace it (pass --overwrite, or choose another output)")
+
+
+def check_not_input(out: Path, inputs: list[Path], error: type[Exception], *, option: str,
+                    replaces_folder: bool) -> None:
+    """Refuse an output that is one of ``inputs`` or lies inside one; with ``replaces_folder``
+    (an export replaces its whole folder) also one that holds an input. Paths are compared
+    resolved, so ``./m``, ``m/`` and a symbolic link to ``m`` are the same input."""
+    where = out.resolve()
+    for given in inputs:
+        source = given.resolve()
+        if where == source:
+            raise error(f"{option}: {out} is the input {given}; write the output somewhere else")
+        if where.is_relative_to(source) and source.is_dir():
+            raise error(f"{option}: {out} is inside the input {given}; write the output somewhere else")
+        if replaces_folder and source.is_relative_to(where):
+            raise error(f"{option}: {out} holds the input {given}, which replacing it would delete")

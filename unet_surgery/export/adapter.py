@@ -102,10 +102,14 @@ def _filtered(patch: Patch) -> bool:
     return make_plan(patch.recipe, patch.unet_map).groups() != patch.plan.groups()
 
 
-def save_patch(patch: Patch, directory: str | Path) -> Path:
-    """Save ``patch`` as an adapter folder (atomically: all files or none). Returns the folder."""
+def save_patch(patch: Patch, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Save ``patch`` as an adapter folder (atomically: all files or none). Returns the folder.
+
+    An earlier export in ``directory`` with the same files is kept; one with other content is
+    replaced only with ``overwrite``; any other folder is refused.
+    """
     directory = Path(directory)
-    with staged_folder(directory) as stage:
+    with staged_folder(directory, overwrite=overwrite) as stage:
         write_adapter_files(patch, stage)
     return directory
 

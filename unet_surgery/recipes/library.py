@@ -122,7 +122,7 @@ def load_recipe(source: Recipe | str | Path | dict[str, Any]) -> Recipe:
         raise RecipeError(f"expected a recipe, a name, a path or a mapping, got {type(source).__name__}")
     path = Path(source)
     if path.suffix in RECIPE_SUFFIXES or path.exists():
-        if not path.is_file():
+        if not path.exists() or path.is_dir():
             raise RecipeError(f"recipe file not found: {path}")
         try:
             return parse_recipe(read_document(path))
