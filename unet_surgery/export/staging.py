@@ -21,6 +21,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from unet_surgery.errors import SurgeryError
 from unet_surgery.io import (
@@ -28,6 +29,7 @@ from unet_surgery.io import (
     default_file_mode,
     excerpt,
     may_replace,
+    parse_bounded_json,
     read_bounded_json,
 )
 
@@ -121,18 +123,36 @@ def _same_files(stage: Path, target: Path) -> bool:
     names = {e.name for e in stage.iterdir()}
     if names != {e.name for e in target.iterdir()}:
         return False
-    for name in sorted(names):
-        new, old = stage / name, target / name
-        if not old.is_file() or new.stat().st_size != old.stat().st_size:
-            return False
-        with new.open("rb") as a, old.open("rb") as b:
-            while True:
-                block = a.read(1 << 20)
-                if block != b.read(1 << 20):
-                    return False
-                if not block:
-                    break
-    return True
+    return all(_same_file(stage / name, target / name) for name in sorted(names))
+
+
+def _same_file(new: Path, old: Path) -> bool:
+    """Byte for byte; a safetensors file by its header's content and its data bytes (safetensors
+    writes the header's keys in an order that changes from run to run)."""
+    if old.is_symlink() or not old.is_file() or new.stat().st_size != old.stat().st_size:
+        return False
+    with new.open("rb") as a, old.open("rb") as b:
+        if new.suffix == ".safetensors":
+            heads = [_safetensors_header(f) for f in (a, b)]
+            if heads[0] is None or heads[0] != heads[1]:
+                return False
+        while True:
+            block = a.read(1 << 20)
+            if block != b.read(1 << 20):
+                return False
+            if not block:
+                return True
+
+
+def _safetensors_header(f: Any) -> Any:
+    """The parsed JSON header of a safetensors file, the file left at its data; None if malformed."""
+    size = int.from_bytes(f.read(8), "little")
+    if size > _MAX_OWNER_BYTES:
+        return None
+    try:
+        return parse_bounded_json(f.read(size).decode("utf-8"), f.name, ValueError)
+    except ValueError:  # also UnicodeDecodeError
+        return None
 
 
 def _plain_modes(stage: Path) -> None:
