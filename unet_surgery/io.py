@@ -231,6 +231,8 @@ def check_not_input(out: Path, inputs: list[Path], error: type[Exception], *, op
     resolved, so ``./m``, ``m/`` and a symbolic link to ``m`` are the same input."""
     where = out.resolve()
     for given in inputs:
+        if not given.exists():  # a preset name, or a path whose absence is reported elsewhere
+            continue
         source = given.resolve()
         if where == source:
             raise error(f"{option}: {out} is the input {given}; write the output somewhere else")
