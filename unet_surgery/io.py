@@ -211,17 +211,19 @@ def read_json_object(path: Path, *, missing: str, error: type[Exception] = Check
 
 # --- the one rule for everything the tool writes -------------------------------------------------
 
-def may_replace(target: Path, *, same: bool, overwrite: bool, error: type[Exception], what: str = "other content") -> bool:
+def may_replace(target: Path, *, same: bool, overwrite: bool, error: type[Exception], what: str = "other content",
+                prefix: str = "") -> bool:
     """The rule every output follows (``generate``'s images, ``apply --out``, ``export``):
     an existing output with the same content is kept (``False``: nothing to write) unless
     ``overwrite``; one with other content is refused (``error``, one line) unless ``overwrite``.
     ``True``: write it. Content the tool did not write is the caller's to refuse first.
+    ``prefix`` starts the message (e.g. the option, ``"--out: "``).
     """
     if same:
         return overwrite
     if overwrite:
         return True
-    raise error(f"{target} holds {what}; refusing to replace it (pass --overwrite, or choose another output)")
+    raise error(f"{prefix}{target} holds {what}; refusing to replace it (pass --overwrite, or choose another output)")
 
 
 def check_not_input(out: Path, inputs: list[Path], error: type[Exception], *, option: str,

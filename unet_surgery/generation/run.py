@@ -359,10 +359,10 @@ def _keep_existing(target: Path, request: dict[str, Any], overwrite: bool) -> bo
     existing = pngmeta.read_settings(target)
     if existing is None:
         return not may_replace(target, same=False, overwrite=overwrite, error=GenerationError,
-                               what="an image not written by generate")
+                               what="an image not written by generate", prefix="--out: ")
     keys = ", ".join(_differences(existing["request"], request)[:8])
     return not may_replace(target, same=existing["request"] == request, overwrite=overwrite, error=GenerationError,
-                           what=f"an image generated with other settings (differing: {keys})")
+                           what=f"an image generated with other settings (differing: {keys})", prefix="--out: ")
 
 
 def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, Any], image: Any,
