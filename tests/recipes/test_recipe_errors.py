@@ -39,7 +39,7 @@ def test_the_base_document_is_valid() -> None:
     ("path", "value", "message"),
     [
         (("passes", 0, "select", "level"), "deep", "passes[0].select.level: expected int or range, got 'deep'"),
-        (("passes", 0, "factor"), -1, "passes[0].factor: factor must be > 0"),
+        (("passes", 0, "factor"), -1, "passes[0].factor: factor must be between 1 and 64, got -1"),
         (("passes", 0, "type"), "no_such_pass", "passes[0].type: expected one of redilate"),
         (("passes", 1, "transform", "large"), 4, "passes[1].transform: large kernel size must be odd, got 4"),
         (("passes", 3, "blur"), "box", "passes[3].blur: expected one of published, published-2024, volumetric, spatial, got 'box'"),
@@ -49,7 +49,7 @@ def test_the_base_document_is_valid() -> None:
         (("passes", 0, "select", "stage"), ["middle"], "passes[0].select.stage[0]: expected one of down, mid, up"),
         (("passes", 0, "schedule", "progressive"), "yes", "passes[0].schedule.progressive: expected true or false"),
         # an odd table key is quoted in the error path (found by the fuzz test below in CI)
-        (("passes", 2, "factors"), {":": 0.0}, "passes[2].factors[':']: factor must be > 0, got 0.0"),
+        (("passes", 2, "factors"), {":": 0.0}, "passes[2].factors[':']: factor must be between 1 and 64, got 0"),
     ],
 )
 def test_errors_name_the_field(path, value, message) -> None:

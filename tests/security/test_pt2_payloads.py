@@ -219,8 +219,6 @@ def test_a_swapped_phase_file_is_refused_by_its_hash(tmp_path: Path) -> None:
         ("version", 1),
         ("version", True),
         ("num_steps", 0),
-        ("num_steps", 10**400),
-        ("timesteps", [float("nan")]),
         ("timesteps", ["7"]),
         ("step_phase", [3]),
         ("dtype", "evil"),
@@ -238,3 +236,20 @@ def test_malformed_manifest_fields_are_refused_by_name(field: str, value: Any, t
         Pt2Runner(folder)
     message = str(info.value)
     assert "\n" not in message and field in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "refusal"),
+    [("num_steps", 10**400, "holds an integer of 401 digits (limit 32)"),
+     ("timesteps", [float("nan")], "holds NaN, which is not a JSON number")],
+)
+def test_manifest_numbers_are_refused_before_conversion(field: str, value: Any, refusal: str, tmp_path: Path) -> None:
+    """The bounded JSON reader refuses these while parsing, so the message names the file."""
+    folder = write_export(tmp_path / "x", program_bytes())
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest[field] = value
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as info:
+        Pt2Runner(folder)
+    assert str(info.value) == f"{folder / MANIFEST} {refusal} (only finite numbers are accepted)" if "NaN" in refusal \
+        else str(info.value) == f"{folder / MANIFEST} {refusal}"

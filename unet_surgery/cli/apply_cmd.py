@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
-from unet_surgery.cli.export_cmd import add_weights_arguments, load_weights
+from unet_surgery.cli.export_cmd import add_weights_arguments, check_out, load_weights
 from unet_surgery.loading import resolve_model
 from unet_surgery.patching.patch import apply
 
@@ -46,12 +45,11 @@ def _apply(model: Any, recipe: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     if args.out:
         from unet_surgery.export import save_patched_pretrained
-        from unet_surgery.export.staging import check_owned
 
-        check_owned(Path(args.out))  # refuse a folder we may not replace before loading weights
+        check_out(args.out, args.model, args.recipe, args.overwrite)  # before loading weights
         patch = _apply(load_weights(args.model, args.dtype), args.recipe)
         print(patch.report())
-        save_patched_pretrained(patch, args.out, show_progress=not args.quiet)
+        save_patched_pretrained(patch, args.out, show_progress=not args.quiet, overwrite=args.overwrite)
         print(f"wrote patched diffusers folder {args.out}")
         return 0
     resolved = resolve_model(args.model, device="meta")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from unet_surgery.cli.options import bounded_int
 from unet_surgery.errors import SurgeryError
 
 # kept here so --help needs no torch import: toy.model.TOY_NAMES, demo.DEFAULT_TOYS, demo.METHODS
@@ -39,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: baseline bicubic scalecrafter auto)")
     parser.add_argument("--out", type=Path, default=Path("unet-surgery-demo"),
                         help="output folder (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default 4, --full 16)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default 10, --full 25)")
+    parser.add_argument("--seeds", type=bounded_int, help="number of seeds, 0..N-1 (default 4, --full 16)")
+    parser.add_argument("--steps", type=bounded_int, help="sampling steps (default 10, --full 25)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -48,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in ("seeds", "steps"):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SurgeryError(f"--{name} must be at least 1, got {value}")
+        if value is not None and not 1 <= value <= 1000:
+            raise SurgeryError(f"--{name} must be between 1 and 1000, got {value}")
     print("unet-surgery demo: loading torch, diffusers and the toy models ...", flush=True)
     from dataclasses import replace
 

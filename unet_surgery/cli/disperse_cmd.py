@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from unet_surgery.cli.options import bounded_int, finite_float
 from unet_surgery.errors import TransformError
 from unet_surgery.ops.dispersion import TransformParams, dispersion_transform, save_transform
 
@@ -22,12 +23,12 @@ def register(subparsers: Any) -> None:
             "parameters in the metadata."
         ),
     )
-    parser.add_argument("--small", type=int, default=3, help="small kernel size (odd, default 3)")
-    parser.add_argument("--large", type=int, default=5, help="large kernel size (odd, default 5)")
-    parser.add_argument("--scale", type=int, default=2, help="upsampling scale (default 2)")
-    parser.add_argument("--eta", type=float, default=0.05, help="pixel-term weight (default 0.05)")
+    parser.add_argument("--small", type=bounded_int, default=3, help="small kernel size (odd, default 3)")
+    parser.add_argument("--large", type=bounded_int, default=5, help="large kernel size (odd, default 5)")
+    parser.add_argument("--scale", type=bounded_int, default=2, help="upsampling scale (default 2)")
+    parser.add_argument("--eta", type=finite_float, default=0.05, help="pixel-term weight (default 0.05)")
     parser.add_argument(
-        "--input-size", type=int, default=3, help="side of the probe input (default 3)"
+        "--input-size", type=bounded_int, default=3, help="side of the probe input (default 3)"
     )
     parser.add_argument("-o", "--output", required=True, help="output .safetensors path")
     parser.set_defaults(func=run)

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unet_surgery.cli.options import bounded_int
 from unet_surgery.errors import CheckpointError, SurgeryError
+from unet_surgery.io import excerpt
 
 FORMATS = ("adapter", "diffusers", "pt2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -23,6 +25,18 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="cast the weights on load (default: keep the stored precision)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export with other content (default: keep one with the "
+                        "same files, refuse one with other content)")
+
+
+def check_out(out: str, model: str, recipe: str, overwrite: bool) -> None:
+    """Refuse an --out that is the input, holds it or lies in it, a folder we may not replace,
+    or (without --overwrite) an export made with another recipe: before any weights load."""
+    from unet_surgery.export.staging import check_export_target
+    from unet_surgery.recipes.library import load_recipe
+
+    check_export_target(Path(out), source=Path(model), recipe_name=load_recipe(recipe).name, overwrite=overwrite)
 
 
 def load_weights(spec: str, dtype: str | None) -> nn.Module:
@@ -38,9 +52,9 @@ def load_weights(spec: str, dtype: str | None) -> nn.Module:
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    match = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*", text)
     if not match:
-        raise SurgeryError(f"--resolution must look like HEIGHTxWIDTH (e.g. 2048x2048), got {text!r}")
+        raise SurgeryError(f"--resolution must look like HEIGHTxWIDTH (e.g. 2048x2048), got {excerpt(text)}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -58,9 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", "-o", required=True, metavar="OUT", help="output folder")
     parser.add_argument("--resolution", metavar="HxW", default=None,
                         help="pt2: pixel resolution (default: the recipe's first target)")
-    parser.add_argument("--steps", type=int, default=50, help="pt2: sampling steps (default 50)")
-    parser.add_argument("--batch", type=int, default=1, help="pt2: batch size frozen into the programs")
-    parser.add_argument("--frames", type=int, default=None, help="pt2: frames, for video UNets")
+    parser.add_argument("--steps", type=bounded_int, default=50, help="pt2: sampling steps (default 50)")
+    parser.add_argument("--batch", type=bounded_int, default=1, help="pt2: batch size frozen into the programs")
+    parser.add_argument("--frames", type=bounded_int, default=None, help="pt2: frames, for video UNets")
     add_weights_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -68,22 +82,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from unet_surgery.export import save_patch, save_patched_pretrained
     from unet_surgery.export.pt2 import export_pt2
-    from unet_surgery.export.staging import check_owned
     from unet_surgery.patching.patch import apply
 
     resolution = parse_resolution(args.resolution) if args.resolution else None
-    check_owned(Path(args.out))  # before loading gigabytes: a folder we may not replace is refused now
+    check_out(args.out, args.model, args.recipe, args.overwrite)  # before loading gigabytes
     model = load_weights(args.model, args.dtype)
     patch = apply(model, args.recipe)
     print(patch.report())
     show = not args.quiet
     if args.format == "adapter":
-        save_patch(patch, args.out)
+        save_patch(patch, args.out, overwrite=args.overwrite)
     elif args.format == "diffusers":
-        save_patched_pretrained(patch, args.out, show_progress=show)
+        save_patched_pretrained(patch, args.out, show_progress=show, overwrite=args.overwrite)
     else:
         height, width = resolution or patch.recipe.target_resolutions[0]
         export_pt2(patch, args.out, height=height, width=width, num_steps=args.steps, batch=args.batch,
-                   num_frames=args.frames, show_progress=show)
+                   num_frames=args.frames, show_progress=show, overwrite=args.overwrite)
     print(f"wrote {args.format} export to {args.out}")
     return 0

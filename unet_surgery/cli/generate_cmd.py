@@ -10,6 +10,7 @@ import argparse
 import sys
 import warnings
 
+from unet_surgery.cli.options import bounded_int, finite_float
 from unet_surgery.generation.pipeline_loader import DTYPES
 from unet_surgery.generation.schedulers import SCHEDULERS
 
@@ -33,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto (derived from the UNet's map and the size; default), none, a shipped "
                         "recipe name or a recipe file")
     parser.add_argument("--negative", "-n", default=None, metavar="TEXT", help="negative prompt")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (per cascade stage; default 50)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--steps", type=bounded_int, default=50, help="denoising steps (per cascade stage; default 50)")
+    parser.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--seed", default="0", metavar="SEEDS",
                         help="seeds: 42, 0,5,9 or 0-7 (inclusive); every prompt gets every seed (default 0)")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", "-o", default="outputs", metavar="DIR", help="output folder (default outputs)")
     parser.add_argument("--init-image", default=None, metavar="PATH",
                         help="image-to-image: start from this image, resized to --size (upscaling)")
-    parser.add_argument("--strength", type=float, default=0.6,
+    parser.add_argument("--strength", type=finite_float, default=0.6,
                         help="with --init-image: how much of the schedule is re-run (0-1, default 0.6)")
     parser.add_argument("--components", default=None, metavar="DIR",
                         help="pipeline folder for the other components when MODEL is a single file")
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="always decode in tiles (default: when the decode would not fit)")
     tiling.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false",
                         help="never decode in tiles")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=bounded_int, default=None,
                         help="CPU threads per process (on the CPU the last bits depend on it: give the "
                         "same value to runs that must agree byte for byte)")
     parser.add_argument("--overwrite", action="store_true",

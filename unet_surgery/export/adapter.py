@@ -65,6 +65,21 @@ def adapter_tensors(patch: Patch) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def sort_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place and at the same length.
+
+    safetensors writes its maps (tensor names, ``__metadata__``) in an order that changes from
+    run to run, so two exports of one patch would differ in bytes; sorted, they are identical,
+    and an export that is already there is recognised as the same (``staging.may_replace``).
+    """
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        text = json.dumps(json.loads(f.read(size)), sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= size:  # the same tokens in another order: never longer
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
+
+
 def write_adapter_files(patch: Patch, folder: Path) -> dict[str, Any]:
     """Write the three adapter files into ``folder`` (``adapter.json`` last); return its data."""
     from safetensors.torch import save_file
@@ -76,6 +91,7 @@ def write_adapter_files(patch: Patch, folder: Path) -> dict[str, Any]:
         raise SurgeryError("the patch has been removed; apply it again before saving")
     (folder / RECIPE_FILE).write_text(dump_recipe(patch.recipe), encoding="utf-8")
     save_file(adapter_tensors(patch), str(folder / TENSORS_FILE), metadata={"format": "pt", "recipe": patch.recipe.name})
+    sort_safetensors_header(folder / TENSORS_FILE)
     meta = {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
@@ -102,10 +118,14 @@ def _filtered(patch: Patch) -> bool:
     return make_plan(patch.recipe, patch.unet_map).groups() != patch.plan.groups()
 
 
-def save_patch(patch: Patch, directory: str | Path) -> Path:
-    """Save ``patch`` as an adapter folder (atomically: all files or none). Returns the folder."""
+def save_patch(patch: Patch, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Save ``patch`` as an adapter folder (atomically: all files or none). Returns the folder.
+
+    An earlier export in ``directory`` with the same files is kept; one with other content is
+    replaced only with ``overwrite``; any other folder is refused.
+    """
     directory = Path(directory)
-    with staged_folder(directory) as stage:
+    with staged_folder(directory, overwrite=overwrite) as stage:
         write_adapter_files(patch, stage)
     return directory
 

@@ -21,8 +21,13 @@ from unet_surgery.graph import UNetMap
 from unet_surgery.patching.patch import Patch
 
 
-def save_patched_pretrained(patch: Patch, directory: str | Path, *, show_progress: bool = False) -> Path:
-    """Write the patched UNet as a diffusers folder with the adapter beside it (atomically)."""
+def save_patched_pretrained(patch: Patch, directory: str | Path, *, show_progress: bool = False,
+                            overwrite: bool = False) -> Path:
+    """Write the patched UNet as a diffusers folder with the adapter beside it (atomically).
+
+    An earlier export in ``directory`` with the same files is kept; one with other content is
+    replaced only with ``overwrite``; any other folder is refused.
+    """
     model: Any = patch.model
     if not callable(getattr(model, "save_pretrained", None)):
         raise SurgeryError(
@@ -30,7 +35,7 @@ def save_patched_pretrained(patch: Patch, directory: str | Path, *, show_progres
             "load LDM checkpoints with unet_surgery.load_unet, which converts them to diffusers"
         )
     directory = Path(directory)
-    with staged_folder(directory) as stage, progress(2, "diffusers folder", show_progress) as bar:
+    with staged_folder(directory, overwrite=overwrite) as stage, progress(2, "diffusers folder", show_progress) as bar:
         bar.set_postfix_str("weights")
         model.save_pretrained(str(stage), safe_serialization=True)
         bar.update()

@@ -142,6 +142,41 @@ def export_phase(patch: Patch, settings: PhaseSettings, inputs: Mapping[str, Any
         return torch.export.export(UNetForward(patch.model), args=(), kwargs=dict(inputs), strict=False)
 
 
+MAX_SIDE = 16384  # pixels
+MAX_BATCH = 64
+MAX_FRAMES = 256
+
+
+def _is_video(model: nn.Module) -> bool:
+    from unet_surgery.graph.inputs import call_spec
+    from unet_surgery.presets import get_preset
+
+    preset = getattr(model, "unet_surgery_preset", None)
+    if preset is not None:
+        return get_preset(preset).is_video
+    spec = call_spec(model)
+    return bool(spec is not None and spec.is_video)
+
+
+def check_pt2_options(patch: Patch, *, height: int, width: int, num_steps: int, batch: int, num_frames: int | None) -> None:
+    """Refuse sizes, step counts, batches and frame counts no program can be exported for (one line each)."""
+    factor = patch.recipe.vae_scale_factor
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIDE or value % factor:
+            raise SurgeryError(f"resolution: {name} {str(value)[:20]} must be a multiple of {factor} from {factor} to {MAX_SIDE}")
+    train = patch.tracker.num_train_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= train:
+        raise SurgeryError(f"steps: {str(num_steps)[:20]} is not between 1 and {train} (the model's training timesteps)")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise SurgeryError(f"batch: {str(batch)[:20]} is not between 1 and {MAX_BATCH}")
+    video = _is_video(patch.model)
+    if num_frames is not None and not video:
+        raise SurgeryError(f"frames: {type(patch.model).__name__} is not a video UNet; frames apply to video UNets only")
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)
+                                   or not 1 <= num_frames <= MAX_FRAMES):
+        raise SurgeryError(f"frames: {str(num_frames)[:20]} is not between 1 and {MAX_FRAMES}")
+
+
 def export_pt2(
     patch: Patch,
     directory: str | Path,
@@ -154,16 +189,19 @@ def export_pt2(
     num_frames: int | None = None,
     inputs: Mapping[str, Any] | None = None,
     show_progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write one ``phase_{k}.pt2`` per distinct phase of a ``num_steps`` run and the manifest.
 
     ``height``/``width`` are pixels (latents are 1/vae_scale_factor of that); ``timesteps``
     is the sampler's list (default: :func:`default_timesteps`); ``inputs`` overrides the
     example forward arguments (their shapes and dtypes are frozen into the programs).
+    An earlier export with other content in ``directory`` is replaced only with ``overwrite``.
     """
     model = patch.model
     if not patch.active:
         raise SurgeryError("the patch has been removed; apply it again before exporting")
+    check_pt2_options(patch, height=height, width=width, num_steps=num_steps, batch=batch, num_frames=num_frames)
     ts = [float(t) for t in (timesteps if timesteps is not None else default_timesteps(num_steps, patch.tracker.num_train_timesteps))]
     if len(ts) != num_steps:
         raise SurgeryError(f"{len(ts)} timesteps given for {num_steps} steps")
@@ -176,7 +214,7 @@ def export_pt2(
     for k, settings in enumerate(phases):
         _check_freezable(patch, settings, k)
     directory = Path(directory)
-    with staged_folder(directory) as stage, progress(len(phases), "pt2 phases", show_progress) as bar:
+    with staged_folder(directory, overwrite=overwrite) as stage, progress(len(phases), "pt2 phases", show_progress) as bar:
         for k, settings in enumerate(phases):
             program = export_phase(patch, settings, example)
             with (stage / f"phase_{k}.pt2").open("wb") as f:

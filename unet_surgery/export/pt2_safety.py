@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import operator
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from unet_surgery.errors import CheckpointError
+from unet_surgery.io import parse_bounded_json
 
 # Entries (under the archive's one top folder) a program of ours holds; anything else is refused.
 _FIXED = {
@@ -75,9 +75,13 @@ def _json(archive: zipfile.ZipFile, name: str, path: Path) -> Any:
     if archive.getinfo(name).file_size > _MAX_JSON:
         raise _refuse(path, f"{name} is larger than {_MAX_JSON} bytes")
     try:
-        return json.loads(archive.read(name).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _refuse(path, f"{name} is not valid JSON ({exc})") from exc
+        text = archive.read(name).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _refuse(path, f"{name} is not UTF-8 JSON ({exc.reason})") from None
+    try:
+        return parse_bounded_json(text, name, CheckpointError)
+    except CheckpointError as exc:
+        raise _refuse(path, str(exc)) from None
 
 
 def _check_payload_config(config: Any, name: str, path: Path) -> None:

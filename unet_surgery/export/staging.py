@@ -15,15 +15,23 @@ by its name and by the ``.unet-surgery-stage`` file created in it first, never b
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from unet_surgery.errors import SurgeryError
+from unet_surgery.io import (
+    check_not_input,
+    default_file_mode,
+    excerpt,
+    may_replace,
+    parse_bounded_json,
+    read_bounded_json,
+)
 
 STAGE_TAG = ".unet-surgery-stage"
 # Manifests that can prove a folder is an export of ours, and the formats they must declare.
@@ -69,8 +77,8 @@ def _owned_files(folder: Path) -> set[str] | None:
         if file.is_symlink() or not file.is_file() or file.stat().st_size > _MAX_OWNER_BYTES:
             continue
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+            data = read_bounded_json(file, SurgeryError, limit=_MAX_OWNER_BYTES)
+        except SurgeryError:
             continue
         files = data.get("export_files") if isinstance(data, dict) and data.get("format") == fmt else None
         if isinstance(files, list) and name in files and all(
@@ -110,9 +118,91 @@ def _new_stage(target: Path, kind: str) -> Path:
     return path
 
 
+def _same_files(stage: Path, target: Path) -> bool:
+    """Whether ``target`` holds exactly the files of ``stage``, byte for byte."""
+    names = {e.name for e in stage.iterdir()}
+    if names != {e.name for e in target.iterdir()}:
+        return False
+    return all(_same_file(stage / name, target / name) for name in sorted(names))
+
+
+def _same_file(new: Path, old: Path) -> bool:
+    """Byte for byte; a safetensors file by its header's content and its data bytes (safetensors
+    writes the header's keys in an order that changes from run to run)."""
+    if old.is_symlink() or not old.is_file() or new.stat().st_size != old.stat().st_size:
+        return False
+    with new.open("rb") as a, old.open("rb") as b:
+        if new.suffix == ".safetensors":
+            heads = [_safetensors_header(f) for f in (a, b)]
+            if heads[0] is None or heads[0] != heads[1]:
+                return False
+        while True:
+            block = a.read(1 << 20)
+            if block != b.read(1 << 20):
+                return False
+            if not block:
+                return True
+
+
+def _safetensors_header(f: Any) -> Any:
+    """The parsed JSON header of a safetensors file, the file left at its data; None if malformed."""
+    size = int.from_bytes(f.read(8), "little")
+    if size > _MAX_OWNER_BYTES:
+        return None
+    try:
+        return parse_bounded_json(f.read(size).decode("utf-8"), f.name, ValueError)
+    except ValueError:  # also UnicodeDecodeError
+        return None
+
+
+def _plain_modes(stage: Path) -> None:
+    """A new file's permissions for every file written (some writers use ``mkstemp``'s 0600)."""
+    mode = default_file_mode()
+    for entry in stage.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            entry.chmod(mode)
+    stage.chmod(mode | ((mode & 0o444) >> 2))  # r -> x: a folder readable by whoever may read its files
+
+
+def recorded_recipe_name(target: Path) -> str | None:
+    """The recipe name an earlier export in ``target`` records in its manifest, if any."""
+    if target.is_symlink() or not target.is_dir():
+        return None
+    for name, fmt in OWNERS.items():
+        file = target / name
+        if file.is_symlink() or not file.is_file():
+            continue
+        try:
+            data = read_bounded_json(file, SurgeryError, limit=_MAX_OWNER_BYTES)
+        except SurgeryError:
+            continue
+        if isinstance(data, dict) and data.get("format") == fmt:
+            recipe = data.get("recipe")
+            recipe = recipe.get("name") if isinstance(recipe, dict) else recipe
+            return recipe if isinstance(recipe, str) else None
+    return None
+
+
+def check_export_target(target: Path, *, source: Path, recipe_name: str, overwrite: bool) -> None:
+    """What ``apply --out`` and ``export`` check before loading any weights: the target is not
+    the input, inside it or above it; it is absent, empty or an export of ours; and without
+    ``overwrite`` an earlier export made with another recipe is refused at once (one with the
+    same recipe is compared file by file once the new export is written)."""
+    check_not_input(target, [source], SurgeryError, option="--out", replaces_folder=True)
+    check_owned(target)
+    earlier = recorded_recipe_name(target)
+    if earlier is not None and earlier != recipe_name:
+        may_replace(target, same=False, overwrite=overwrite, error=SurgeryError,
+                    what=f"an earlier export made with another recipe ({excerpt(earlier)})")
+
+
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it becomes ``target``, on failure it vanishes."""
+def staged_folder(target: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it becomes ``target``, on failure it vanishes.
+
+    An earlier export at ``target`` holding the same files byte for byte is kept as it is;
+    one with other content is replaced only with ``overwrite`` (:func:`unet_surgery.io.may_replace`).
+    """
     target = Path(target)
     check_owned(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +212,14 @@ def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield stage
         (stage / STAGE_TAG).unlink()
+        _plain_modes(stage)
         check_owned(target)  # again: the folder may have gained files while we wrote
+        if target.exists() and any(target.iterdir()) and not may_replace(
+            target, same=_same_files(stage, target), overwrite=overwrite, error=SurgeryError,
+            what="an earlier export with other content",
+        ):
+            shutil.rmtree(stage, ignore_errors=True)  # the same export is already there
+            return
         if target.exists():
             old = _new_stage(target, "old")
             os.replace(target, old / "previous")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unet_surgery.errors import SurgeryError
-from unet_surgery.io import read_bounded_text
+from unet_surgery.io import excerpt, read_bounded_text
 
 MAX_PROMPT_FILE_BYTES = 16 << 20
 
@@ -48,7 +48,7 @@ def make_jobs(prompts: Sequence[str], seeds: Sequence[int]) -> list[Job]:
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
+_RANGE = re.compile(r"^([0-9]{1,19})-([0-9]{1,19})$")
 
 
 def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
@@ -64,17 +64,18 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
                 if hi < lo or hi - lo >= 1_000_000:
                     raise GenerationError(f"--seed: range {part!r} must go upwards and hold at most a million seeds")
                 items.extend(range(lo, hi + 1))
-            elif part.isdigit():
+            elif re.fullmatch(r"[0-9]{1,19}", part):
                 items.append(int(part))
             else:
-                raise GenerationError(f"--seed: {part!r} is not a seed (use 42, 0,5,9 or 0-7)")
+                raise GenerationError(f"--seed: {excerpt(part)} is not a seed (use 42, 0,5,9 or 0-7)")
     elif isinstance(spec, bool):
         raise GenerationError(f"--seed: {spec!r} is not a seed")
     else:
         items = list(spec)
     for seed in items:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise GenerationError(f"--seed: {seed!r} is not a seed between 0 and 2**63-1")
+            shown = "an integer out of range" if isinstance(seed, int) else excerpt(repr(seed))
+            raise GenerationError(f"--seed: {shown} is not a seed between 0 and 2**63-1")
     return items
 
 
@@ -89,15 +90,28 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+MAX_SIDE = 16384  # pixels a side; SDXL at 8x its area is 8192
+
+
+def _shown(spec: object) -> str:
+    """A size as given, bounded: huge integers are never converted to text."""
+    if isinstance(spec, str):
+        return excerpt(spec)
+    items = spec if isinstance(spec, (tuple, list)) else [spec]
+    if all(isinstance(v, int) and abs(v) < 10**9 for v in items):
+        return repr(spec)
+    return f"a {type(spec).__name__} of {'out-of-range or non-integer values' if items else 'nothing'}"
+
+
 def parse_size(spec: str | int | tuple[int, int], multiple: int = 8) -> tuple[int, int]:
     """``(width, height)`` from ``WxH``, ``N`` (square) or a pair; both a positive multiple of ``multiple``."""
     if isinstance(spec, str):
         parts = spec.lower().split("x")
-        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-            raise GenerationError(f"--size: {spec!r} is not WIDTHxHEIGHT (e.g. 1024x768) or a single side")
+        if len(parts) not in (1, 2) or not all(re.fullmatch(r"[0-9]{1,6}", p.strip()) for p in parts):
+            raise GenerationError(f"--size: {excerpt(spec)} is not WIDTHxHEIGHT (e.g. 1024x768) or a single side")
         values = [int(p) for p in parts]
     elif isinstance(spec, bool):
-        raise GenerationError(f"--size: {spec!r} is not a size")
+        raise GenerationError(f"--size: {spec} is not a size")
     elif isinstance(spec, int):
         values = [spec]
     else:
@@ -105,7 +119,9 @@ def parse_size(spec: str | int | tuple[int, int], multiple: int = 8) -> tuple[in
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
-        raise GenerationError(f"--size: {spec!r} must be two positive integers, WIDTHxHEIGHT")
+        raise GenerationError(f"--size: {_shown(spec)} must be two positive integers, WIDTHxHEIGHT")
+    if max(values) > MAX_SIDE:
+        raise GenerationError(f"--size: {_shown(spec)} has a side over {MAX_SIDE} pixels")
     for side, v in zip(("width", "height"), values, strict=True):
         if v % multiple:
             raise GenerationError(

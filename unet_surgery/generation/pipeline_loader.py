@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from unet_surgery.errors import CheckpointError
 from unet_surgery.generation.jobs import GenerationError
+from unet_surgery.io import excerpt, read_bounded_json
 from unet_surgery.loading.weights import WEIGHT_SUFFIXES
 
 TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -37,15 +37,24 @@ def pipeline_class_name(folder: Path) -> str:
             f"MODEL: {folder} is not a diffusers pipeline folder (no model_index.json); "
             "a UNet-only folder needs the other components: give its weights file and --components"
         )
-    try:
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise GenerationError(f"MODEL: {index} is not a valid model_index.json ({exc})") from None
+    data = read_bounded_json(index, GenerationError, prefix="MODEL: ")
+    name = data.get("_class_name") if isinstance(data, dict) else None
     if name not in TEXT_TO_IMAGE:
+        shown = excerpt(name) if isinstance(name, str) else type(name).__name__
         raise GenerationError(
-            f"MODEL: {folder} holds a {name}; generate supports {', '.join(TEXT_TO_IMAGE)} folders"
+            f"MODEL: {folder} holds a {shown}; generate supports {', '.join(TEXT_TO_IMAGE)} folders"
         )
+    check_component_json(folder)
     return str(name)
+
+
+def check_component_json(folder: Path) -> None:
+    """Read every JSON file of a pipeline folder's components (configs, scheduler, tokenizer)
+    with the bounded reader before diffusers and transformers parse them unbounded: over-deep
+    nesting, huge integers or ``NaN`` (e.g. ``"norm_eps": NaN``) are one line naming the file."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for file in sorted(sub.glob("*.json")):
+            read_bounded_json(file, GenerationError, prefix="MODEL: ")
 
 
 def check_model(model: str | Path, components: str | Path | None) -> tuple[Path, Path]:

@@ -42,6 +42,7 @@ from unet_surgery.generation.pipeline_loader import (
 from unet_surgery.generation.recipe_choice import check_recipe, resolve_recipe
 from unet_surgery.generation.schedulers import SCHEDULERS, set_scheduler
 from unet_surgery.generation.vae_memory import configure_vae
+from unet_surgery.io import check_not_input, excerpt, may_replace
 from unet_surgery.recipes.library import dump_recipe
 from unet_surgery.recipes.schema import Recipe
 
@@ -93,15 +94,18 @@ def _fingerprints(pipe: Any) -> dict[str, str]:
 
 def _open_init_image(path: str | Path) -> tuple[Any, str]:
     """The init image as RGB and the sha256 of its file; one clear error if unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     file = Path(path)
     try:
-        with Image.open(file) as image:
+        with pngmeta.open_image(file) as image:  # the header's size checked before any pixel is decoded
             rgb = image.convert("RGB")
+    except pngmeta.ImageTooLarge as exc:
+        raise GenerationError(f"--init-image: {exc}") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise GenerationError(f"--init-image: cannot read {file}: {reason}") from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text
+        raise GenerationError(f"--init-image: cannot read {file}: {reason[:200]}") from None
     return rgb, pngmeta.file_sha256(file)
 
 
@@ -157,38 +161,46 @@ def generate(
         raise GenerationError("--prompt: prompts must be non-empty text")
     jobs = make_jobs(prompt_list, parse_seeds(seeds))
     width, height = parse_size(size)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise GenerationError(f"--steps: {steps!r} is not a positive number of steps")
-    if not 0.0 < strength <= 1.0:
-        raise GenerationError(f"--strength: {strength} is not in (0, 1]")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        shown = steps if isinstance(steps, int) and abs(steps) < 10**9 else type(steps).__name__
+        raise GenerationError(f"--steps: {shown} is not a number of steps from 1 to {MAX_STEPS}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= MAX_GUIDANCE:
+        raise GenerationError(f"--guidance: {str(guidance)[:20]} is not a finite scale from 0 to {MAX_GUIDANCE}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise GenerationError(f"--strength: {str(strength)[:20]} is not in (0, 1]")
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise GenerationError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if dtype is not None and dtype not in DTYPES:
         raise GenerationError(f"--dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if threads is not None and threads < 1:
-        raise GenerationError(f"--threads: {threads} is not a positive number")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
+        raise GenerationError(f"--threads: {str(threads)[:20]} is not a number of threads from 1 to 1024")
+    requested_device = _parse_device(device)
     check_model(model, components)
     checked = check_recipe(recipe)
     init = _open_init_image(init_image) if init_image is not None else None
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise GenerationError(f"--out: {out_dir} exists and is not a folder")
+    inputs = [Path(model)] + ([Path(components)] if components is not None else [])
+    check_not_input(out_dir, inputs, GenerationError, option="--out", replaces_folder=False)
+    earlier = pngmeta.read_manifest(out_dir / MANIFEST)  # refuses a manifest.jsonl we did not write
 
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
     if threads is not None:
         torch.set_num_threads(threads)
-    cpu = _cpu_only(device)
+    cpu = _cpu_only(requested_device)
     if cpu:
         os.environ.setdefault(MKL_REPRODUCIBLE[0], MKL_REPRODUCIBLE[1])
     state = PartialState(cpu=cpu)
-    run_device = _device(device, state.device)
+    run_device = _device(requested_device, state.device)
     torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if run_device.type == "cuda" else torch.float32)
     show = progress and state.is_main_process
     with _loading_bars(show):
         pipe = load_pipeline(model, components=components, dtype=torch_dtype, device=run_device)
     parse_size((width, height), pipe.vae_scale_factor)
+    _check_fits(pipe, width, height, steps)
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
     applied, unet_map = resolve_recipe(checked, pipe, height=height, width=width, steps=steps,
@@ -236,8 +248,7 @@ def generate(
                 settings = {"format": pngmeta.FORMAT, "request": request, "environment": environment}
                 target = out_dir / job.file_name
                 pngmeta.remove_stale_temporaries(target)
-                if target.exists() and not overwrite:
-                    _check_existing(target, request)
+                if _keep_existing(target, request, overwrite):
                     result.skipped.append(target)
                     digest = pngmeta.file_sha256(target)
                 else:
@@ -252,7 +263,8 @@ def generate(
     if state.is_main_process:
         ordered = [line for _, line in sorted(gathered)]
         result.manifest = out_dir / MANIFEST
-        pngmeta.write_text(result.manifest, "".join(line + "\n" for line in ordered))
+        kept = pngmeta.earlier_lines(out_dir, earlier, {job.file_name for job in jobs})
+        pngmeta.write_text(result.manifest, "".join(line + "\n" for line in sorted(kept + ordered, key=_file_of)))
     state.wait_for_everyone()
     return result
 
@@ -274,6 +286,42 @@ def _loading_bars(show: bool) -> Iterator[None]:
         for m, on in zip(modules, were_on, strict=True):
             if on:
                 m.enable_progress_bar()
+
+
+MAX_STEPS = 1000  # a diffusion schedule has 1000 training timesteps: more steps repeat them
+MAX_GUIDANCE = 100.0
+
+
+def _file_of(line: str) -> str:
+    return str(json.loads(line)["file"])  # our own canonical line: the file name sorts in job order
+
+
+def _parse_device(requested: str | None) -> str | None:
+    """``requested`` if torch names a device so (``cpu``, ``cuda``, ``cuda:1``, ``mps``...), else one line."""
+    if requested is None:
+        return None
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        raise GenerationError(f"--device: {excerpt(str(requested))} is not a device (cpu, cuda, cuda:1, mps...)") from None
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() \
+            and device.index >= torch.cuda.device_count():
+        raise GenerationError(f"--device: {requested} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    return requested
+
+
+def _check_fits(pipe: Any, width: int, height: int, steps: int) -> None:
+    """Refuse a size below what the UNet can halve down to, or more steps than the schedule has."""
+    levels = len(getattr(pipe.unet.config, "block_out_channels", ())) or 1
+    smallest = pipe.vae_scale_factor * 2 ** (levels - 1)
+    if min(width, height) < smallest:
+        raise GenerationError(
+            f"--size: {width}x{height} is below this model's smallest size, {smallest} px a side "
+            f"(its latent is halved {levels - 1} times)"
+        )
+    train = int(getattr(pipe.scheduler.config, "num_train_timesteps", MAX_STEPS))
+    if steps > train:
+        raise GenerationError(f"--steps: {steps} is more than the scheduler's {train} training timesteps")
 
 
 def _cpu_only(requested: str | None) -> bool:
@@ -303,19 +351,18 @@ def _lanczos() -> Any:
     return Image.Resampling.LANCZOS
 
 
-def _check_existing(target: Path, request: dict[str, Any]) -> None:
-    """A file already at ``target`` is kept only if it was written for the same request."""
+def _keep_existing(target: Path, request: dict[str, Any], overwrite: bool) -> bool:
+    """Whether a file already at ``target`` is kept: written for the same request and no
+    ``overwrite`` (:func:`unet_surgery.io.may_replace`); other content is refused unless ``overwrite``."""
+    if not target.exists():
+        return False
     existing = pngmeta.read_settings(target)
     if existing is None:
-        raise GenerationError(
-            f"--out: {target} exists but was not written by generate; move it away or pass --overwrite"
-        )
-    if existing["request"] != request:
-        keys = ", ".join(_differences(existing["request"], request))
-        raise GenerationError(
-            f"--out: {target} was generated with other settings (differing: {keys}); "
-            "use another --out or pass --overwrite"
-        )
+        return not may_replace(target, same=False, overwrite=overwrite, error=GenerationError,
+                               what="an image not written by generate", prefix="--out: ")
+    keys = ", ".join(_differences(existing["request"], request)[:8])
+    return not may_replace(target, same=existing["request"] == request, overwrite=overwrite, error=GenerationError,
+                           what=f"an image generated with other settings (differing: {keys})", prefix="--out: ")
 
 
 def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, Any], image: Any,

@@ -9,6 +9,7 @@ names and shapes (:mod:`unet_surgery.loading.ldm_keys`).
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from unet_surgery.errors import CheckpointError
-from unet_surgery.io import read_json_object, readable_file
+from unet_surgery.io import excerpt, read_bounded_json, read_json_object, readable_file
 from unet_surgery.loading.ldm_keys import (
     convert_ldm_unet,
     detect_architecture,
@@ -28,6 +29,9 @@ from unet_surgery.presets import PRESETS, get_preset
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+# Precisions a UNet computes in. float8 formats are storage formats (often with per-tensor
+# scales kept beside them): taking their values as weights would be silently wrong.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a weights file, without reading tensor data where the format allows."""
@@ -55,8 +59,9 @@ def load_state_dict(path: Path, *, device: str | torch.device = "cpu") -> dict[s
             return load_file(str(path), device=str(device) if str(device) != "meta" else "cpu")
         except Exception as exc:
             raise CheckpointError(f"{path} is not a valid safetensors file ({_brief(exc)})") from exc
+    mmap = str(device) != "meta" and _mappable(path)
     try:
-        obj = torch.load(str(path), map_location=device, weights_only=True, mmap=str(device) != "meta")
+        obj = torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(
             f"{path} could not be read as a weights-only torch checkpoint ({_brief(exc)}); "
@@ -67,6 +72,33 @@ def load_state_dict(path: Path, *, device: str | torch.device = "cpu") -> dict[s
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return dict(obj)
+
+MAX_DEFLATE_RATIO = 100  # weights compress to ~90 % of their size; 100:1 is a zip bomb
+
+
+def _mappable(path: Path) -> bool:
+    """Whether ``torch.load(mmap=True)`` reads ``path`` right: a zip archive storing every entry
+    uncompressed. Memory mapping takes an entry's bytes at its offset as they lie, so a
+    deflated storage would come back as compressed bytes taken for weights; such archives (and
+    the legacy non-zip format, which cannot be mapped) are read whole instead. A deflated entry
+    that claims to expand more than :data:`MAX_DEFLATE_RATIO` times is refused.
+    """
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a valid checkpoint archive ({_brief(exc)})") from None
+    packed = [e for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    for entry in packed:
+        if entry.file_size > MAX_DEFLATE_RATIO * entry.compress_size + (1 << 20):
+            raise CheckpointError(
+                f"{path}: entry {excerpt(entry.filename)} claims {entry.file_size} bytes from {entry.compress_size} "
+                f"compressed (over {MAX_DEFLATE_RATIO}:1); refusing a zip bomb"
+            )
+    return not packed
+
 
 def _brief(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
@@ -89,8 +121,12 @@ def _fit_shapes(state: dict[str, Any], expected: Mapping[str, torch.Size], where
         raise CheckpointError(f"{where}: weights do not fit the architecture: {', '.join(detail)}")
     out = {}
     for key, value in state.items():
-        if not value.is_floating_point():
-            raise CheckpointError(f"{where}: {key} holds {str(value.dtype).removeprefix('torch.')} values; UNet weights are floating point")
+        if value.dtype not in WEIGHT_DTYPES:
+            kind = "floating point" if value.is_floating_point() else "not floating point"
+            raise CheckpointError(
+                f"{where}: {key} holds {str(value.dtype).removeprefix('torch.')} values ({kind}); UNet weights "
+                f"must be {', '.join(str(d).removeprefix('torch.') for d in WEIGHT_DTYPES)} (convert the file first)"
+            )
         if not value.is_meta and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{where}: {key} holds NaN or infinite values")
         want = tuple(expected[key])
@@ -160,15 +196,7 @@ def _folder_weights(folder: Path) -> list[Path]:
             if single.is_file():
                 return [single]
             if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise CheckpointError(f"{index} is not a valid shard index ({_brief(exc)})") from exc
-                shards = [folder / name for name in sorted(set(weight_map.values()))]
-                absent = [s.name for s in shards if not s.is_file()]
-                if absent:
-                    raise CheckpointError(f"{index} lists shard(s) that are missing: {', '.join(absent)}")
-                return shards
+                return _shards(folder, index)
     others = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if len(others) == 1:
         return others
@@ -176,6 +204,23 @@ def _folder_weights(folder: Path) -> list[Path]:
         f"{folder}: no {DIFFUSERS_WEIGHTS}[.fp16].safetensors (or shard index) found"
         + (f"; ambiguous weight files: {', '.join(p.name for p in others)}" if others else "")
     )
+
+def _shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names: plain file names inside ``folder``, all present."""
+    data = read_bounded_json(index, CheckpointError)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} is not a valid shard index (no weight_map of file names)")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            raise CheckpointError(f"{index} names the shard {excerpt(name)}, which is not a file name inside {folder}")
+    shards = [folder / name for name in names]
+    absent = [excerpt(s.name) for s in shards if not s.is_file()]
+    if absent:
+        raise CheckpointError(f"{index} lists shard(s) that are missing: {', '.join(absent[:5])}")
+    return shards
+
 
 def _read_config(folder: Path) -> dict[str, Any]:
     return read_json_object(

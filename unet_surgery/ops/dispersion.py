@@ -303,10 +303,9 @@ def load_transform(path: str | os.PathLike[str]) -> tuple[np.ndarray, TransformP
     missing = [k for k in fields if k not in metadata]
     if missing:
         raise TransformError(f"{target}: metadata lacks {', '.join(missing)}")
-    try:
-        values = {k: json.loads(metadata[k]) for k in fields}
-    except json.JSONDecodeError as exc:
-        raise TransformError(f"{target}: malformed metadata ({exc})") from exc
+    from unet_surgery.io import parse_bounded_json
+
+    values = {k: parse_bounded_json(metadata[k], f"{target}: metadata {k}", TransformError) for k in fields}
     params = TransformParams(**values)
     if set(tensors) != {_TENSOR_KEY}:
         raise TransformError(

@@ -32,6 +32,7 @@ from unet_surgery.passes.base import (
     step_position,
 )
 from unet_surgery.passes.layers import CONV
+from unet_surgery.passes.redilate import MAX_FACTOR
 from unet_surgery.runtime import MAIN, UNetCall
 
 
@@ -54,8 +55,8 @@ class FouriScalePass(PassConfig):
     on_missing: OnMissing = doc("a listed path the model lacks: error or warn", default="error")
 
     def validate(self, where: str) -> None:
-        if isinstance(self.dilation, float) and self.dilation < 1:
-            fail(f"{where}.dilation", f"dilation must be >= 1, got {self.dilation}")
+        if isinstance(self.dilation, float) and not 1 <= self.dilation <= MAX_FACTOR:
+            fail(f"{where}.dilation", f"dilation must be between 1 and {MAX_FACTOR:g}, got {self.dilation:g}")
         if self.steps < 1:
             fail(f"{where}.steps", f"steps must be >= 1, got {self.steps}")
         if not 0 <= self.start_step < self.stop_step:

@@ -39,6 +39,10 @@ STAGES = 2
 """FreeU has factors for the two lowest-resolution up levels."""
 
 
+MAX_SCALE = 10.0  # FreeU's factors multiply features: far above the published ones they overflow
+MAX_THRESHOLD = 4096  # half side of the spectrum's square, in latent pixels
+
+
 @dataclass(frozen=True)
 class FreeUPass(PassConfig):
     """FreeU: backbone features amplified, the skip's low frequencies scaled, before each merge."""
@@ -62,8 +66,12 @@ class FreeUPass(PassConfig):
     schedule: ScheduleSpec = doc("when FreeU is active", default_factory=ScheduleSpec)
 
     def validate(self, where: str) -> None:
-        if self.threshold < 0:
-            fail(f"{where}.threshold", f"must be >= 0, got {self.threshold}")
+        for name in ("b1", "b2", "s1", "s2"):  # published: b 1.0-1.6, s 0.2-1.0; 1e15 overflows to NaN
+            value = getattr(self, name)
+            if not 0.0 <= value <= MAX_SCALE:
+                fail(f"{where}.{name}", f"must be between 0 and {MAX_SCALE:g}, got {value:g}")
+        if not 0 <= self.threshold <= MAX_THRESHOLD:
+            fail(f"{where}.threshold", f"must be between 0 and {MAX_THRESHOLD}, got {self.threshold}")
         sel = self.select
         unused = [n for n in ("op", "kernel", "stride", "axis", "kind") if getattr(sel, n) is not None]
         if unused:

@@ -32,14 +32,18 @@ from unet_surgery.passes.base import (
 from unet_surgery.passes.layers import CONV
 from unet_surgery.runtime import MAIN, UNetCall
 
+MAX_FACTOR = 64.0  # a dilation beyond 64 reaches past every latent a UNet runs at
+
 
 def check_factors(config: Any, where: str) -> None:
-    """Factors must be positive, and a pass needs a factor or a table (redilate, ndcfg)."""
+    """Factors are dilations from 1 (the plain conv) to :data:`MAX_FACTOR`, and a pass needs a
+    factor or a table (redilate, ndcfg). Below 1 the input would be enlarged by 1/factor per
+    side (1e-15 asks for a 10**15-pixel side), so the range is where the op is a re-dilation."""
     for key, factor in config.factors.items():
-        if factor <= 0:
-            fail(key_path(f"{where}.factors", key), f"factor must be > 0, got {factor}")
-    if isinstance(config.factor, float) and config.factor <= 0:
-        fail(f"{where}.factor", f"factor must be > 0, got {config.factor}")
+        if not 1.0 <= factor <= MAX_FACTOR:
+            fail(key_path(f"{where}.factors", key), f"factor must be between 1 and {MAX_FACTOR:g}, got {factor:g}")
+    if isinstance(config.factor, float) and not 1.0 <= config.factor <= MAX_FACTOR:
+        fail(f"{where}.factor", f"factor must be between 1 and {MAX_FACTOR:g}, got {config.factor:g}")
     if config.factor is None and not config.factors:
         fail(f"{where}.factor", "give a factor or a factors table")
 

@@ -135,25 +135,30 @@ def check_document_limits(document: Any) -> None:
 _fail = fail
 
 
+MAX_LEVEL = 64  # a UNet halves its input at most a few times; 64 levels is far beyond any
+
+
 def _parse_level(value: Any, path: str) -> LevelRange:
     if isinstance(value, bool):
         _fail(path, f"expected int or range, got {_describe(value)}")
     if isinstance(value, int):
-        if value < 0:
-            _fail(path, f"level must be >= 0, got {value}")
+        if not 0 <= value <= MAX_LEVEL:
+            _fail(path, f"level must be between 0 and {MAX_LEVEL}, got {_describe(value)}")
         return LevelRange(value, value)
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d*)\s*", value)
+        m = re.fullmatch(r"\s*([0-9]{1,3})\s*\.\.\s*([0-9]{0,3})\s*", value)
         if m:
             lo, hi = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+            if lo > MAX_LEVEL or (hi is not None and hi > MAX_LEVEL):
+                _fail(path, f"levels go from 0 to {MAX_LEVEL}, got {_describe(value)}")
             if hi is not None and hi < lo:
                 _fail(path, f"empty level range {value!r}")
             return LevelRange(lo, hi)
     if isinstance(value, dict) and set(value) <= {"min", "max"} and value:
         lo = _parse(int, value.get("min", 0), f"{path}.min")
         hi = _parse(int | None, value.get("max"), f"{path}.max")
-        if lo < 0 or (hi is not None and hi < lo):
-            _fail(path, f"invalid level range {_describe(value)}")
+        if lo < 0 or (hi is not None and hi < lo) or lo > MAX_LEVEL or (hi is not None and hi > MAX_LEVEL):
+            _fail(path, f"invalid level range {_describe(value)} (levels go from 0 to {MAX_LEVEL})")
         return LevelRange(lo, hi)
     _fail(path, f"expected int or range, got {_describe(value)}")
 
