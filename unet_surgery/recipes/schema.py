@@ -118,6 +118,30 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class PatchSpec:
+    """Patch-wise denoising (MultiDiffusion): overlapping views at the model's native size."""
+
+    window: int | None = doc("view size in latent pixels (default: base_resolution / vae_scale_factor)", default=None)
+    stride: int | None = doc("distance between views in latent pixels (default: window // 2)", default=None)
+    view_batch_size: int = doc("views per UNet call (peak memory grows with it)", default=1)
+
+
+@dataclass(frozen=True)
+class DemoFusionSpec:
+    """DemoFusion (Du et al. 2024), with the official pipeline's defaults."""
+
+    steps: int = doc("denoising steps per phase (num_inference_steps)", default=50)
+    stride: int | None = doc("local patch stride in latent pixels (default: window // 2, 64 for SDXL)", default=None)
+    view_batch_size: int = doc("views per UNet call", default=16)
+    cosine_scale_1: float = doc("skip residual: weight of the noise-inverted upsample, cos^cosine_scale_1", default=3.0)
+    cosine_scale_2: float = doc("dilated sampling's share against local patches, cos^cosine_scale_2", default=1.0)
+    cosine_scale_3: float = doc("Gaussian filter's sigma schedule, 0.99 * cos^cosine_scale_3 + 0.01", default=1.0)
+    sigma: float = doc("Gaussian filter's sigma before its schedule", default=1.0)
+    jitter: bool = doc("random jitter of the local patches (official: on)", default=True)
+    multi_decoder: bool = doc("decode in padded tiles (DemoFusion's multi-decoder)", default=True)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A named, ordered list of passes plus the resolutions it was made for."""
 
@@ -130,6 +154,8 @@ class Recipe:
     model: str | None = doc("architecture the recipe was written for (a preset name)", default=None)
     vae_scale_factor: int = doc("pixels per latent pixel (8 for SD-style VAEs, 1 for pixel-space models)", default=8)
     sampling: SamplingSpec | None = doc("self-cascade sampler settings", default=None)
+    patches: PatchSpec | None = doc("patch-wise denoising of every UNet call (MultiDiffusion)", default=None)
+    demofusion: DemoFusionSpec | None = doc("DemoFusion sampler settings (instead of sampling)", default=None)
     version: int = doc("recipe format version; a file without one is read as version 1", default=RECIPE_VERSION)
 
 
@@ -367,10 +393,11 @@ def _check_recipe(recipe: Recipe) -> None:
         _fail("target_resolutions", "at least one target resolution is required")
     for i, res in enumerate(recipe.target_resolutions):
         resolution(res, f"target_resolutions[{i}]")
-    if not recipe.passes:
-        _fail("passes", "a recipe needs at least one pass")
+    if not recipe.passes and recipe.patches is None and recipe.demofusion is None:
+        _fail("passes", "a recipe needs at least one pass (or a patches or demofusion section)")
     for i, p in enumerate(recipe.passes):
         p.validate(f"passes[{i}]")
+    _check_patch_sampling(recipe)
     s = recipe.sampling
     if s is not None:
         if not s.stages:
@@ -382,6 +409,39 @@ def _check_recipe(recipe: Recipe) -> None:
             _fail("sampling.steps", f"must be >= 1, got {s.steps}")
         if s.restart_step is not None and not 0 <= s.restart_step < s.steps:
             _fail("sampling.restart_step", f"must be in [0, {s.steps}), got {s.restart_step}")
+
+
+def _check_patch_sampling(recipe: Recipe) -> None:
+    """Checks of the patches and demofusion sections that need no model."""
+    if recipe.sampling is not None and recipe.demofusion is not None:
+        _fail("demofusion", "a recipe has either a sampling (self-cascade) or a demofusion section, not both")
+    if recipe.patches is not None and recipe.demofusion is not None:
+        _fail("patches", "DemoFusion brings its own local patches (demofusion.stride, view_batch_size); "
+              "remove the patches section")
+    p = recipe.patches
+    if p is not None:
+        for name in ("window", "stride"):
+            value = getattr(p, name)
+            if value is not None and value < 1:
+                _fail(f"patches.{name}", f"must be >= 1, got {value}")
+        if p.window is not None and p.stride is not None and p.stride > p.window:
+            _fail("patches.stride", f"{p.stride} is larger than the window {p.window}: views would leave gaps")
+        if p.view_batch_size < 1:
+            _fail("patches.view_batch_size", f"must be >= 1, got {p.view_batch_size}")
+    d = recipe.demofusion
+    if d is not None:
+        if d.steps < 1:
+            _fail("demofusion.steps", f"must be >= 1, got {d.steps}")
+        if d.stride is not None and d.stride < 1:
+            _fail("demofusion.stride", f"must be >= 1, got {d.stride}")
+        if d.view_batch_size < 1:
+            _fail("demofusion.view_batch_size", f"must be >= 1, got {d.view_batch_size}")
+        if d.sigma <= 0:
+            _fail("demofusion.sigma", f"must be > 0, got {d.sigma}")
+        base, target = recipe.base_resolution, recipe.target_resolutions[0]
+        if max(target[0] / base[0], target[1] / base[1]) < 2:
+            _fail("target_resolutions[0]", f"DemoFusion upscales by whole factors of the base: "
+                  f"{target[0]}x{target[1]} is less than twice the base {base[0]}x{base[1]}")
 
 
 def _check_version(document: Any) -> Any:
