@@ -1,3 +1,4 @@
+# ruff: noqa: B007, B905, RUF005  (the transcription keeps the official loops and expressions as written)
 """DemoFusion equals a literal transcription of the official pipeline on tiny float64 UNets.
 
 Oracle: PRIS-CV/DemoFusion ``pipeline_demofusion_sdxl.py`` (commit 5024487), ``get_views``,
@@ -332,7 +333,7 @@ def ours_denoiser(unet, cond, uncond, extra, height, width):
 
 
 def run_both(model, *, scale, steps, aspect=(1, 1), seed=11, **settings):
-    layout, unet, window, cond, uncond, extra = model
+    _, unet, window, cond, uncond, extra = model
     vsf = 8
     base = window * vsf
     height, width = base * scale * aspect[0] // max(aspect), base * scale * aspect[1] // max(aspect)
@@ -381,7 +382,7 @@ def test_whole_short_run_equals_the_official_code_at_3x(model):
 
 def test_wide_target_and_other_settings_equal_the_official_code(model):
     """A 2:1 target (padding of the dilated lattice, aspect handling) with non-default scales."""
-    layout, unet, window, *_ = model
+    window = model[2]
     ref, ours = run_both(model, scale=2, steps=2, aspect=(1, 2), view_batch_size=2, stride=window // 4 * 3,
                          cosine_scale_1=2.0, cosine_scale_2=0.5, cosine_scale_3=2.0, sigma=0.8)
     for r, o in zip(ref, ours, strict=True):

@@ -119,7 +119,7 @@ def tiled_decode(decode: Any, latents: torch.Tensor, window: int, vae_scale_fact
     """DemoFusion's multi-decoder: tiles of ``window // 4`` latents, each decoded with
     ``window // 8 * 3`` latents of context on every side (zeros beyond the border), centres kept.
 
-    ``decode(z)`` maps scaled latents (already divided by the VAE's scaling factor) to images.
+    ``decode(z)`` maps a tile of UNet latents to an image (dividing by the VAE's scaling factor).
     Every decode sees ``window // 4 + 2 * (window // 8 * 3)`` latents a side, whatever the
     image size, so the decoder's peak memory stays flat.
     """
@@ -267,7 +267,8 @@ def demofusion(
                 sub_hw = ((hl + h_pad) // s, (wl + w_pad) // s)
 
                 def run_global(views: list[tuple[int, int]], blurred: torch.Tensor = blurred,
-                               t: torch.Tensor = t, stage: CascadeStage = stage) -> torch.Tensor:
+                               t: torch.Tensor = t, stage: CascadeStage = stage, s: int = s,
+                               sub_hw: tuple[int, int] = sub_hw) -> torch.Tensor:
                     rows = torch.cat([blurred[:, :, h::s, w::s] for h, w in views])
                     st = ViewStage(stage.index, stage.height, stage.width, sub_hw, 0)
                     return denoise(rows, t, st)
@@ -303,3 +304,85 @@ def view_counts(height: int, width: int, base: int, vae_scale_factor: int,
         for n in (len(view_grid(*ph.latent_hw, window, stride)), ph.scale * ph.scale):
             counts.append((n, len(batched(range(n), spec.view_batch_size))))
     return counts
+
+
+DEMOFUSION_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def demofusion_sample(
+    pipe: Any,
+    recipe: Any,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    prompt: str | list[str] | None = None,
+    negative_prompt: str | list[str] | None = None,
+    guidance_scale: float = 5.0,
+    generator: torch.Generator | None = None,
+    jitter_seed: int = 0,
+    latents: torch.Tensor | None = None,
+    output_type: str = "latent",
+    executor: ViewExecutor | None = None,
+    progress: bool = True,
+) -> CascadeOutput:
+    """DemoFusion with an SD1.5/SD2.1 or SDXL pipeline (``recipe.demofusion``; its passes applied too).
+
+    The size defaults to the recipe's first target; the base is the UNet's native size. SDXL is
+    conditioned on the target as original and target size, and each local view on its corner as
+    crop, as the official pipeline does; SD1.5 runs the same sampler without size conditioning
+    (the community ports). ``guidance_scale`` defaults to the official 5.0. With ``output_type``
+    other than ``"latent"`` the last phase is decoded, in tiles when ``multi_decoder`` is on.
+    """
+    from unet_surgery.errors import RecipeError
+    from unet_surgery.patching.patch import current_patch
+    from unet_surgery.recipes.library import load_recipe
+    from unet_surgery.sampling.cascade import _module_dtype, vae_decode
+    from unet_surgery.sampling.pipelines import (
+        _pipeline_denoiser,
+        _supported_class,
+        apply_to_pipeline,
+    )
+
+    name = _supported_class(pipe, DEMOFUSION_PIPELINES)
+    recipe = load_recipe(recipe)
+    spec = recipe.demofusion
+    if spec is None:
+        raise RecipeError(f"recipe {recipe.name!r} has no demofusion section")
+    height = height if height is not None else recipe.target_resolutions[0][0]
+    width = width if width is not None else recipe.target_resolutions[0][1]
+    unet = pipe.unet
+    sample = unet.config.sample_size
+    window = int(sample if isinstance(sample, int) else min(sample))
+    vsf = int(pipe.vae_scale_factor)
+    device = getattr(pipe, "_execution_device", None) or unet.device
+    owned = None
+    patch = current_patch(unet)
+    if patch is None and recipe.passes:
+        owned = apply_to_pipeline(pipe, recipe)
+        patch = owned.patch
+    try:
+        denoise = _pipeline_denoiser(pipe, name, device, unet.dtype, (height, width), guidance_scale, prompt,
+                                     negative_prompt, None, None, None, None)
+        out = demofusion(
+            denoise, pipe.scheduler, spec, height=height, width=width, base=window * vsf,
+            latent_channels=unet.config.in_channels, batch_size=denoise.batch, vae_scale_factor=vsf,
+            generator=generator, jitter_seed=jitter_seed, latents=latents, device=device, dtype=unet.dtype,
+            executor=executor, patch=patch, progress=progress,
+        )
+        if output_type != "latent":
+            vae = pipe.vae
+            with torch.no_grad():
+                if spec.multi_decoder:
+                    scale = vae.config.scaling_factor
+
+                    def decode(z: torch.Tensor) -> torch.Tensor:
+                        return vae.decode(z.to(_module_dtype(vae)) / scale, return_dict=False)[0]
+
+                    image = tiled_decode(decode, out.latents, window, vsf)
+                else:
+                    image = vae_decode(vae, out.latents)
+            out.images = pipe.image_processor.postprocess(image, output_type=output_type)
+        return out
+    finally:
+        if owned is not None:
+            owned.remove()

@@ -246,6 +246,18 @@ def patchwise_denoiser(
     return fused
 
 
+def patch_settings(recipe: Any) -> tuple[int, int]:
+    """``(window, stride)`` of a recipe's ``patches`` section, defaults filled in.
+
+    The window defaults to the base resolution in latent pixels (the model's native size, the
+    smaller side for a non-square base), the stride to half the window.
+    """
+    spec = recipe.patches
+    window = spec.window if spec.window is not None else min(recipe.base_resolution) // recipe.vae_scale_factor
+    stride = spec.stride if spec.stride is not None else max(1, window // 2)
+    return window, stride
+
+
 def num_view_batches(height: int, width: int, window: int, stride: int, view_batch_size: int) -> tuple[int, int]:
     """``(views, batches)`` of a ``height x width`` latent (checks the window and stride)."""
     views = view_grid(height, width, window, stride)

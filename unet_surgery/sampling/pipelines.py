@@ -29,7 +29,13 @@ from unet_surgery.errors import RecipeError, SurgeryError
 from unet_surgery.graph import UNetMap
 from unet_surgery.patching.patch import Patch, apply, current_patch
 from unet_surgery.recipes.schema import Recipe, SamplingSpec
-from unet_surgery.sampling.cascade import CascadeOutput, CascadeStage, combine_cfg, repeat_rows, self_cascade
+from unet_surgery.sampling.cascade import (
+    CascadeOutput,
+    CascadeStage,
+    combine_cfg,
+    repeat_rows,
+    self_cascade,
+)
 
 # Supported pipeline class -> the method that receives the pipeline's CFG decision.
 # All of them batch the UNet input as [uncond, cond] under CFG (negative embeddings first;
@@ -236,6 +242,7 @@ def self_cascade_sample(
     unet_map: UNetMap | None = None,
     output_type: str = "latent",
     progress: bool = True,
+    executor: Any = None,
 ) -> CascadeOutput:
     """FreeScale generation with an SD or SDXL pipeline: recipe passes + self-cascade.
 
@@ -244,6 +251,9 @@ def self_cascade_sample(
     embeddings); SDXL's size conditioning is the first stage's size for every stage, as in the
     official code. ``sampling`` overrides the recipe's sampling section. With ``output_type``
     other than ``"latent"`` the final latents are decoded into ``CascadeOutput.images``.
+    A recipe with a ``patches`` section denoises every step in overlapping views
+    (:func:`~unet_surgery.sampling.patchwise.patchwise_denoiser`; ``executor`` spreads them over
+    processes); a one-stage ``sampling`` is then plain patch-wise text-to-image.
     """
     from unet_surgery.recipes.library import load_recipe
 
@@ -266,6 +276,12 @@ def self_cascade_sample(
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
         )
         batch = denoise.batch
+        if recipe.patches is not None:
+            from unet_surgery.sampling.patchwise import patch_settings, patchwise_denoiser
+
+            window, stride = patch_settings(recipe)
+            denoise = patchwise_denoiser(denoise, window=window, stride=stride,
+                                         view_batch_size=recipe.patches.view_batch_size, executor=executor)
         vae = getattr(pipe, "vae", None)
         out = self_cascade(
             denoise, pipe.scheduler, spec, latent_channels=unet.config.in_channels, batch_size=batch,
