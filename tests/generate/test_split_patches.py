@@ -73,7 +73,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(sd15_folder: Path, tmp_path: 
             *extra, "--out", str(out)]
     if message is None:  # 16 views a call: one batch per step, nothing for a second process
         result = run(accelerate_command(2, *args))
-        message = "--split patches: 2 processes but only 1 batch(es) of views"
+        message = "--split patches: 2 processes but at most 1 batch(es) of views"
     else:
         result = run(generate_command(*args))
     assert result.returncode != 0

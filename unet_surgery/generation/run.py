@@ -200,7 +200,7 @@ def generate(
         set_scheduler(pipe, scheduler)
     applied, unet_map = resolve_recipe(checked, pipe, height=height, width=width, steps=steps,
                                        init_image=init is not None)
-    executor = _patch_executor(split, applied, state.num_processes, height, width, pipe)
+    executor = _patch_executor(split, applied, state.num_processes, height, width, pipe, run_device)
     runner = image_to_image(pipe) if init is not None else pipe
     runner.set_progress_bar_config(disable=not show, leave=False, desc="steps")
     tiling = configure_vae(pipe, height, width, vae_tiling)
@@ -336,7 +336,7 @@ def _check_existing(target: Path, request: dict[str, Any]) -> None:
 
 
 def _patch_executor(split: str, recipe: Recipe | None, processes: int, height: int, width: int,
-                    pipe: Any) -> Any:
+                    pipe: Any, device: torch.device) -> Any:
     """The view executor of ``--split patches`` (``None`` otherwise or alone), checked before any image."""
     if split != "patches":
         return None
@@ -356,19 +356,14 @@ def _patch_executor(split: str, recipe: Recipe | None, processes: int, height: i
         # resolve_recipe gives plain patches a one-stage sampling
         assert recipe.sampling is not None and recipe.patches is not None
         per_call = recipe.patches.view_batch_size
-        counts = [num_view_batches(h // vsf, w // vsf, window, stride, per_call)
-                  for h, w in recipe.sampling.stages if h // vsf > window or w // vsf > window]
-    views, batches = min(counts, key=lambda c: c[1]) if counts else (1, 1)
-    if processes > batches:
-        raise GenerationError(
-            f"--split patches: {processes} processes but only {batches} batch(es) of views ({views} views) "
-            f"in a step to share; use at most {batches} processes, a smaller view_batch_size or stride"
-        )
-    if processes == 1:
-        return None
-    from unet_surgery.sampling.patchwise import SplitViews
+        counts = [num_view_batches(h // vsf, w // vsf, window, stride, per_call) for h, w in recipe.sampling.stages]
+    from unet_surgery.sampling.patchwise import PatchError, SplitViews, check_world_size
 
-    return SplitViews()
+    try:
+        check_world_size(processes, counts)
+    except PatchError as exc:
+        raise GenerationError(str(exc)) from None
+    return SplitViews(device) if processes > 1 else None
 
 
 def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, Any], image: Any,

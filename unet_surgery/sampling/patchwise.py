@@ -145,41 +145,48 @@ class LocalViews:
 class SplitViews:
     """Batches spread over the processes of a ``torch.distributed`` group and gathered each call.
 
-    Process ``r`` of ``n`` runs batches ``r, r + n, ...``; ``all_gather_object`` brings every
-    output to every process (through the CPU), and the caller fuses them in batch order, so the
-    fused latent is the same, bit for bit, as one process's. Each batch is computed with the
-    same composition as alone, so no result depends on the number of processes.
+    Process ``r`` of ``n`` runs batches ``r, r + n, ...`` (none when a call has fewer batches
+    than processes); ``all_gather_object`` brings every output to every process (through the
+    CPU), and the caller fuses them in batch order, so the fused latent is the same, bit for bit,
+    as one process's. Each batch is computed with the same composition as alone, so no result
+    depends on the number of processes. ``device`` is where the outputs go back to.
     """
 
-    def __init__(self, rank: int | None = None, world_size: int | None = None, group: Any = None):
+    def __init__(self, device: torch.device | str = "cpu", group: Any = None):
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
             raise PatchError("--split patches needs a torch.distributed process group (run under accelerate launch)")
         self.group = group
-        self.rank = dist.get_rank(group) if rank is None else rank
-        self.world_size = dist.get_world_size(group) if world_size is None else world_size
-
-    def check(self, num_batches: int, num_views: int) -> None:
-        if self.world_size > num_batches:
-            raise PatchError(
-                f"--split patches: {self.world_size} processes but only {num_batches} batch(es) of views "
-                f"({num_views} views) to share; use at most {num_batches} processes, a smaller "
-                "view_batch_size or a smaller stride"
-            )
+        self.device = torch.device(device)
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
 
     def run(self, batches: Sequence[Any], fn: Callable[[Any], torch.Tensor]) -> list[torch.Tensor]:
         import torch.distributed as dist
 
-        self.check(len(batches), sum(len(b) if isinstance(b, list) else 1 for b in batches))
-        mine = {i: fn(b) for i, b in enumerate(batches) if i % self.world_size == self.rank}
-        device = next(iter(mine.values())).device
+        mine = {i: fn(b).cpu() for i, b in enumerate(batches) if i % self.world_size == self.rank}
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, {i: t.cpu() for i, t in mine.items()}, group=self.group)
+        dist.all_gather_object(gathered, mine, group=self.group)
         merged: dict[int, torch.Tensor] = {}
         for part in gathered:
             merged.update(part)
-        return [merged[i].to(device) for i in range(len(batches))]
+        return [merged[i].to(self.device) for i in range(len(batches))]
+
+
+def check_world_size(world_size: int, calls: Sequence[tuple[int, int]]) -> None:
+    """Refuse more processes than the batches of views of a step's largest list of UNet calls.
+
+    ``calls`` holds ``(views, batches)`` of every list a step makes; with more processes than
+    the largest has batches, some processes would never get a view.
+    """
+    views, batches = max(calls, key=lambda c: c[1]) if calls else (1, 1)
+    if world_size > batches:
+        raise PatchError(
+            f"--split patches: {world_size} processes but at most {batches} batch(es) of views "
+            f"({views} views) in a step to share; use at most {batches} processes or a smaller "
+            "view_batch_size or stride"
+        )
 
 
 # ----------------------------------------------------------------------------- fusion
