@@ -20,7 +20,7 @@ RECIPE = """name: demofusion-tiny-128
 base_resolution: [64, 64]
 target_resolutions: [[128, 128]]
 passes: []
-demofusion: {steps: 2, stride: 4, view_batch_size: 2}
+demofusion: {steps: 1, stride: 4, view_batch_size: 2}
 """
 PATCHES = """name: patches-tiny-128x64
 base_resolution: [64, 64]
@@ -33,11 +33,12 @@ patches: {window: 8, stride: 4}
 def test_two_processes_split_the_views_of_one_image(sd15_folder: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "demofusion.yaml"
     recipe.write_text(RECIPE, encoding="utf-8")
-    args = ["--size", "128x128", "--prompt", "a red cube", "--seed", "3", "--steps", "2", "--quiet",
+    args = ["--size", "128x128", "--prompt", "a red cube", "--seed", "3", "--steps", "1", "--quiet",
             "--threads", "1", "--recipe", str(recipe)]
-    one = run(generate_command(str(sd15_folder), *args, "--out", str(tmp_path / "one")))
+    one = run(generate_command(str(sd15_folder), *args, "--out", str(tmp_path / "one")), timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run(accelerate_command(2, str(sd15_folder), *args, "--split", "patches", "--out", str(tmp_path / "two")))
+    two = run(accelerate_command(2, str(sd15_folder), *args, "--split", "patches", "--out", str(tmp_path / "two")),
+              timeout=900)
     assert two.returncode == 0, two.stderr[-2000:]
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert len(names) == 2 and "manifest.jsonl" in names
