@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "unet_step": ("bench_unet_step.py", "patched vs unpatched SD1.5 UNet step at the same size"),
     "guidance": ("bench_guidance.py", "noise-damped guidance: one batch-3 call vs the published four evaluations"),
     "scale_fusion": ("bench_scale_fusion.py", "fused (batched) scale-fusion attention vs a one-call-per-window loop"),
+    "patchwise_memory": ("bench_patchwise_memory.py", "patch-wise vs whole-latent step and decode peak memory at 1024-4096 px (tiny configs)"),
     "dispersion_memory": ("bench_dispersion_memory.py", "dispersion: bytes held (on the fly vs stored kernels vs the published deep copies), step time, adapter sizes"),
     "map": ("bench_map.py", "cold map (symbolic vs static-first export) and apply time cold vs cached, SD1.5 and SDXL on meta"),
     "export": ("bench_export.py", "export and load times, adapter size vs full checkpoint"),

@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="regenerate files that exist (default: keep those with the same settings, "
                         "refuse those with other settings)")
+    parser.add_argument("--split", choices=["images", "patches"], default="images",
+                        help="under accelerate launch: share the list of images between processes (default), "
+                        "or the views of every image (patch-wise and DemoFusion recipes; same bytes)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, seeds=args.seed,
             scheduler=args.scheduler, out=args.out, init_image=args.init_image, strength=args.strength,
             components=args.components, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
-            threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
+            threads=args.threads, overwrite=args.overwrite, progress=not args.quiet, split=args.split,
         )
     if result.manifest is not None:  # the main process speaks for the run
         for w in caught:

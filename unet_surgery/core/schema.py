@@ -94,6 +94,30 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class PatchSpec:
+    """Patch-wise denoising (MultiDiffusion): overlapping views at the model's native size."""
+
+    window: int | None = doc("view size in latent pixels (default: base_resolution / vae_scale_factor)", default=None)
+    stride: int | None = doc("distance between views in latent pixels (default: window // 2)", default=None)
+    view_batch_size: int = doc("views per UNet call (peak memory grows with it)", default=1)
+
+
+@dataclass(frozen=True)
+class DemoFusionSpec:
+    """DemoFusion (Du et al. 2024), with the official pipeline's defaults."""
+
+    steps: int = doc("denoising steps per phase (num_inference_steps)", default=50)
+    stride: int | None = doc("local patch stride in latent pixels (default: window // 2, 64 for SDXL)", default=None)
+    view_batch_size: int = doc("views per UNet call", default=16)
+    cosine_scale_1: float = doc("skip residual: weight of the noise-inverted upsample, cos^cosine_scale_1", default=3.0)
+    cosine_scale_2: float = doc("dilated sampling's share against local patches, cos^cosine_scale_2", default=1.0)
+    cosine_scale_3: float = doc("Gaussian filter's sigma schedule, 0.99 * cos^cosine_scale_3 + 0.01", default=1.0)
+    sigma: float = doc("Gaussian filter's sigma before its schedule", default=1.0)
+    jitter: bool = doc("random jitter of the local patches (official: on)", default=True)
+    multi_decoder: bool = doc("decode in padded tiles (DemoFusion's multi-decoder)", default=True)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A named, ordered list of passes plus the resolutions it was made for."""
 
@@ -106,6 +130,8 @@ class Recipe:
     model: str | None = doc("architecture the recipe was written for (a preset name)", default=None)
     vae_scale_factor: int = doc("pixels per latent pixel (8 for SD-style VAEs, 1 for pixel-space models)", default=8)
     sampling: SamplingSpec | None = doc("self-cascade sampler settings", default=None)
+    patches: PatchSpec | None = doc("patch-wise denoising of every UNet call (MultiDiffusion)", default=None)
+    demofusion: DemoFusionSpec | None = doc("DemoFusion sampler settings (instead of sampling)", default=None)
     version: int = doc("recipe format version; a file without one is read as version 1", default=RECIPE_VERSION)
 
 

@@ -65,6 +65,8 @@ def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, widt
     else:
         assert isinstance(checked, Recipe)
         recipe = checked
+    if recipe.demofusion is not None or recipe.patches is not None:
+        return _patch_recipe(recipe, pipe, height=height, width=width, steps=steps, init_image=init_image), unet_map
     if recipe.sampling is None:
         if recipe.target_resolutions and (height, width) not in {tuple(t) for t in recipe.target_resolutions}:
             sizes = ", ".join(f"{w}x{h}" for h, w in recipe.target_resolutions)
@@ -84,3 +86,47 @@ def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, widt
         restart = None if spec.restart_step is None else min(steps - 1, round(spec.restart_step * steps / spec.steps))
         recipe = replace(recipe, sampling=replace(spec, steps=steps, restart_step=restart))
     return recipe, unet_map
+
+
+def _patch_recipe(recipe: Recipe, pipe: Any, *, height: int, width: int, steps: int, init_image: bool) -> Recipe:
+    """A DemoFusion or patch-wise recipe checked against the request; ``steps`` replaces its steps."""
+    what = "demofusion" if recipe.demofusion is not None else "patches"
+    if init_image:
+        raise GenerationError(f"--init-image: recipe {recipe.name!r} ({what}) generates from text only")
+    if recipe.demofusion is not None:
+        from unet_surgery.sampling.demofusion import phases
+        from unet_surgery.sampling.patchwise import PatchError
+
+        base = min(native_size(pipe))
+        try:
+            final = phases(height, width, base, pipe.vae_scale_factor)[-1]
+        except PatchError as exc:
+            raise GenerationError(f"--size: {exc}") from None
+        if (final.height, final.width) != (height, width):
+            raise GenerationError(
+                f"--size: DemoFusion from {base}x{base} makes {final.width}x{final.height} (WxH), not "
+                f"{width}x{height}; give --size {final.width}x{final.height}"
+            )
+        return replace(recipe, demofusion=replace(recipe.demofusion, steps=steps))
+    from unet_surgery.sampling.patchwise import PatchError, check_window, patch_settings
+
+    window, stride = patch_settings(recipe)
+    stages = recipe.sampling.stages if recipe.sampling is not None else ((height, width),)
+    for h, w in stages:
+        try:
+            check_window(h // pipe.vae_scale_factor, w // pipe.vae_scale_factor, window, stride)
+        except PatchError as exc:
+            raise GenerationError(f"--recipe {recipe.name}: {exc} (at {w}x{h} px)") from None
+    if recipe.sampling is not None:
+        last = tuple(recipe.sampling.stages[-1])
+        if last != (height, width):
+            raise GenerationError(
+                f"--size: recipe {recipe.name!r} cascades up to {last[1]}x{last[0]} (WxH), "
+                f"not {width}x{height}; give --size {last[1]}x{last[0]} or another recipe"
+            )
+        spec = recipe.sampling
+        restart = None if spec.restart_step is None else min(steps - 1, round(spec.restart_step * steps / spec.steps))
+        return replace(recipe, sampling=replace(spec, steps=steps, restart_step=restart))
+    from unet_surgery.recipes.schema import SamplingSpec
+
+    return replace(recipe, sampling=SamplingSpec(stages=((height, width),), steps=steps))

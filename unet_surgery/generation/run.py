@@ -47,6 +47,7 @@ from unet_surgery.recipes.library import dump_recipe
 from unet_surgery.recipes.schema import Recipe
 
 MANIFEST = "manifest.jsonl"
+SPLITS = ("images", "patches")
 # MKL's strict conditional numerical reproducibility: without it a CPU matmul's last bits depend
 # on the memory alignment of its operands, which differs between processes that allocated
 # differently before (measured: 1-in-255 pixel differences between a one- and a two-process run).
@@ -140,6 +141,7 @@ def generate(
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    split: str = "images",
 ) -> GenerateResult:
     """Generate ``prompts`` x ``seeds`` at ``size`` (``WxH``) with ``recipe`` into ``out``.
 
@@ -151,6 +153,9 @@ def generate(
     another request is an error unless ``overwrite``. ``vae_tiling=None`` decides from the
     decoder's estimated peak memory. ``threads`` sets torch's CPU threads: on the CPU the last
     bits of a result depend on it, so give the same value to runs whose bytes must agree.
+    ``split="patches"`` (under ``accelerate launch``, with a patch-wise or DemoFusion recipe)
+    makes every process work on every image, sharing its views each step; the main process
+    writes the files.
     """
     # --- everything that can be checked without a model, before a process group or a load
     if (prompts is None) == (prompts_file is None):
@@ -172,6 +177,8 @@ def generate(
         raise GenerationError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if dtype is not None and dtype not in DTYPES:
         raise GenerationError(f"--dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if split not in SPLITS:
+        raise GenerationError(f"--split: unknown {split!r}; choose one of {', '.join(SPLITS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
         raise GenerationError(f"--threads: {str(threads)[:20]} is not a number of threads from 1 to 1024")
     requested_device = _parse_device(device)
@@ -205,6 +212,7 @@ def generate(
         set_scheduler(pipe, scheduler)
     applied, unet_map = resolve_recipe(checked, pipe, height=height, width=width, steps=steps,
                                        init_image=init is not None)
+    executor = _patch_executor(split, applied, state.num_processes, height, width, pipe, run_device)
     runner = image_to_image(pipe) if init is not None else pipe
     runner.set_progress_bar_config(disable=not show, leave=False, desc="steps")
     tiling = configure_vae(pipe, height, width, vae_tiling)
@@ -239,7 +247,10 @@ def generate(
 
         patch = apply_to_pipeline(runner, applied, unet_map=unet_map)
     try:
-        with state.split_between_processes(list(enumerate(jobs))) as mine:
+        share = contextlib.nullcontext(list(enumerate(jobs))) if split == "patches" else (
+            state.split_between_processes(list(enumerate(jobs))))
+        writes = split != "patches" or state.is_main_process
+        with share as mine:
             from tqdm.auto import tqdm
 
             for position, job in tqdm(mine, desc="images", disable=not show, unit="img"):
@@ -252,10 +263,16 @@ def generate(
                     result.skipped.append(target)
                     digest = pngmeta.file_sha256(target)
                 else:
-                    picture = _one_image(runner, applied, job, common, image, strength, show)
+                    picture = _one_image(runner, applied, job, common, image, strength, show, executor)
+                    if not writes:  # --split patches: the main process writes what all computed
+                        state.wait_for_everyone()
+                        continue
                     digest = pngmeta.write_png(target, picture, settings, document)
                     result.written.append(target)
-                lines.append((position, pngmeta.manifest_line(job.file_name, digest, settings)))
+                    if split == "patches":
+                        state.wait_for_everyone()
+                if writes:
+                    lines.append((position, pngmeta.manifest_line(job.file_name, digest, settings)))
     finally:
         if patch is not None:
             patch.remove()
@@ -365,18 +382,59 @@ def _keep_existing(target: Path, request: dict[str, Any], overwrite: bool) -> bo
                            what=f"an image generated with other settings (differing: {keys})", prefix="--out: ")
 
 
+def _patch_executor(split: str, recipe: Recipe | None, processes: int, height: int, width: int,
+                    pipe: Any, device: torch.device) -> Any:
+    """The view executor of ``--split patches`` (``None`` otherwise or alone), checked before any image."""
+    if split != "patches":
+        return None
+    if recipe is None or (recipe.patches is None and recipe.demofusion is None):
+        name = "no recipe" if recipe is None else f"recipe {recipe.name!r}"
+        raise GenerationError(f"--split patches: {name} has no patches or demofusion section to split")
+    vsf = pipe.vae_scale_factor
+    if recipe.demofusion is not None:
+        from unet_surgery.generation.recipe_choice import native_size
+        from unet_surgery.sampling.demofusion import view_counts
+
+        counts = view_counts(height, width, min(native_size(pipe)), vsf, recipe.demofusion)
+    else:
+        from unet_surgery.sampling.patchwise import num_view_batches, patch_settings
+
+        window, stride = patch_settings(recipe)
+        # resolve_recipe gives plain patches a one-stage sampling
+        assert recipe.sampling is not None and recipe.patches is not None
+        per_call = recipe.patches.view_batch_size
+        counts = [num_view_batches(h // vsf, w // vsf, window, stride, per_call) for h, w in recipe.sampling.stages]
+    from unet_surgery.sampling.patchwise import PatchError, SplitViews, check_world_size
+
+    try:
+        check_world_size(processes, counts)
+    except PatchError as exc:
+        raise GenerationError(str(exc)) from None
+    return SplitViews(device) if processes > 1 else None
+
+
 def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, Any], image: Any,
-               strength: float, show: bool) -> Any:
+               strength: float, show: bool, executor: Any = None) -> Any:
     """One PIL image for ``job``, from a CPU generator seeded with the job's seed."""
     generator = torch.Generator("cpu").manual_seed(job.seed)
     negative = common["negative_prompt"] or None
     with torch.no_grad():
+        if recipe is not None and recipe.demofusion is not None:
+            from unet_surgery.sampling.demofusion import demofusion_sample
+
+            out = demofusion_sample(
+                runner, recipe, height=common["height"], width=common["width"], prompt=job.prompt,
+                negative_prompt=negative, guidance_scale=common["guidance_scale"], generator=generator,
+                jitter_seed=job.seed, output_type="pil", executor=executor, progress=show,
+            )
+            return out.images[0]
         if recipe is not None and recipe.sampling is not None:
             from unet_surgery.sampling.pipelines import self_cascade_sample
 
             out = self_cascade_sample(
                 runner, recipe, prompt=job.prompt, negative_prompt=negative,
                 guidance_scale=common["guidance_scale"], generator=generator, output_type="pil", progress=show,
+                executor=executor,
             )
             return out.images[0]
         kwargs: dict[str, Any] = {

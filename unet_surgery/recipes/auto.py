@@ -39,8 +39,8 @@ from unet_surgery.ops.schedules import ScheduleSpec
 from unet_surgery.passes import RedilatePass, ScaleFusionPass
 from unet_surgery.recipes.schema import LevelRange, Recipe, SamplingSpec, Selector
 
-Policy = Literal["auto", "scalecrafter"]
-POLICIES: tuple[str, ...] = ("auto", "scalecrafter")
+Policy = Literal["auto", "scalecrafter", "demofusion"]
+POLICIES: tuple[str, ...] = ("auto", "scalecrafter", "demofusion")
 
 
 def size_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -93,7 +93,8 @@ def auto_recipe(
 
     ``policy="auto"``: self-cascade with restrained deepest-level dilation
     (:func:`cascade_recipe`); ``policy="scalecrafter"``: ScaleCrafter's re-dilation tables
-    (:func:`scalecrafter_recipe`). ``steps`` is the cascade's steps per stage (samplers may
+    (:func:`scalecrafter_recipe`); ``policy="demofusion"``: DemoFusion's sampler
+    (:func:`~unet_surgery.recipes.demofusion.demofusion_recipe`). ``steps`` is the cascade's steps per stage (samplers may
     override it).
     """
     if policy == "auto":
@@ -102,6 +103,11 @@ def auto_recipe(
     if policy == "scalecrafter":
         return scalecrafter_recipe(unet_map, base=base, target=target,
                                    vae_scale_factor=vae_scale_factor, name=name)
+    if policy == "demofusion":  # a sampler, no UNet rewrite: the map is not read
+        from unet_surgery.recipes.demofusion import demofusion_recipe
+
+        return demofusion_recipe(size_pair(base, "base"), size_pair(target, "target"),
+                                 vae_scale_factor=vae_scale_factor, name=name, steps=steps)
     raise RecipeError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 

@@ -27,6 +27,8 @@ def sections() -> list[tuple[str, type]]:
         ("ScheduleSpec", schema.ScheduleSpec),
         ("TransformSpec", schema.TransformSpec),
         ("SamplingSpec", schema.SamplingSpec),
+        ("PatchSpec", schema.PatchSpec),
+        ("DemoFusionSpec", schema.DemoFusionSpec),
     ]
 
 

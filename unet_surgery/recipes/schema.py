@@ -23,10 +23,12 @@ from unet_surgery.core.schema import (
     SUPPORTED_RECIPE_VERSIONS,
     AttentionKind,
     Axis,
+    DemoFusionSpec,
     LevelRange,
     OnMissing,
     Op,
     PassConfig,
+    PatchSpec,
     Recipe,
     SamplingSpec,
     ScheduleSpec,
@@ -45,12 +47,14 @@ __all__ = [
     "SUPPORTED_RECIPE_VERSIONS",
     "AttentionKind",
     "Axis",
+    "DemoFusionSpec",
     "DispersePass",
     "LevelRange",
     "NoiseDampedCFGPass",
     "OnMissing",
     "Op",
     "PassConfig",
+    "PatchSpec",
     "Recipe",
     "RedilatePass",
     "SamplingSpec",
@@ -298,10 +302,11 @@ def _check_recipe(recipe: Recipe) -> None:
         _fail("target_resolutions", "at least one target resolution is required")
     for i, res in enumerate(recipe.target_resolutions):
         resolution(res, f"target_resolutions[{i}]")
-    if not recipe.passes:
-        _fail("passes", "a recipe needs at least one pass")
+    if not recipe.passes and recipe.patches is None and recipe.demofusion is None:
+        _fail("passes", "a recipe needs at least one pass (or a patches or demofusion section)")
     for i, p in enumerate(recipe.passes):
         p.validate(f"passes[{i}]")
+    _check_patch_sampling(recipe)
     s = recipe.sampling
     if s is not None:
         if not s.stages:
@@ -313,6 +318,39 @@ def _check_recipe(recipe: Recipe) -> None:
             _fail("sampling.steps", f"must be >= 1, got {s.steps}")
         if s.restart_step is not None and not 0 <= s.restart_step < s.steps:
             _fail("sampling.restart_step", f"must be in [0, {s.steps}), got {s.restart_step}")
+
+
+def _check_patch_sampling(recipe: Recipe) -> None:
+    """Checks of the patches and demofusion sections that need no model."""
+    if recipe.sampling is not None and recipe.demofusion is not None:
+        _fail("demofusion", "a recipe has either a sampling (self-cascade) or a demofusion section, not both")
+    if recipe.patches is not None and recipe.demofusion is not None:
+        _fail("patches", "DemoFusion brings its own local patches (demofusion.stride, view_batch_size); "
+              "remove the patches section")
+    p = recipe.patches
+    if p is not None:
+        for name in ("window", "stride"):
+            value = getattr(p, name)
+            if value is not None and value < 1:
+                _fail(f"patches.{name}", f"must be >= 1, got {value}")
+        if p.window is not None and p.stride is not None and p.stride > p.window:
+            _fail("patches.stride", f"{p.stride} is larger than the window {p.window}: views would leave gaps")
+        if p.view_batch_size < 1:
+            _fail("patches.view_batch_size", f"must be >= 1, got {p.view_batch_size}")
+    d = recipe.demofusion
+    if d is not None:
+        if d.steps < 1:
+            _fail("demofusion.steps", f"must be >= 1, got {d.steps}")
+        if d.stride is not None and d.stride < 1:
+            _fail("demofusion.stride", f"must be >= 1, got {d.stride}")
+        if d.view_batch_size < 1:
+            _fail("demofusion.view_batch_size", f"must be >= 1, got {d.view_batch_size}")
+        if d.sigma <= 0:
+            _fail("demofusion.sigma", f"must be > 0, got {d.sigma}")
+        base, target = recipe.base_resolution, recipe.target_resolutions[0]
+        if max(target[0] / base[0], target[1] / base[1]) < 2:
+            _fail("target_resolutions[0]", f"DemoFusion upscales by whole factors of the base: "
+                  f"{target[0]}x{target[1]} is less than twice the base {base[0]}x{base[1]}")
 
 
 def _check_version(document: Any) -> Any:

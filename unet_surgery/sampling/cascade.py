@@ -324,6 +324,11 @@ def combine_cfg(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     return out_u + guidance_scale * (out_c - out_u)
 
 
+def repeat_rows(tensor: torch.Tensor, times: int) -> torch.Tensor:
+    """``tensor`` stacked ``times`` times along the batch (one copy per view, view-major)."""
+    return tensor if times == 1 else tensor.repeat(times, *([1] * (tensor.dim() - 1)))
+
+
 def cfg_denoiser(
     unet: nn.Module,
     cond: torch.Tensor,
@@ -339,20 +344,29 @@ def cfg_denoiser(
     noise-damped guidance enabled sees what it expects. ``added_cond_kwargs`` (SDXL) are
     batched like the UNet input (``[uncond, cond]`` rows when guiding), or a function of the
     stage that returns them; ``uncond=None`` or ``guidance_scale <= 1`` runs without guidance.
+    An input of several views of the batch (patch-wise sampling) gets the conditioning once per
+    view; ``added_cond_kwargs`` of one view are repeated likewise, those with a row per input row
+    are taken as they are.
     """
     use_cfg = uncond is not None and guidance_scale > 1
     negative: torch.Tensor = uncond if uncond is not None else cond
 
     def denoise(x: torch.Tensor, t: torch.Tensor, stage: CascadeStage) -> torch.Tensor:
         extra = added_cond_kwargs(stage) if callable(added_cond_kwargs) else added_cond_kwargs
+        views = x.shape[0] // cond.shape[0]  # patch-wise: several views of the batch, view-major
         if use_cfg:
             model_input = torch.cat([x, x])
-            context = torch.cat([negative, cond])
+            context = torch.cat([repeat_rows(negative, views), repeat_rows(cond, views)])
         else:
-            model_input, context = x, cond
+            model_input, context = x, repeat_rows(cond, views)
         kwargs = dict(unet_kwargs)
         if extra is not None:
-            kwargs["added_cond_kwargs"] = extra
+            rows = model_input.shape[0]
+            halves = 2 if use_cfg else 1
+            kwargs["added_cond_kwargs"] = {
+                k: v if v.shape[0] == rows else torch.cat([repeat_rows(h, views) for h in v.chunk(halves)])
+                for k, v in extra.items()
+            }
         out = unet(model_input, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return combine_cfg(out, guidance_scale) if use_cfg else out
 

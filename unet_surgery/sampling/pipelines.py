@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,7 +29,13 @@ from unet_surgery.errors import RecipeError, SurgeryError
 from unet_surgery.graph import UNetMap
 from unet_surgery.patching.patch import Patch, apply, current_patch
 from unet_surgery.recipes.schema import Recipe, SamplingSpec
-from unet_surgery.sampling.cascade import CascadeOutput, CascadeStage, combine_cfg, self_cascade
+from unet_surgery.sampling.cascade import (
+    CascadeOutput,
+    CascadeStage,
+    combine_cfg,
+    repeat_rows,
+    self_cascade,
+)
 
 # Supported pipeline class -> the method that receives the pipeline's CFG decision.
 # All of them batch the UNet input as [uncond, cond] under CFG (negative embeddings first;
@@ -235,6 +242,7 @@ def self_cascade_sample(
     unet_map: UNetMap | None = None,
     output_type: str = "latent",
     progress: bool = True,
+    executor: Any = None,
 ) -> CascadeOutput:
     """FreeScale generation with an SD or SDXL pipeline: recipe passes + self-cascade.
 
@@ -243,6 +251,9 @@ def self_cascade_sample(
     embeddings); SDXL's size conditioning is the first stage's size for every stage, as in the
     official code. ``sampling`` overrides the recipe's sampling section. With ``output_type``
     other than ``"latent"`` the final latents are decoded into ``CascadeOutput.images``.
+    A recipe with a ``patches`` section denoises every step in overlapping views
+    (:func:`~unet_surgery.sampling.patchwise.patchwise_denoiser`; ``executor`` spreads them over
+    processes); a one-stage ``sampling`` is then plain patch-wise text-to-image.
     """
     from unet_surgery.recipes.library import load_recipe
 
@@ -265,6 +276,12 @@ def self_cascade_sample(
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
         )
         batch = denoise.batch
+        if recipe.patches is not None:
+            from unet_surgery.sampling.patchwise import patch_settings, patchwise_denoiser
+
+            window, stride = patch_settings(recipe)
+            denoise = patchwise_denoiser(denoise, window=window, stride=stride,
+                                         view_batch_size=recipe.patches.view_batch_size, executor=executor)
         vae = getattr(pipe, "vae", None)
         out = self_cascade(
             denoise, pipe.scheduler, spec, latent_channels=unet.config.in_channels, batch_size=batch,
@@ -289,7 +306,12 @@ def _pipeline_denoiser(
     guidance_scale: float, prompt: Any, negative_prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any,
     pooled: Any, negative_pooled: Any,
 ) -> Any:
-    """Encode the prompt once with the pipeline and return a [uncond, cond] CFG denoiser."""
+    """Encode the prompt once with the pipeline and return a [uncond, cond] CFG denoiser.
+
+    SDXL's size conditioning is ``first_stage`` (original and target size). An input of several
+    views of the batch (patch-wise sampling) gets the conditioning once per view, and a view
+    with a crop corner (``stage.crops``, DemoFusion's local patches) that corner as its crop.
+    """
     cfg = guidance_scale > 1
     with torch.no_grad():
         if name == "StableDiffusionXLPipeline":
@@ -320,13 +342,36 @@ def _pipeline_denoiser(
     context = torch.cat([uncond, cond]) if cfg else cond
     unet = pipe.unet
 
+    batch = int(cond.shape[0])
+    halves = 2 if cfg else 1
+
+    def per_view(tensor: torch.Tensor, views: int) -> torch.Tensor:
+        return torch.cat([repeat_rows(h, views) for h in tensor.chunk(halves)]) if views > 1 else tensor
+
     def denoise(x: torch.Tensor, t: torch.Tensor, stage: CascadeStage) -> torch.Tensor:
+        views = x.shape[0] // batch
         model_input = torch.cat([x, x]) if cfg else x
-        kwargs: dict[str, Any] = {"encoder_hidden_states": context, "return_dict": False}
+        kwargs: dict[str, Any] = {"encoder_hidden_states": per_view(context, views), "return_dict": False}
         if added is not None:
-            kwargs["added_cond_kwargs"] = added
+            crops = getattr(stage, "crops", ())
+            if crops:
+                time_ids = torch.cat([crop_time_ids(h, crops) for h in added["time_ids"].chunk(halves)])
+            else:
+                time_ids = per_view(added["time_ids"], views)
+            kwargs["added_cond_kwargs"] = {"text_embeds": per_view(added["text_embeds"], views), "time_ids": time_ids}
         out = unet(model_input, t, **kwargs)[0]
         return combine_cfg(out, guidance_scale) if cfg else out
 
-    denoise.batch = int(cond.shape[0])  # type: ignore[attr-defined]
+    denoise.batch = batch  # type: ignore[attr-defined]
     return denoise
+
+
+def crop_time_ids(time_ids: torch.Tensor, crops: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """SDXL ``time_ids`` rows, once per view, with each view's crop corner (pixels) in columns 2 and 3."""
+    out = []
+    for top, left in crops:
+        rows = time_ids.clone()
+        rows[:, 2] = top
+        rows[:, 3] = left
+        out.append(rows)
+    return torch.cat(out)
