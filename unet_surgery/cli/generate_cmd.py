@@ -10,7 +10,7 @@ import argparse
 import sys
 import warnings
 
-from unet_surgery.generation.pipeline_loader import DTYPES
+from unet_surgery.cli.export_cmd import DTYPES
 from unet_surgery.generation.schedulers import SCHEDULERS
 
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", "-p", action="append", metavar="TEXT", help="a prompt (repeatable)")
     prompt.add_argument("--prompts", metavar="FILE", help="text file, one prompt a line (# comments)")
-    parser.add_argument("--size", "-s", required=True, metavar="WxH", help="image size, e.g. 2048x1024 or 2048")
+    parser.add_argument("--size", "-s", required=True, metavar="WxH", help="image size WIDTHxHEIGHT, e.g. 2048x1024 (2048 wide), or one side")
     parser.add_argument("--recipe", "-r", default="auto",
                         help="auto (derived from the UNet's map and the size; default), none, a shipped "
                         "recipe name or a recipe file")
@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="regenerate files that exist (default: keep those with the same settings, "
                         "refuse those with other settings)")
+    parser.add_argument("--force", action="store_true",
+                        help="apply a recipe made for another UNet structure (default: refuse it)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, seeds=args.seed,
             scheduler=args.scheduler, out=args.out, init_image=args.init_image, strength=args.strength,
             components=args.components, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
-            threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
+            threads=args.threads, overwrite=args.overwrite, progress=not args.quiet, force=args.force,
         )
     if result.manifest is not None:  # the main process speaks for the run
         for w in caught:

@@ -79,8 +79,6 @@ def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, widt
             f"--size: recipe {recipe.name!r} cascades up to {last[1]}x{last[0]} (WxH), "
             f"not {width}x{height}; give --size {last[1]}x{last[0]} or another recipe"
         )
-    spec = recipe.sampling
-    if spec.steps != steps:
-        restart = None if spec.restart_step is None else min(steps - 1, round(spec.restart_step * steps / spec.steps))
-        recipe = replace(recipe, sampling=replace(spec, steps=steps, restart_step=restart))
-    return recipe, unet_map
+    from unet_surgery.sampling.cascade import with_steps
+
+    return replace(recipe, sampling=with_steps(recipe.sampling, steps)), unet_map

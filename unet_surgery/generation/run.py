@@ -136,8 +136,13 @@ def generate(
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> GenerateResult:
-    """Generate ``prompts`` x ``seeds`` at ``size`` (``WxH``) with ``recipe`` into ``out``.
+    """Generate ``prompts`` x ``seeds`` at ``size`` with ``recipe`` into ``out``.
+
+    ``size`` is a ``"WIDTHxHEIGHT"`` string (``"1024x768"``, as ``--size``), one side for a
+    square, or a ``(height, width)`` pair as in ``pipe(height=, width=)``. ``force`` applies a
+    recipe made for another UNet structure.
 
     ``model`` is a diffusers SD/SDXL pipeline folder, or a single-file UNet checkpoint with
     ``components`` (a pipeline folder for the rest). ``recipe``: ``"auto"`` (derived from the
@@ -188,7 +193,7 @@ def generate(
     show = progress and state.is_main_process
     with _loading_bars(show):
         pipe = load_pipeline(model, components=components, dtype=torch_dtype, device=run_device)
-    parse_size((width, height), pipe.vae_scale_factor)
+    parse_size((height, width), pipe.vae_scale_factor)
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
     applied, unet_map = resolve_recipe(checked, pipe, height=height, width=width, steps=steps,
@@ -225,7 +230,7 @@ def generate(
     if applied is not None:
         from unet_surgery.sampling.pipelines import apply_to_pipeline
 
-        patch = apply_to_pipeline(runner, applied, unet_map=unet_map)
+        patch = apply_to_pipeline(runner, applied, unet_map=unet_map, force=force)
     try:
         with state.split_between_processes(list(enumerate(jobs))) as mine:
             from tqdm.auto import tqdm

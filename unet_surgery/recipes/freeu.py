@@ -11,6 +11,7 @@ from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.passes.freeu import FreeUPass, stage_levels
 from unet_surgery.recipes.auto import size_pair
+from unet_surgery.recipes.fit import map_signature
 from unet_surgery.recipes.schema import LevelRange, Recipe, ScheduleSpec, Selector
 
 SETTINGS: dict[str, dict[str, float]] = {
@@ -52,6 +53,7 @@ def freeu_recipe(
     unet_map: UNetMap,
     *,
     base: int | tuple[int, int],
+    target: int | tuple[int, int] | None = None,
     b1: float = 1.2,
     b2: float = 1.4,
     s1: float = 0.9,
@@ -62,13 +64,19 @@ def freeu_recipe(
     model: str | None = None,
     vae_scale_factor: int = 8,
 ) -> Recipe:
-    """A one-pass FreeU recipe for ``unet_map`` at its training resolution ``base`` (pixels)."""
+    """A one-pass FreeU recipe for ``unet_map`` trained at ``base``, for use at ``target``.
+
+    Sizes are pixels, an int or (height, width); ``target`` defaults to ``base`` (FreeU is a
+    quality fix at any size, not a resolution method).
+    """
     size = size_pair(base, "base")
+    used = size if target is None else size_pair(target, "target")
     config = freeu_pass(unet_map, b1=b1, b2=b2, s1=s1, s2=s2, threshold=threshold, schedule=schedule)
     return Recipe(
         name=name or f"freeu-{(model or unet_map.model_class).lower()}",
         base_resolution=size,
-        target_resolutions=(size,),
+        target_resolutions=(used,),
+        signature=map_signature(unet_map),
         passes=(config,),
         description=f"FreeU (b1={b1:g}, b2={b2:g}, s1={s1:g}, s2={s2:g}) at the two lowest-resolution up levels",
         model=model,

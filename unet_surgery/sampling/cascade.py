@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -91,6 +91,16 @@ def sampling_spec(source: Recipe | SamplingSpec) -> SamplingSpec:
         if not math.isfinite(value) or value < 0:
             raise RecipeError(f"sampling.{name}: must be a finite number >= 0, got {value}")
     return spec
+
+
+def with_steps(spec: SamplingSpec, steps: int) -> SamplingSpec:
+    """``spec`` run with ``steps`` per stage; an explicit ``restart_step`` is scaled by the same ratio."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise RecipeError(f"num_inference_steps: {steps!r} is not a positive number of steps")
+    if spec.steps == steps:
+        return spec
+    restart = None if spec.restart_step is None else min(steps - 1, round(spec.restart_step * steps / spec.steps))
+    return replace(spec, steps=steps, restart_step=restart)
 
 
 def restart_step_of(spec: SamplingSpec) -> int:
