@@ -64,6 +64,16 @@ def check_model(model: str | Path, components: str | Path | None) -> tuple[Path,
         return path, folder
     if not path.exists():
         raise GenerationError(f"MODEL: {path} does not exist (a diffusers pipeline folder or a checkpoint file)")
+    if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
+        # a UNet folder (save_pretrained, or a patched folder from `apply --out`)
+        if components is None:
+            raise GenerationError(
+                f"MODEL: {path} is a UNet folder; give --components DIR, a diffusers pipeline folder for "
+                "the VAE, text encoder(s), tokenizer(s) and scheduler"
+            )
+        folder = Path(components)
+        pipeline_class_name(folder)
+        return path, folder
     pipeline_class_name(path)
     if components is not None:
         raise GenerationError("--components is for a single-file MODEL; a pipeline folder has its own")

@@ -39,7 +39,7 @@ from unet_surgery.generation.pipeline_loader import (
     image_to_image,
     load_pipeline,
 )
-from unet_surgery.generation.recipe_choice import check_recipe, resolve_recipe
+from unet_surgery.generation.recipe_choice import check_recipe, patched_unet_folder, resolve_recipe
 from unet_surgery.generation.schedulers import SCHEDULERS, set_scheduler
 from unet_surgery.generation.vae_memory import configure_vae
 from unet_surgery.recipes.library import dump_recipe
@@ -172,8 +172,8 @@ def generate(
         raise GenerationError(f"--dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
     if threads is not None and threads < 1:
         raise GenerationError(f"--threads: {threads} is not a positive number")
-    check_model(model, components)
-    checked = check_recipe(recipe)
+    unet_source, _ = check_model(model, components)
+    checked = check_recipe(recipe, patched_unet_folder(unet_source))
     init = _open_init_image(init_image) if init_image is not None else None
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():

@@ -107,10 +107,10 @@ def check_fit(recipe: Recipe, unet_map: Any, model: Any = None, *, force: bool =
         )
     base = stated_base(model, recipe.vae_scale_factor) if model is not None else None
     if base is not None and tuple(base) != tuple(recipe.base_resolution):
+        made = size_text(recipe.base_resolution)
         warnings.warn(
-            f"recipe {recipe.name!r} was made for {family}at {size_text(recipe.base_resolution)} (WxH), this "
-            f"{unet_map.model_class} says {size_text(base)} (config.sample_size): its factors assume "
-            f"{size_text(recipe.base_resolution)}",
+            f"recipe {recipe.name!r} was made for {family + 'at ' if family else ''}{made} (WxH), this "
+            f"{unet_map.model_class} says {size_text(base)} (config.sample_size): its factors assume {made}",
             BaseSizeWarning,
             stacklevel=3,
         )
