@@ -22,7 +22,13 @@ from unet_surgery.patching.patch import Patch
 
 
 def save_patched_pretrained(patch: Patch, directory: str | Path, *, show_progress: bool = False) -> Path:
-    """Write the patched UNet as a diffusers folder with the adapter beside it (atomically)."""
+    """Write the patched UNet as a diffusers folder with the adapter beside it (atomically).
+
+    Args:
+        patch: the applied recipe (on a diffusers model).
+        directory: the folder to write.
+        show_progress: show a progress bar.
+    """
     model: Any = patch.model
     if not callable(getattr(model, "save_pretrained", None)):
         raise SurgeryError(
@@ -47,7 +53,14 @@ def load_patched(
     dtype: torch.dtype | None = None,
     unet_map: UNetMap | None = None,
 ) -> tuple[nn.Module, Patch]:
-    """Load a folder written by :func:`save_patched_pretrained`: ``(model, patch)``, patched."""
+    """Load a folder written by :func:`save_patched_pretrained`: ``(model, patch)``, patched.
+
+    Args:
+        directory: a folder written by :func:`save_patched_pretrained`.
+        device: where to put the model.
+        dtype: cast the weights (None: keep the stored precision).
+        unet_map: the model's map, when the caller has one (skips mapping).
+    """
     from unet_surgery.export.adapter import load_patch, read_adapter_meta
     from unet_surgery.loading import load_unet
 

@@ -160,6 +160,18 @@ def export_pt2(
     ``height``/``width`` are pixels (latents are 1/vae_scale_factor of that); ``timesteps``
     is the sampler's list (default: :func:`default_timesteps`); ``inputs`` overrides the
     example forward arguments (their shapes and dtypes are frozen into the programs).
+
+    Args:
+        patch: the applied recipe to freeze.
+        directory: the folder to write the programs and the manifest to.
+        height: image height in pixels.
+        width: image width in pixels.
+        num_steps: sampling steps of the run.
+        timesteps: the sampler's timesteps (default: :func:`default_timesteps`).
+        batch: batch size frozen into the programs.
+        num_frames: frames, for video UNets.
+        inputs: example forward arguments instead of the built ones.
+        show_progress: show a progress bar.
     """
     model = patch.model
     if not patch.active:

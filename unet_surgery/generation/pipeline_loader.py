@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,28 @@ IMAGE_TO_IMAGE = {
     "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Third-party messages that say nothing to a user of this tool: transformers falls back to its PIL
+# image processors when torchvision is absent (the fallback is what a pipeline needs anyway).
+_NOT_THE_USERS_CONCERN = {"transformers.utils.import_utils": ("requires torchvision (not installed)",)}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_third_party() -> None:
+    """Drop the third-party log lines in ``_NOT_THE_USERS_CONCERN`` (idempotent)."""
+    for name, fragments in _NOT_THE_USERS_CONCERN.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
 
 
 def pipeline_class_name(folder: Path) -> str:
@@ -83,6 +106,7 @@ def check_model(model: str | Path, components: str | Path | None) -> tuple[Path,
 def load_pipeline(model: str | Path, *, components: str | Path | None = None,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
     """The text-to-image pipeline MODEL names, on ``device`` in ``dtype``, without a network."""
+    quiet_third_party()
     import diffusers
 
     unet_source, folder = check_model(model, components)

@@ -152,6 +152,31 @@ def generate(
     another request is an error unless ``overwrite``. ``vae_tiling=None`` decides from the
     decoder's estimated peak memory. ``threads`` sets torch's CPU threads: on the CPU the last
     bits of a result depend on it, so give the same value to runs whose bytes must agree.
+
+    Args:
+        model: a pipeline folder, or a UNet folder or single-file UNet with ``components``; a
+            patched folder from ``apply --out`` runs with its own recipe.
+        prompts: a prompt or a list of prompts (or give ``prompts_file``).
+        prompts_file: a text file, one prompt a line (``#`` comments).
+        size: ``"WIDTHxHEIGHT"``, one side for a square, or (height, width).
+        recipe: ``"auto"``, ``None``/``"none"``, a shipped name, a file, an adapter folder or a
+            :class:`Recipe`.
+        negative_prompt: the negative prompt.
+        steps: denoising steps (per cascade stage).
+        guidance: classifier-free guidance scale.
+        seeds: ``42``, ``"0,5,9"``, ``"0-7"`` (inclusive) or a list; every prompt gets every seed.
+        scheduler: a sampler name (``SCHEDULERS``; default: the pipeline's own).
+        out: the output folder.
+        init_image: image-to-image: start from this image, resized to ``size``.
+        strength: with ``init_image``: how much of the schedule is re-run, in (0, 1].
+        components: pipeline folder for the other components when ``model`` is a UNet.
+        device: ``cpu``, ``cuda``, ``cuda:1``... (default: the process's accelerate device).
+        dtype: ``float32``, ``float16`` or ``bfloat16`` (default float16 on CUDA, else float32).
+        vae_tiling: always (True) or never (False) decode in tiles; None decides from memory.
+        threads: CPU threads per process.
+        overwrite: regenerate files that exist.
+        progress: show progress bars.
+        force: apply a recipe made for another UNet structure.
     """
     # --- everything that can be checked without a model, before a process group or a load
     if (prompts is None) == (prompts_file is None):

@@ -228,7 +228,11 @@ class _PreForwardHook:
 
 
 def current_patch(model: nn.Module) -> Patch | None:
-    """The patch applied to ``model``, if any."""
+    """The patch applied to ``model``, if any.
+
+    Args:
+        model: the UNet to look at.
+    """
     return getattr(model, PATCH_ATTR, None)
 
 
@@ -277,7 +281,11 @@ def apply(
 
 
 def remove(model: nn.Module) -> None:
-    """Remove whatever patch ``model`` carries (no-op if none)."""
+    """Remove whatever patch ``model`` carries (no-op if none).
+
+    Args:
+        model: the UNet whose patch to remove.
+    """
     patch = current_patch(model)
     if patch is not None:
         patch.remove()

@@ -98,6 +98,15 @@ def auto_recipe(
     (:func:`cascade_recipe`); ``policy="scalecrafter"``: ScaleCrafter's re-dilation tables
     (:func:`scalecrafter_recipe`). ``steps`` is the cascade's steps per stage (samplers may
     override it).
+
+    Args:
+        unet_map: the map of the UNet the recipe is for (:func:`~unet_surgery.map_unet`).
+        base: training size in pixels: an int (square) or (height, width).
+        target: size to generate at in pixels: an int (square) or (height, width).
+        vae_scale_factor: pixels per latent pixel (8 for SD-style VAEs, 1 for pixel-space models).
+        name: recipe name (default ``auto-{model class}-{width}x{height}``).
+        policy: ``"auto"`` or ``"scalecrafter"``.
+        steps: the cascade's denoising steps per stage (``policy="auto"``).
     """
     if policy == "auto":
         return cascade_recipe(unet_map, base=base, target=target, vae_scale_factor=vae_scale_factor,

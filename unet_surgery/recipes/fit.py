@@ -47,6 +47,9 @@ def map_signature(unet_map: Any) -> str:
     Levels, the levels holding spatial attention and whether the UNet has temporal layers:
     equal for a full-size preset, its tiny test variant and its LDM layout, different between
     SD1.5/2.1 (``4 levels, attention 0-3, image``) and SDXL (``3 levels, attention 1-2, image``).
+
+    Args:
+        unet_map: the map to read.
     """
     spatial = sorted({a.level for a in unet_map.attentions if a.axis != "temporal" and a.level is not None})
     video = any(a.axis == "temporal" for a in unet_map.attentions) or any(
@@ -94,6 +97,12 @@ def check_fit(recipe: Recipe, unet_map: Any, model: Any = None, *, force: bool =
 
     The recipe's structure is its ``signature``, else the signature of the preset its ``model``
     names; a recipe stating neither is checked on base size only.
+
+    Args:
+        recipe: the recipe about to be applied.
+        unet_map: the map of the UNet it is applied to.
+        model: that UNet, for the base size it states (None: not checked).
+        force: skip the check (the caller knows better).
     """
     if force:
         return

@@ -71,7 +71,14 @@ def fouriscale_layers(unet_map: UNetMap) -> tuple[list[str], list[str]]:
 def fouriscale_recipe(
     unet_map: UNetMap, base: int | tuple[int, int], target: int | tuple[int, int], *, name: str | None = None
 ) -> Recipe:
-    """The official FouriScale settings for ``unet_map`` from ``base`` to ``target`` (pixels, int or (height, width))."""
+    """The official FouriScale settings for ``unet_map`` from ``base`` to ``target`` (pixels, int or (height, width)).
+
+    Args:
+        unet_map: the map of the UNet the recipe is for.
+        base: training size in pixels: an int (square) or (height, width).
+        target: size to generate at in pixels: an int (square) or (height, width).
+        name: recipe name (default ``fouriscale-{model class}-{width}x{height}``).
+    """
     (bh, bw), (th, tw) = size_pair(base, "base"), size_pair(target, "target")
     dilation = max(math.ceil(th / bh), math.ceil(tw / bw))
     xl = unet_map.num_levels == 3

@@ -34,7 +34,17 @@ def freeu_pass(
     threshold: int = 1,
     schedule: ScheduleSpec | None = None,
 ) -> FreeUPass:
-    """A ``freeu`` pass selecting, by level, the skip merges of FreeU's two stages in ``unet_map``."""
+    """A ``freeu`` pass selecting, by level, the skip merges of FreeU's two stages in ``unet_map``.
+
+    Args:
+        unet_map: the map of the UNet the pass is for.
+        b1: backbone scale of the lowest-resolution up stage.
+        b2: backbone scale of the next up stage.
+        s1: skip scale of the lowest-resolution up stage.
+        s2: skip scale of the next up stage.
+        threshold: radius of the low-frequency box the skip scale acts on.
+        schedule: when the pass acts (default: every step).
+    """
     levels = stage_levels(unet_map)
     if not levels:
         raise RecipeError(f"{unet_map.model_class} has no skip concatenation: FreeU has nothing to act on")
@@ -68,6 +78,20 @@ def freeu_recipe(
 
     Sizes are pixels, an int or (height, width); ``target`` defaults to ``base`` (FreeU is a
     quality fix at any size, not a resolution method).
+
+    Args:
+        unet_map: the map of the UNet the recipe is for.
+        base: training size in pixels: an int (square) or (height, width).
+        target: size it is used at (default ``base``).
+        b1: backbone scale of the lowest-resolution up stage.
+        b2: backbone scale of the next up stage.
+        s1: skip scale (low-frequency damping) of the lowest-resolution up stage.
+        s2: skip scale of the next up stage.
+        threshold: radius of the low-frequency box the skip scale acts on (FreeU: 1).
+        schedule: when the pass acts (default: every step).
+        name: recipe name (default ``freeu-{model}``).
+        model: the family to record in the recipe (e.g. ``sd15``).
+        vae_scale_factor: pixels per latent pixel.
     """
     size = size_pair(base, "base")
     used = size if target is None else size_pair(target, "target")

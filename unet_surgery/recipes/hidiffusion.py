@@ -56,6 +56,15 @@ def hidiffusion_recipe(
     """RAU-Net and MSW-MSA as the official code sets them up, selected from ``unet_map``.
 
     ``base`` and ``target`` are pixels, an int or (height, width).
+
+    Args:
+        unet_map: the map of the UNet the recipe is for.
+        base: training size in pixels: an int (square) or (height, width).
+        target: size to generate at in pixels: an int (square) or (height, width); below 4x per side the
+            official 2x thresholds apply, else the 4x ones.
+        rau_net: include RAU-Net (resolution-aware downsampling and upsampling).
+        msw_msa: include MSW-MSA (windowed self-attention at the top attention level).
+        name: recipe name (default ``hidiffusion-{width}x{height}``).
     """
     base, target = size_pair(base, "base"), size_pair(target, "target")
     top = top_attention_level(unet_map)
