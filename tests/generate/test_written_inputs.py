@@ -22,10 +22,11 @@ pytest.importorskip("accelerate")
 SIZE = "128x128"
 
 
-def _image(out: Path) -> tuple[np.ndarray, str]:
+def _image(out: Path) -> tuple[np.ndarray, str | None]:
     (file,) = sorted(out.glob("*.png"))
     with Image.open(file) as image:
-        return np.asarray(image), json.loads(image.text["unet_surgery.settings"])["request"]["recipe"]["name"]
+        recipe = json.loads(image.text["unet_surgery.settings"])["request"]["recipe"]
+        return np.asarray(image), None if recipe is None else recipe["name"]
 
 
 def _generate(model: Path, out: Path, *extra: str) -> int:
@@ -72,7 +73,8 @@ def test_patched_folder_and_adapter_run_with_their_own_recipe(sd15_folder: Path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "carries its own recipe" in err
     assert _generate(patched, tmp_path / "unpatched", "--components", str(sd15_folder), "--recipe", "none") == 0
-    assert not np.array_equal(_image(tmp_path / "unpatched")[0], reference)  # the recipe did change the image
+    pixels, used = _image(tmp_path / "unpatched")
+    assert used is None and not np.array_equal(pixels, reference)  # the recipe did change the image
 
 
 def test_a_unet_folder_without_components_is_one_line(sd15_folder: Path, capsys: pytest.CaptureFixture,
@@ -80,3 +82,11 @@ def test_a_unet_folder_without_components_is_one_line(sd15_folder: Path, capsys:
     assert _generate(sd15_folder / "unet", tmp_path / "x") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a UNet folder; give --components" in err
+
+
+def test_generate_refuses_a_recipe_made_for_another_unet(sd15_folder: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    assert _generate(sd15_folder, tmp_path / "x", "--recipe", "scalecrafter-sdxl-2048x2048") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was made for sdxl" in err and "--force" in err
+    assert not list((tmp_path / "x").glob("*.png"))
