@@ -357,6 +357,13 @@ def build_unet(
     is it moved: so the same ``seed`` gives bit-identical weights on every device.
     The model is tagged with ``unet_surgery_preset`` and ``unet_surgery_size`` so
     :func:`example_inputs` can be handed the model itself.
+
+    Args:
+        name: a preset name (:func:`list_presets`).
+        size: ``full`` (the published config) or ``tiny`` (small widths, same layout).
+        device: ``meta`` (no memory) or a real device (random weights).
+        dtype: parameter dtype.
+        seed: seed of the random weights.
     """
     key = _check_name(name)
     _check_size(size)
@@ -402,6 +409,12 @@ def randomize_zero_init_(
     elements are all equal but non-zero (norm weights of ones, SVD's scalar mix factors) get a
     relative jitter of ``std`` so swapped norms are also caught. Deterministic in ``seed`` and
     the parameter order; meta parameters are skipped.
+
+    Args:
+        model: the module to change in place.
+        seed: seed of the values.
+        std: standard deviation of the values (relative, for constant parameters).
+        include_constant: also jitter parameters whose elements are all equal but non-zero.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed + 0x5EED)
     touched: list[str] = []
@@ -471,6 +484,17 @@ def example_inputs(
 
     LDM ``UNetModel`` takes ``x``, ``timesteps`` and ``context``. On ``meta`` tensors are
     empty; otherwise they are drawn from ``seed``.
+
+    Args:
+        target: a preset name, a :class:`Preset` or a model built by :func:`build_unet`.
+        batch: batch size.
+        height: image height in pixels.
+        width: image width in pixels.
+        num_frames: frames, for video UNets (default: the preset's).
+        device: where to put the tensors (``meta``: empty).
+        dtype: floating dtype of the tensors.
+        size: ``full`` or ``tiny`` (default: the model's tag, else ``full``).
+        seed: seed of the random tensors.
     """
     preset, size = _resolve_target(target, size)
     if batch < 1:

@@ -137,7 +137,7 @@ def test_cli_apply_out_writes_a_patched_folder_and_errors_exit_2(tmp_path: Path,
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     assert "not a valid safetensors" in one_error_line(capsys, ["export", "-f", "pt2", "-r", RECIPE, "-o", str(tmp_path / "x"), str(truncated)])
     assert "is a preset" in one_error_line(capsys, ["apply", "-r", RECIPE, "--out", str(tmp_path / "x"), "sd15"])
-    assert "HEIGHTxWIDTH" in one_error_line(capsys, ["export", "-f", "pt2", "-r", RECIPE, "--resolution", "big", "-o", str(tmp_path / "x"), str(checkpoint)])
+    assert "WIDTHxHEIGHT" in one_error_line(capsys, ["export", "-f", "pt2", "-r", RECIPE, "--resolution", "big", "-o", str(tmp_path / "x"), str(checkpoint)])
     assert not (tmp_path / "x").exists()
     with pytest.raises(SurgeryError, match="not an unet-surgery export"):
         save_patch(patch, tmp_path)  # a non-empty folder of other files is never overwritten

@@ -133,6 +133,7 @@ def test_jobs_are_prompt_major_and_named_by_index_and_seed() -> None:
 
 def test_sizes() -> None:
     assert parse_size("1024x768") == (1024, 768)  # width first, as written
+    assert parse_size((768, 1024)) == (1024, 768)  # a Python pair is (height, width), as pipe(height=, width=)
     assert parse_size("512") == (512, 512)
     assert parse_size("96x64", multiple=32) == (96, 64)
     with pytest.raises(GenerationError, match="multiple of 64"):

@@ -70,7 +70,7 @@ def test_patched_run_differs_and_removal_restores_bit_for_bit(name: str) -> None
 @pytest.mark.parametrize(
     ("name", "recipe"),
     [("animatediff", "video-animatediff-1024x1024"), ("text_to_video", "video-modelscope-512x512"),
-     ("svd", "video-svd-1152x2048")],
+     ("svd", "video-svd-2048x1152")],
 )
 def test_shipped_video_recipes_run_on_their_pipelines(name: str, recipe: str) -> None:
     pipe, kwargs = tp.BUILDERS[name]()

@@ -141,8 +141,24 @@ def test_demo_json_is_written(tmp_path, monkeypatch, capsys) -> None:
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("unet-surgery demo: loading")  # a line before any heavy import
-    data = json.loads((tmp_path / "demo.json").read_text())
+    data = json.loads((tmp_path / "demo_quick.json").read_text())
     assert data["seeds"] == [0, 1] and data["rows"][0]["method"] == "baseline"
     assert data["rows"][0]["toy"] == "toy4" and len(data["rows"][0]["objects_per_image"]) == 2
-    assert (tmp_path / "demo_grid.png").stat().st_size > 0
-    assert (tmp_path / "demo_crops.png").stat().st_size > 0
+    assert (tmp_path / "demo_grid_quick.png").stat().st_size > 0
+    assert (tmp_path / "demo_crops_quick.png").stat().st_size > 0
+
+
+def test_demo_modes_write_different_files(tmp_path, monkeypatch, capsys) -> None:
+    """A --quick run next to a default run leaves the default run's grid and summary alone."""
+    import unet_surgery.demo as demo
+
+    small = DemoConfig(toys=("toy4",), sizes=(32,), methods=("baseline",), seeds=(0,), steps=2)
+    monkeypatch.setattr(demo, "QUICK", small)
+    monkeypatch.setattr(demo, "DEFAULT", small)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"demo_grid.png", "demo.json", "demo_crops.png"}
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {
+        *before, "demo_grid_quick.png", "demo_quick.json", "demo_crops_quick.png"}
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items())

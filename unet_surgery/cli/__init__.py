@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unet-surgery",
         description="Map diffusion UNets, apply high-resolution recipes, export patched models.",
     )
+    from unet_surgery import __version__
+
+    parser.add_argument("--version", action="version", version=f"unet-surgery {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -12,8 +12,6 @@ import warnings
 from typing import Any
 
 from unet_surgery.cli.export_cmd import add_weights_arguments, check_out, load_weights
-from unet_surgery.loading import resolve_model
-from unet_surgery.patching.patch import apply
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,11 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _apply(model: Any, recipe: str) -> Any:
+def _apply(model: Any, recipe: str, force: bool = False) -> Any:
     """apply(), with its warnings (passes that cannot act) printed as ``warning:`` lines."""
+    from unet_surgery.patching.patch import apply
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        patch = apply(model, recipe)
+        patch = apply(model, recipe, force=force)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return patch
@@ -47,13 +47,15 @@ def run(args: argparse.Namespace) -> int:
         from unet_surgery.export import save_patched_pretrained
 
         check_out(args.out, args.model, args.recipe, args.overwrite)  # before loading weights
-        patch = _apply(load_weights(args.model, args.dtype), args.recipe)
+        patch = _apply(load_weights(args.model, args.dtype), args.recipe, args.force)
         print(patch.report())
         save_patched_pretrained(patch, args.out, show_progress=not args.quiet, overwrite=args.overwrite)
         print(f"wrote patched diffusers folder {args.out}")
         return 0
+    from unet_surgery.loading import resolve_model
+
     resolved = resolve_model(args.model, device="meta")
-    patch = _apply(resolved.model, args.recipe)
+    patch = _apply(resolved.model, args.recipe, args.force)
     print(f"source: {resolved.description}")
     print(patch.report())
     patch.remove()

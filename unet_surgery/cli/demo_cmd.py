@@ -31,9 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "drawn at the output resolution). Default: 4 seeds, 10 steps, about 2 minutes on 2 CPU cores.",
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="32x32 and 64x64 only (about 20 s)")
+    size.add_argument("--quick", action="store_true",
+                      help="32x32 and 64x64 only (about 20 s); writes demo_grid_quick.png and demo_quick.json")
     size.add_argument("--full", action="store_true",
-                      help="16 seeds at 25 steps (about 15 minutes on 2 CPU cores)")
+                      help="16 seeds at 25 steps (about 15 minutes on 2 CPU cores); writes demo_grid_full.png "
+                      "and demo_full.json")
     parser.add_argument("--toys", nargs="+", choices=TOYS, help=f"toys to run (default: {' '.join(DEFAULT_TOYS)})")
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, "all"], metavar="METHOD",
                         help=f"methods to compare: {', '.join(METHODS)} or all "
@@ -44,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=bounded_int, help="sampling steps (default 10, --full 25)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
+
+
+def output_names(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(grid PNG, summary JSON, crops PNG) names: one set per mode, so ``--quick`` never replaces
+    the default run's."""
+    suffix = "_quick" if args.quick else "_full" if args.full else ""
+    return f"demo_grid{suffix}.png", f"demo{suffix}.json", f"demo_crops{suffix}.png"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
           f"methods {', '.join(cfg.methods)}; {len(cfg.seeds)} seeds, {cfg.steps} steps", flush=True)
     bars = not args.no_progress and sys.stderr.isatty()
     rows = demo.run_demo(cfg, progress=lambda line: print(line, flush=True), bars=bars)
-    grid = demo.grid_png(rows, args.out / "demo_grid.png")
-    crops = demo.crop_grid_png(rows, args.out / "demo_crops.png")
-    (args.out / "demo.json").write_text(json.dumps(demo.summary_json(rows, cfg), indent=2))
+    grid_name, json_name, crops_name = output_names(args)
+    grid = demo.grid_png(rows, args.out / grid_name)
+    crops = demo.crop_grid_png(rows, args.out / crops_name)
+    (args.out / json_name).write_text(json.dumps(demo.summary_json(rows, cfg), indent=2))
     print()
     print(demo.table(rows))
-    print(f"\nwrote {grid}, {crops} (zoomed crops) and {args.out / 'demo.json'}")
+    print(f"\nwrote {grid}, {crops} (zoomed crops) and {args.out / json_name}")
     return 0

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import numpy as np
-
 from unet_surgery.cli.options import bounded_int, finite_float
 from unet_surgery.errors import TransformError
-from unet_surgery.ops.dispersion import TransformParams, dispersion_transform, save_transform
 
 
 def register(subparsers: Any) -> None:
@@ -36,6 +33,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Solve, write atomically, print a one-line summary."""
+    import numpy as np
+
+    from unet_surgery.ops.dispersion import TransformParams, dispersion_transform, save_transform
+
     if not str(args.output).endswith(".safetensors"):
         raise TransformError(f"output must end in .safetensors, got {args.output!r}")
     params = TransformParams(args.small, args.large, args.scale, args.input_size, args.eta)

@@ -9,25 +9,28 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from unet_surgery.cli.options import bounded_int
 from unet_surgery.errors import CheckpointError, SurgeryError
 from unet_surgery.io import excerpt
 
+if TYPE_CHECKING:
+    from torch import nn
+
 FORMATS = ("adapter", "diffusers", "pt2")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes: --help imports no torch
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="cast the weights on load (default: keep the stored precision)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export with other content (default: keep one with the "
                         "same files, refuse one with other content)")
+    parser.add_argument("--force", action="store_true",
+                        help="apply a recipe made for another UNet structure (default: refuse it)")
 
 
 def check_out(out: str, model: str, recipe: str, overwrite: bool) -> None:
@@ -41,6 +44,8 @@ def check_out(out: str, model: str, recipe: str, overwrite: bool) -> None:
 
 def load_weights(spec: str, dtype: str | None) -> nn.Module:
     """MODEL with real weights; a preset name is refused (presets have no trained weights)."""
+    import torch
+
     from unet_surgery.loading import load_unet
     from unet_surgery.presets import PRESETS
 
@@ -48,14 +53,15 @@ def load_weights(spec: str, dtype: str | None) -> nn.Module:
         if spec in PRESETS:
             raise CheckpointError(f"{spec!r} is a preset (an architecture without weights); give a checkpoint file or folder")
         raise CheckpointError(f"checkpoint not found: {spec}")
-    return load_unet(spec, dtype=DTYPES[dtype] if dtype else None)
+    return load_unet(spec, dtype=getattr(torch, dtype) if dtype else None)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
+    """``(height, width)`` from ``WIDTHxHEIGHT``, the order of every size string (docs/cli.md)."""
     match = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*", text)
     if not match:
-        raise SurgeryError(f"--resolution must look like HEIGHTxWIDTH (e.g. 2048x2048), got {excerpt(text)}")
-    return int(match.group(1)), int(match.group(2))
+        raise SurgeryError(f"--resolution must look like WIDTHxHEIGHT (e.g. 2048x1024), got {excerpt(text)}")
+    return int(match.group(2)), int(match.group(1))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", "-f", choices=FORMATS, required=True, help="what to write")
     parser.add_argument("--recipe", "-r", required=True, help="shipped recipe name or recipe file")
     parser.add_argument("--out", "-o", required=True, metavar="OUT", help="output folder")
-    parser.add_argument("--resolution", metavar="HxW", default=None,
+    parser.add_argument("--resolution", metavar="WxH", default=None,
                         help="pt2: pixel resolution (default: the recipe's first target)")
     parser.add_argument("--steps", type=bounded_int, default=50, help="pt2: sampling steps (default 50)")
     parser.add_argument("--batch", type=bounded_int, default=1, help="pt2: batch size frozen into the programs")
@@ -87,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     resolution = parse_resolution(args.resolution) if args.resolution else None
     check_out(args.out, args.model, args.recipe, args.overwrite)  # before loading gigabytes
     model = load_weights(args.model, args.dtype)
-    patch = apply(model, args.recipe)
+    patch = apply(model, args.recipe, force=args.force)
     print(patch.report())
     show = not args.quiet
     if args.format == "adapter":

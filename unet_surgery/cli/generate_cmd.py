@@ -24,15 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Under `accelerate launch` the list is split between the processes; the files are the same.",
     )
     parser.add_argument("model", metavar="MODEL",
-                        help="diffusers pipeline folder (SD1.5, SD2.1, SDXL), or a single-file UNet "
-                        "checkpoint with --components")
+                        help="diffusers pipeline folder (SD1.5, SD2.1, SDXL), or a UNet folder (a patched one "
+                        "from `apply --out` runs with its own recipe) or single-file UNet checkpoint with --components")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", "-p", action="append", metavar="TEXT", help="a prompt (repeatable)")
     prompt.add_argument("--prompts", metavar="FILE", help="text file, one prompt a line (# comments)")
-    parser.add_argument("--size", "-s", required=True, metavar="WxH", help="image size, e.g. 2048x1024 or 2048")
+    parser.add_argument("--size", "-s", required=True, metavar="WxH", help="image size WIDTHxHEIGHT, e.g. 2048x1024 (2048 wide), or one side")
     parser.add_argument("--recipe", "-r", default="auto",
-                        help="auto (derived from the UNet's map and the size; default), none, a shipped "
-                        "recipe name or a recipe file")
+                        help="auto (derived from the UNet's map and the size; default; a patched MODEL's own "
+                        "recipe), none, a shipped recipe name, a recipe file or an adapter folder "
+                        "(`export --format adapter`)")
     parser.add_argument("--negative", "-n", default=None, metavar="TEXT", help="negative prompt")
     parser.add_argument("--steps", type=bounded_int, default=50, help="denoising steps (per cascade stage; default 50)")
     parser.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strength", type=finite_float, default=0.6,
                         help="with --init-image: how much of the schedule is re-run (0-1, default 0.6)")
     parser.add_argument("--components", default=None, metavar="DIR",
-                        help="pipeline folder for the other components when MODEL is a single file")
+                        help="pipeline folder for the other components when MODEL is a UNet folder or file")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1... (default: the process's accelerate device)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
@@ -65,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", choices=["images", "patches"], default="images",
                         help="under accelerate launch: share the list of images between processes (default), "
                         "or the views of every image (patch-wise and DemoFusion recipes; same bytes)")
+    parser.add_argument("--force", action="store_true",
+                        help="apply a recipe made for another UNet structure (default: refuse it)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             scheduler=args.scheduler, out=args.out, init_image=args.init_image, strength=args.strength,
             components=args.components, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
             threads=args.threads, overwrite=args.overwrite, progress=not args.quiet, split=args.split,
+            force=args.force,
         )
     if result.manifest is not None:  # the main process speaks for the run
         for w in caught:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib import resources
 
-from unet_surgery.graph import map_unet
-from unet_surgery.loading import describe, resolve_model
-from unet_surgery.presets import PRESETS
+
+def preset_names() -> list[str]:
+    """The presets of ``architectures/presets.json``, read without importing torch (for --help)."""
+    text = resources.files("unet_surgery.architectures").joinpath("presets.json").read_text("utf-8")
+    return list(json.loads(text)["presets"])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "model", metavar="MODEL",
-        help="preset name (one of: " + ", ".join(PRESETS) + "), diffusers UNet or pipeline folder, "
+        help="preset name (one of: " + ", ".join(preset_names()) + "), diffusers UNet or pipeline folder, "
         "or checkpoint file",
     )
     parser.add_argument("--json", action="store_true", help="print the full map as JSON")
@@ -32,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unet_surgery.graph import map_unet
+    from unet_surgery.loading import describe, resolve_model
+
     resolved = resolve_model(args.model, device="meta")
     unet_map = map_unet(resolved.model, method=args.method)
     if args.json:

@@ -6,9 +6,6 @@ import argparse
 import sys
 import warnings
 
-from unet_surgery.recipes import list_recipes, load_recipe
-from unet_surgery.recipes.library import dump_recipe
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("recipes", help="list, show and validate recipes",
@@ -28,11 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.add_argument("--model", metavar="MODEL", default=None,
-                          help="also plan the recipes on this preset, folder or checkpoint (mapped on meta)")
+                          help="also check the recipes fit this preset, folder or checkpoint (its structure; "
+                          "mapped on meta) and plan them on it")
+    validate.add_argument("--force", action="store_true",
+                          help="with --model: plan a recipe made for another UNet structure instead of refusing it")
     validate.set_defaults(func=run_validate)
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from unet_surgery.recipes.library import list_recipes, load_recipe
+
     names = list_recipes()
     width = max(map(len, names), default=0)
     for name in names:
@@ -43,23 +45,30 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from unet_surgery.recipes.library import dump_recipe, load_recipe
+
     print(dump_recipe(load_recipe(args.name)), end="")
     return 0
 
 
 def run_validate(args: argparse.Namespace) -> int:
     from unet_surgery.passes import make_plan, no_effect_reasons
+    from unet_surgery.recipes.fit import check_fit
+    from unet_surgery.recipes.library import load_recipe
 
-    unet_map = None
+    unet_map = model = None
     if args.model is not None:
         from unet_surgery.graph import map_unet
         from unet_surgery.loading import resolve_model
 
-        unet_map = map_unet(resolve_model(args.model, device="meta").model)
+        model = resolve_model(args.model, device="meta").model
+        unet_map = map_unet(model)
     for file in args.files:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             recipe = load_recipe(file)
+            if unet_map is not None:
+                check_fit(recipe, unet_map, model, force=args.force)
         plan = make_plan(recipe, unet_map) if unet_map is not None else None
         print(f"{file}: ok ({recipe.name}, {len(recipe.passes)} pass(es))")
         for message in [str(w.message) for w in caught] + no_effect_reasons(recipe, plan):

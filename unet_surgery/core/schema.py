@@ -122,12 +122,19 @@ class Recipe:
     """A named, ordered list of passes plus the resolutions it was made for."""
 
     name: str = doc("identifier, e.g. scalecrafter-sd15-2048x2048")
-    base_resolution: tuple[int, int] = doc("training resolution (height, width) in pixels")
-    target_resolutions: tuple[tuple[int, int], ...] = doc("resolutions (height, width) the recipe targets")
+    base_resolution: tuple[int, int] = doc("training resolution [height, width] in pixels the recipe was made for")
+    target_resolutions: tuple[tuple[int, int], ...] = doc("resolutions [height, width] the recipe targets")
     passes: tuple[PassConfig, ...] = doc("rewrites, applied in order")
     description: str = doc("what the recipe does", default="")
     source: str | None = doc("where the settings come from", default=None)
-    model: str | None = doc("architecture the recipe was written for (a preset name)", default=None)
+    model: str | None = doc(
+        "model family the recipe was made for: a preset name (sd15, sd21, sdxl, svd...) or a toy name", default=None
+    )
+    signature: str | None = doc(
+        "structure of the UNet it was made for, as `inspect` prints it (e.g. '4 levels, attention 0-3, image'); "
+        "apply refuses a UNet of another structure or stated base size unless forced",
+        default=None,
+    )
     vae_scale_factor: int = doc("pixels per latent pixel (8 for SD-style VAEs, 1 for pixel-space models)", default=8)
     sampling: SamplingSpec | None = doc("self-cascade sampler settings", default=None)
     patches: PatchSpec | None = doc("patch-wise denoising of every UNet call (MultiDiffusion)", default=None)

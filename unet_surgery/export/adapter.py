@@ -123,6 +123,11 @@ def save_patch(patch: Patch, directory: str | Path, *, overwrite: bool = False) 
 
     An earlier export in ``directory`` with the same files is kept; one with other content is
     replaced only with ``overwrite``; any other folder is refused.
+
+    Args:
+        patch: the applied recipe to save.
+        directory: the adapter folder to write (new, empty or an earlier adapter).
+        overwrite: replace an earlier export with other content.
     """
     directory = Path(directory)
     with staged_folder(directory, overwrite=overwrite) as stage:
@@ -131,7 +136,11 @@ def save_patch(patch: Patch, directory: str | Path, *, overwrite: bool = False) 
 
 
 def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
-    """``adapter.json``, validated, with every file it lists checked against its sha256."""
+    """``adapter.json``, validated, with every file it lists checked against its sha256.
+
+    Args:
+        directory: an adapter folder.
+    """
     directory = Path(directory)
     meta_file = directory / META_FILE
     meta = read_manifest(meta_file, missing=f"{directory} is not a surgery adapter: {META_FILE} is missing")
@@ -231,6 +240,12 @@ def load_patch(
     files, a recipe that now selects other layers, or stored transforms ``R`` other than the
     ones this library computes. A format-2 adapter (stored kernels) loads too: with
     ``verify_fingerprint`` its kernels must equal the ones computed from this base's weights.
+
+    Args:
+        model: the base UNet to patch.
+        directory: an adapter folder written by :func:`save_patch` (or a patched folder).
+        unet_map: the model's map, when the caller has one (skips mapping).
+        verify_fingerprint: refuse base weights other than the ones the adapter was made for.
     """
     from safetensors.torch import load_file
 

@@ -27,6 +27,12 @@ def save_patched_pretrained(patch: Patch, directory: str | Path, *, show_progres
 
     An earlier export in ``directory`` with the same files is kept; one with other content is
     replaced only with ``overwrite``; any other folder is refused.
+
+    Args:
+        patch: the applied recipe (on a diffusers model).
+        directory: the folder to write.
+        show_progress: show a progress bar.
+        overwrite: replace an earlier export with other content.
     """
     model: Any = patch.model
     if not callable(getattr(model, "save_pretrained", None)):
@@ -52,7 +58,14 @@ def load_patched(
     dtype: torch.dtype | None = None,
     unet_map: UNetMap | None = None,
 ) -> tuple[nn.Module, Patch]:
-    """Load a folder written by :func:`save_patched_pretrained`: ``(model, patch)``, patched."""
+    """Load a folder written by :func:`save_patched_pretrained`: ``(model, patch)``, patched.
+
+    Args:
+        directory: a folder written by :func:`save_patched_pretrained`.
+        device: where to put the model.
+        dtype: cast the weights (None: keep the stored precision).
+        unet_map: the model's map, when the caller has one (skips mapping).
+    """
     from unet_surgery.export.adapter import load_patch, read_adapter_meta
     from unet_surgery.loading import load_unet
 

@@ -30,7 +30,11 @@ def _update(digest: hashlib._Hash, tensor: torch.Tensor) -> None:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """``sha256:<hex>`` over the persistent state's names, shapes and every value (as float16)."""
+    """``sha256:<hex>`` over the persistent state's names, shapes and every value (as float16).
+
+    Args:
+        model: the module whose state to hash.
+    """
     digest = hashlib.sha256(f"unet-surgery-fingerprint-v{FINGERPRINT_VERSION}\n".encode())
     for name, tensor in sorted(model.state_dict().items()):
         if tensor.is_meta:

@@ -75,7 +75,14 @@ def settings_at(patch: Patch, step: int, timesteps: Sequence[float], latent_hw: 
 def enumerate_phases(
     patch: Patch, timesteps: Sequence[float], latent_hw: tuple[int, int], batch: int = 1
 ) -> tuple[list[PhaseSettings], list[int]]:
-    """Distinct settings in order of first use, and the phase index of every step."""
+    """Distinct settings in order of first use, and the phase index of every step.
+
+    Args:
+        patch: the applied recipe.
+        timesteps: the sampler's timesteps, one per step.
+        latent_hw: (height, width) of the latents.
+        batch: batch size of the UNet calls.
+    """
     phases: list[PhaseSettings] = []
     table: list[int] = []
     for step in range(len(timesteps)):

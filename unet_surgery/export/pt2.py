@@ -197,6 +197,19 @@ def export_pt2(
     is the sampler's list (default: :func:`default_timesteps`); ``inputs`` overrides the
     example forward arguments (their shapes and dtypes are frozen into the programs).
     An earlier export with other content in ``directory`` is replaced only with ``overwrite``.
+
+    Args:
+        patch: the applied recipe to freeze.
+        directory: the folder to write the programs and the manifest to.
+        height: image height in pixels.
+        width: image width in pixels.
+        num_steps: sampling steps of the run.
+        timesteps: the sampler's timesteps (default: :func:`default_timesteps`).
+        batch: batch size frozen into the programs.
+        num_frames: frames, for video UNets.
+        inputs: example forward arguments instead of the built ones.
+        show_progress: show a progress bar.
+        overwrite: replace an earlier export with other content.
     """
     model = patch.model
     if not patch.active:

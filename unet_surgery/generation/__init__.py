@@ -1,7 +1,10 @@
 """Image generation with recipes on SD/SDXL pipeline folders, one process or many (``accelerate``).
 
-:func:`generate` is the Python API of ``unet-surgery generate``; see ``docs/generate.md``.
+:func:`generate` is the Python API of ``unet-surgery generate``; see ``docs/generate.md``. The
+names load on first use, so the command line's ``--help`` imports no torch.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from unet_surgery.generation.jobs import (
     GenerationError,
@@ -11,7 +14,9 @@ from unet_surgery.generation.jobs import (
     parse_size,
     read_prompts,
 )
-from unet_surgery.generation.run import MANIFEST, GenerateResult, generate
+
+if TYPE_CHECKING:
+    from unet_surgery.generation.run import MANIFEST, GenerateResult, generate
 
 __all__ = [
     "MANIFEST",
@@ -24,3 +29,11 @@ __all__ = [
     "parse_size",
     "read_prompts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("MANIFEST", "GenerateResult", "generate"):
+        from unet_surgery.generation import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

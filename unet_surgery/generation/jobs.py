@@ -104,7 +104,12 @@ def _shown(spec: object) -> str:
 
 
 def parse_size(spec: str | int | tuple[int, int], multiple: int = 8) -> tuple[int, int]:
-    """``(width, height)`` from ``WxH``, ``N`` (square) or a pair; both a positive multiple of ``multiple``."""
+    """``(width, height)`` from a ``WIDTHxHEIGHT`` string, ``N`` (square) or a ``(height, width)`` pair.
+
+    Strings are width first (``--size 1024x768``, as A1111 and the diffusers scripts write
+    them), Python pairs height first (as ``pipe(height=, width=)`` and tensor shapes); both
+    sides a positive multiple of ``multiple``.
+    """
     if isinstance(spec, str):
         parts = spec.lower().split("x")
         if len(parts) not in (1, 2) or not all(re.fullmatch(r"[0-9]{1,6}", p.strip()) for p in parts):
@@ -115,7 +120,7 @@ def parse_size(spec: str | int | tuple[int, int], multiple: int = 8) -> tuple[in
     elif isinstance(spec, int):
         values = [spec]
     else:
-        values = list(spec)
+        values = list(spec)[::-1]  # (height, width) -> [width, height]
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,28 @@ IMAGE_TO_IMAGE = {
     "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Third-party messages that say nothing to a user of this tool: transformers falls back to its PIL
+# image processors when torchvision is absent (the fallback is what a pipeline needs anyway).
+_NOT_THE_USERS_CONCERN = {"transformers.utils.import_utils": ("requires torchvision (not installed)",)}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_third_party() -> None:
+    """Drop the third-party log lines in ``_NOT_THE_USERS_CONCERN`` (idempotent)."""
+    for name, fragments in _NOT_THE_USERS_CONCERN.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
 
 
 def pipeline_class_name(folder: Path) -> str:
@@ -73,6 +96,16 @@ def check_model(model: str | Path, components: str | Path | None) -> tuple[Path,
         return path, folder
     if not path.exists():
         raise GenerationError(f"MODEL: {path} does not exist (a diffusers pipeline folder or a checkpoint file)")
+    if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
+        # a UNet folder (save_pretrained, or a patched folder from `apply --out`)
+        if components is None:
+            raise GenerationError(
+                f"MODEL: {path} is a UNet folder; give --components DIR, a diffusers pipeline folder for "
+                "the VAE, text encoder(s), tokenizer(s) and scheduler"
+            )
+        folder = Path(components)
+        pipeline_class_name(folder)
+        return path, folder
     pipeline_class_name(path)
     if components is not None:
         raise GenerationError("--components is for a single-file MODEL; a pipeline folder has its own")
@@ -82,6 +115,7 @@ def check_model(model: str | Path, components: str | Path | None) -> tuple[Path,
 def load_pipeline(model: str | Path, *, components: str | Path | None = None,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
     """The text-to-image pipeline MODEL names, on ``device`` in ``dtype``, without a network."""
+    quiet_third_party()
     import diffusers
 
     unet_source, folder = check_model(model, components)

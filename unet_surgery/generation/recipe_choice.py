@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from unet_surgery.errors import RecipeError
+from unet_surgery.errors import CheckpointError, RecipeError
 from unet_surgery.generation.jobs import GenerationError
 from unet_surgery.recipes.library import load_recipe
 from unet_surgery.recipes.schema import Recipe
@@ -24,15 +24,56 @@ from unet_surgery.recipes.schema import Recipe
 NO_RECIPE = ("none", "off")
 
 
-def check_recipe(spec: str | Path | Recipe | None) -> Recipe | str | None:
-    """Parse a named or file recipe early (before loading a model); ``auto`` stays a string."""
+def adapter_recipe(folder: Path) -> Recipe:
+    """The recipe of an adapter folder (``export --format adapter``, or a patched folder from
+    ``apply --out``), its files checked against the checksums in ``adapter.json``."""
+    from unet_surgery.export.adapter import RECIPE_FILE, read_adapter_meta
+
+    read_adapter_meta(folder)
+    return load_recipe(folder / RECIPE_FILE)
+
+
+def is_adapter_folder(path: Path) -> bool:
+    from unet_surgery.export.adapter import META_FILE
+
+    return path.is_dir() and (path / META_FILE).is_file()
+
+
+def patched_unet_folder(unet_source: Path) -> Path | None:
+    """The folder holding the adapter of a patched UNet MODEL, or None for a plain one.
+
+    MODEL may be the patched folder itself, its weights file (with ``--components``) or a
+    pipeline folder whose ``unet/`` is a patched folder.
+    """
+    for folder in (unet_source, unet_source / "unet", unet_source.parent):
+        if is_adapter_folder(folder) and (folder is not unet_source.parent or unet_source.is_file()):
+            return folder
+    return None
+
+
+def check_recipe(spec: str | Path | Recipe | None, own: Path | None = None) -> Recipe | str | None:
+    """Parse a named, file or adapter recipe early (before loading a model); ``auto`` stays a string.
+
+    ``own`` is the adapter folder of a patched MODEL: its recipe is what ``auto`` (the default)
+    means; ``none`` runs the UNet unpatched, and any other recipe is refused (it would be
+    applied on top of another's settings).
+    """
     if spec is None or (isinstance(spec, str) and spec in NO_RECIPE):
         return None
-    if isinstance(spec, str) and spec == "auto":
-        return "auto"
     try:
+        if own is not None:
+            if not (isinstance(spec, str) and spec == "auto"):
+                raise GenerationError(
+                    f"--recipe: MODEL is a patched folder ({own}) that carries its own recipe; "
+                    "omit --recipe to use it, or give --recipe none to run the UNet unpatched"
+                )
+            return adapter_recipe(own)
+        if isinstance(spec, str) and spec == "auto":
+            return "auto"
+        if isinstance(spec, (str, Path)) and is_adapter_folder(Path(spec)):
+            return adapter_recipe(Path(spec))
         return load_recipe(spec)
-    except RecipeError as exc:
+    except (RecipeError, CheckpointError) as exc:
         raise GenerationError(f"--recipe: {exc}") from None
 
 
@@ -81,11 +122,9 @@ def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, widt
             f"--size: recipe {recipe.name!r} cascades up to {last[1]}x{last[0]} (WxH), "
             f"not {width}x{height}; give --size {last[1]}x{last[0]} or another recipe"
         )
-    spec = recipe.sampling
-    if spec.steps != steps:
-        restart = None if spec.restart_step is None else min(steps - 1, round(spec.restart_step * steps / spec.steps))
-        recipe = replace(recipe, sampling=replace(spec, steps=steps, restart_step=restart))
-    return recipe, unet_map
+    from unet_surgery.sampling.cascade import with_steps
+
+    return replace(recipe, sampling=with_steps(recipe.sampling, steps)), unet_map
 
 
 def _patch_recipe(recipe: Recipe, pipe: Any, *, height: int, width: int, steps: int, init_image: bool) -> Recipe:
@@ -124,9 +163,9 @@ def _patch_recipe(recipe: Recipe, pipe: Any, *, height: int, width: int, steps: 
                 f"--size: recipe {recipe.name!r} cascades up to {last[1]}x{last[0]} (WxH), "
                 f"not {width}x{height}; give --size {last[1]}x{last[0]} or another recipe"
             )
-        spec = recipe.sampling
-        restart = None if spec.restart_step is None else min(steps - 1, round(spec.restart_step * steps / spec.steps))
-        return replace(recipe, sampling=replace(spec, steps=steps, restart_step=restart))
+        from unet_surgery.sampling.cascade import with_steps
+
+        return replace(recipe, sampling=with_steps(recipe.sampling, steps))
     from unet_surgery.recipes.schema import SamplingSpec
 
     return replace(recipe, sampling=SamplingSpec(stages=((height, width),), steps=steps))

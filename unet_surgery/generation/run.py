@@ -39,7 +39,7 @@ from unet_surgery.generation.pipeline_loader import (
     image_to_image,
     load_pipeline,
 )
-from unet_surgery.generation.recipe_choice import check_recipe, resolve_recipe
+from unet_surgery.generation.recipe_choice import check_recipe, patched_unet_folder, resolve_recipe
 from unet_surgery.generation.schedulers import SCHEDULERS, set_scheduler
 from unet_surgery.generation.vae_memory import configure_vae
 from unet_surgery.io import check_not_input, excerpt, may_replace
@@ -142,8 +142,13 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     split: str = "images",
+    force: bool = False,
 ) -> GenerateResult:
-    """Generate ``prompts`` x ``seeds`` at ``size`` (``WxH``) with ``recipe`` into ``out``.
+    """Generate ``prompts`` x ``seeds`` at ``size`` with ``recipe`` into ``out``.
+
+    ``size`` is a ``"WIDTHxHEIGHT"`` string (``"1024x768"``, as ``--size``), one side for a
+    square, or a ``(height, width)`` pair as in ``pipe(height=, width=)``. ``force`` applies a
+    recipe made for another UNet structure.
 
     ``model`` is a diffusers SD/SDXL pipeline folder, or a single-file UNet checkpoint with
     ``components`` (a pipeline folder for the rest). ``recipe``: ``"auto"`` (derived from the
@@ -156,6 +161,32 @@ def generate(
     ``split="patches"`` (under ``accelerate launch``, with a patch-wise or DemoFusion recipe)
     makes every process work on every image, sharing its views each step; the main process
     writes the files.
+
+    Args:
+        model: a pipeline folder, or a UNet folder or single-file UNet with ``components``; a
+            patched folder from ``apply --out`` runs with its own recipe.
+        prompts: a prompt or a list of prompts (or give ``prompts_file``).
+        prompts_file: a text file, one prompt a line (``#`` comments).
+        size: ``"WIDTHxHEIGHT"``, one side for a square, or (height, width).
+        recipe: ``"auto"``, ``None``/``"none"``, a shipped name, a file, an adapter folder or a
+            :class:`Recipe`.
+        negative_prompt: the negative prompt.
+        steps: denoising steps (per cascade stage).
+        guidance: classifier-free guidance scale.
+        seeds: ``42``, ``"0,5,9"``, ``"0-7"`` (inclusive) or a list; every prompt gets every seed.
+        scheduler: a sampler name (``SCHEDULERS``; default: the pipeline's own).
+        out: the output folder.
+        init_image: image-to-image: start from this image, resized to ``size``.
+        strength: with ``init_image``: how much of the schedule is re-run, in (0, 1].
+        components: pipeline folder for the other components when ``model`` is a UNet.
+        device: ``cpu``, ``cuda``, ``cuda:1``... (default: the process's accelerate device).
+        dtype: ``float32``, ``float16`` or ``bfloat16`` (default float16 on CUDA, else float32).
+        vae_tiling: always (True) or never (False) decode in tiles; None decides from memory.
+        threads: CPU threads per process.
+        overwrite: regenerate files that exist.
+        progress: show progress bars.
+        force: apply a recipe made for another UNet structure.
+        split: ``"images"`` or ``"patches"`` (under ``accelerate launch``).
     """
     # --- everything that can be checked without a model, before a process group or a load
     if (prompts is None) == (prompts_file is None):
@@ -182,8 +213,8 @@ def generate(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
         raise GenerationError(f"--threads: {str(threads)[:20]} is not a number of threads from 1 to 1024")
     requested_device = _parse_device(device)
-    check_model(model, components)
-    checked = check_recipe(recipe)
+    unet_source, _ = check_model(model, components)
+    checked = check_recipe(recipe, patched_unet_folder(unet_source))
     init = _open_init_image(init_image) if init_image is not None else None
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -206,7 +237,7 @@ def generate(
     show = progress and state.is_main_process
     with _loading_bars(show):
         pipe = load_pipeline(model, components=components, dtype=torch_dtype, device=run_device)
-    parse_size((width, height), pipe.vae_scale_factor)
+    parse_size((height, width), pipe.vae_scale_factor)
     _check_fits(pipe, width, height, steps)
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
@@ -245,7 +276,7 @@ def generate(
     if applied is not None:
         from unet_surgery.sampling.pipelines import apply_to_pipeline
 
-        patch = apply_to_pipeline(runner, applied, unet_map=unet_map)
+        patch = apply_to_pipeline(runner, applied, unet_map=unet_map, force=force)
     try:
         share = contextlib.nullcontext(list(enumerate(jobs))) if split == "patches" else (
             state.split_between_processes(list(enumerate(jobs))))

@@ -85,6 +85,10 @@ def tiny_pipeline(layout: str, seed: int = 0) -> Any:
     """A tiny random-weight ``StableDiffusionPipeline`` (``sd15``) or ``StableDiffusionXLPipeline``."""
     import diffusers
 
+    from unet_surgery.generation.pipeline_loader import quiet_third_party
+
+    quiet_third_party()
+
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     unet = build_unet(layout, size="tiny", device="cpu")

@@ -30,6 +30,9 @@ def detect_architecture(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str
     layout is ``"ldm"`` (``model.diffusion_model.*`` or bare ``input_blocks.*``) or
     ``"diffusers"``; the preset is recognised by the cross-attention width and SDXL's
     additional embedding.
+
+    Args:
+        shapes: every tensor name of the checkpoint with its shape.
     """
     keys = list(shapes)
     layout = detect_layout(keys)

@@ -33,6 +33,10 @@ def resolve_model(spec: str, *, device: str | torch.device = "meta") -> Resolved
 
     On ``meta`` only the architecture is built (enough to map); weights files are still
     checked for readability so a corrupt file fails here, with its name.
+
+    Args:
+        spec: a preset name, a diffusers UNet or pipeline folder, or a checkpoint file.
+        device: ``meta`` (architecture only) or a real device (weights loaded).
     """
     path = Path(spec)
     if path.is_dir():

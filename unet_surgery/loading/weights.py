@@ -343,6 +343,12 @@ def load_unet(
     ``dtype=None`` keeps the stored precision (fp16 files give an fp16 model). The model is
     built on ``meta`` and adopts the loaded tensors, so nothing is initialised twice. Models
     that match a preset are tagged so :func:`unet_surgery.presets.example_inputs` accepts them.
+
+    Args:
+        source: a diffusers UNet or pipeline folder, or a single-file checkpoint.
+        device: where to put the model.
+        dtype: cast the weights (None: keep the stored precision).
+        config: a diffusers config for a single file whose architecture is not a shipped one.
     """
     path = Path(source)
     if path.is_dir():

@@ -274,7 +274,11 @@ def _setting_source(patch: Patch, layer: LayerPlan) -> Callable[[], Any]:
 
 
 def current_patch(model: nn.Module) -> Patch | None:
-    """The patch applied to ``model``, if any."""
+    """The patch applied to ``model``, if any.
+
+    Args:
+        model: the UNet to look at.
+    """
     return getattr(model, PATCH_ATTR, None)
 
 
@@ -285,13 +289,22 @@ def apply(
     unet_map: UNetMap | None = None,
     filter_fn: Callable[[str, str], bool] | None = None,
     num_train_timesteps: int = 1000,
+    force: bool = False,
 ) -> Patch:
     """Apply ``recipe`` to ``model`` in place and return the :class:`Patch`.
 
-    ``recipe`` is a :class:`Recipe`, a shipped recipe name, a file path or a parsed document.
-    ``unet_map`` saves mapping when the caller has one; ``filter_fn(path, op)`` narrows the
-    selection further. The model must not already be patched.
+    The model must not already be patched, and must have the structure the recipe was made
+    for (:func:`~unet_surgery.recipes.fit.check_fit`; another stated base size warns).
+
+    Args:
+        model: the UNet to patch (diffusers, LDM or any module the mapper reads).
+        recipe: a :class:`Recipe`, a shipped recipe name, a file path or a parsed document.
+        unet_map: the model's map, when the caller has one (saves mapping).
+        filter_fn: ``filter_fn(path, op)`` narrows the selection further.
+        num_train_timesteps: length of the training schedule, to read steps off timesteps.
+        force: apply even to a UNet of another structure than the recipe's.
     """
+    from unet_surgery.recipes.fit import check_fit
     from unet_surgery.recipes.library import load_recipe
 
     if not isinstance(model, nn.Module):
@@ -303,6 +316,7 @@ def apply(
         )
     recipe = load_recipe(recipe)
     unet_map = unet_map if unet_map is not None else map_unet(model)
+    check_fit(recipe, unet_map, model, force=force)
     plan = make_plan(recipe, unet_map, filter_fn)
     for reason in no_effect_reasons(recipe, plan):
         warnings.warn(f"recipe {recipe.name!r}: {reason}", NoEffectWarning, stacklevel=2)
@@ -313,7 +327,11 @@ def apply(
 
 
 def remove(model: nn.Module) -> None:
-    """Remove whatever patch ``model`` carries (no-op if none)."""
+    """Remove whatever patch ``model`` carries (no-op if none).
+
+    Args:
+        model: the UNet whose patch to remove.
+    """
     patch = current_patch(model)
     if patch is not None:
         patch.remove()

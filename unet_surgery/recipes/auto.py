@@ -37,6 +37,7 @@ from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import ConvRecord, UNetMap
 from unet_surgery.ops.schedules import ScheduleSpec
 from unet_surgery.passes import RedilatePass, ScaleFusionPass
+from unet_surgery.recipes.fit import map_signature
 from unet_surgery.recipes.schema import LevelRange, Recipe, SamplingSpec, Selector
 
 Policy = Literal["auto", "scalecrafter", "demofusion"]
@@ -89,13 +90,24 @@ def auto_recipe(
     policy: Policy = "auto",
     steps: int = 50,
 ) -> Recipe:
-    """A recipe for ``unet_map`` going from ``base`` to ``target`` (pixels, int or (h, w)).
+    """A recipe for ``unet_map`` going from ``base`` to ``target`` (pixels, int or (height, width)).
+
+    The recipe carries the map's signature, so applying it to another architecture is refused.
 
     ``policy="auto"``: self-cascade with restrained deepest-level dilation
     (:func:`cascade_recipe`); ``policy="scalecrafter"``: ScaleCrafter's re-dilation tables
     (:func:`scalecrafter_recipe`); ``policy="demofusion"``: DemoFusion's sampler
     (:func:`~unet_surgery.recipes.demofusion.demofusion_recipe`). ``steps`` is the cascade's steps per stage (samplers may
     override it).
+
+    Args:
+        unet_map: the map of the UNet the recipe is for (:func:`~unet_surgery.map_unet`).
+        base: training size in pixels: an int (square) or (height, width).
+        target: size to generate at in pixels: an int (square) or (height, width).
+        vae_scale_factor: pixels per latent pixel (8 for SD-style VAEs, 1 for pixel-space models).
+        name: recipe name (default ``auto-{model class}-{width}x{height}``).
+        policy: ``"auto"`` or ``"scalecrafter"``.
+        steps: the cascade's denoising steps per stage (``policy="auto"``).
     """
     if policy == "auto":
         return cascade_recipe(unet_map, base=base, target=target, vae_scale_factor=vae_scale_factor,
@@ -199,10 +211,10 @@ def cascade_recipe(
         passes.append(ScaleFusionPass(select=Selector(op=("attention",), kind=("self",), axis=("spatial",))))
     h, w = target_hw
     return Recipe(
-        name=name or f"auto-{unet_map.model_class}-{h}x{w}",
+        name=name or f"auto-{unet_map.model_class}-{w}x{h}",
         description=(
-            f"Automatic policy from {base_hw[0]}x{base_hw[1]} to {h}x{w} (scale {scale:g}): self-cascade "
-            + " -> ".join(f"{a}x{b}" for a, b in stages)
+            f"Automatic policy from {base_hw[1]}x{base_hw[0]} to {w}x{h} (WxH, scale {scale:g}): self-cascade "
+            + " -> ".join(f"{b}x{a}" for a, b in stages)
             + f", restrained dilation of the deepest level (factor = stage ratio) for the first "
             f"{dilate_fraction:.0%} of each stage's steps"
             + (", scale-fusion self-attention" if any(isinstance(q, ScaleFusionPass) for q in passes) else "")
@@ -212,6 +224,7 @@ def cascade_recipe(
         target_resolutions=(target_hw,),
         passes=tuple(passes),
         vae_scale_factor=vae_scale_factor,
+        signature=map_signature(unet_map),
         sampling=SamplingSpec(stages=stages, steps=steps, cosine_scale=cosine_scale),
     )
 
@@ -278,9 +291,9 @@ def scalecrafter_recipe(
         )
     h, w = target_hw
     return Recipe(
-        name=name or f"auto-{unet_map.model_class}-{h}x{w}",
+        name=name or f"auto-{unet_map.model_class}-{w}x{h}",
         description=(
-            f"Automatic re-dilation from {base_hw[0]}x{base_hw[1]} to {h}x{w} (scale {scale:g}): "
+            f"Automatic re-dilation from {base_hw[1]}x{base_hw[0]} to {w}x{h} (WxH, scale {scale:g}): "
             + ", ".join(f"level {lv}: {f:g}" for lv, f in factors.items())
         ),
         source="unet_surgery.recipes.auto_recipe(policy='scalecrafter')",
@@ -288,6 +301,7 @@ def scalecrafter_recipe(
         target_resolutions=(target_hw,),
         passes=tuple(passes),
         vae_scale_factor=vae_scale_factor,
+        signature=map_signature(unet_map),
     )
 
 

@@ -28,6 +28,7 @@ from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import ConvRecord, UNetMap
 from unet_surgery.passes.fouriscale import FouriScalePass
 from unet_surgery.recipes.auto import size_pair
+from unet_surgery.recipes.fit import map_signature
 from unet_surgery.recipes.schema import Recipe, Selector
 
 # num_levels -> (down/mid min level, up min level, upsampler min level)
@@ -68,10 +69,17 @@ def fouriscale_layers(unet_map: UNetMap) -> tuple[list[str], list[str]]:
 
 
 def fouriscale_recipe(
-    unet_map: UNetMap, base_resolution: tuple[int, int], target_resolution: tuple[int, int], *, name: str | None = None
+    unet_map: UNetMap, base: int | tuple[int, int], target: int | tuple[int, int], *, name: str | None = None
 ) -> Recipe:
-    """The official FouriScale settings for ``unet_map`` at ``target_resolution`` (pixels)."""
-    (bh, bw), (th, tw) = size_pair(base_resolution, "base_resolution"), size_pair(target_resolution, "target_resolution")
+    """The official FouriScale settings for ``unet_map`` from ``base`` to ``target`` (pixels, int or (height, width)).
+
+    Args:
+        unet_map: the map of the UNet the recipe is for.
+        base: training size in pixels: an int (square) or (height, width).
+        target: size to generate at in pixels: an int (square) or (height, width).
+        name: recipe name (default ``fouriscale-{model class}-{width}x{height}``).
+    """
+    (bh, bw), (th, tw) = size_pair(base, "base"), size_pair(target, "target")
     dilation = max(math.ceil(th / bh), math.ceil(tw / bw))
     xl = unet_map.num_levels == 3
     start, stop = (10, 30) if not xl and dilation <= 3 else (20, 35)
@@ -82,10 +90,11 @@ def fouriscale_recipe(
     if upsamplers:
         passes.append(FouriScalePass(select=Selector(paths=tuple(upsamplers)), filter=False, **common))  # type: ignore[arg-type]
     return Recipe(
-        name=name or f"fouriscale-{unet_map.model_class}-{th}x{tw}",
-        description=f"FouriScale (dilation {dilation} with low-pass filtering), {bh}x{bw} -> {th}x{tw}.",
+        name=name or f"fouriscale-{unet_map.model_class}-{tw}x{th}",
+        description=f"FouriScale (dilation {dilation} with low-pass filtering), {bw}x{bh} -> {tw}x{th} (WxH).",
         source="LeonHLJ/FouriScale official code (layer_settings, configs, model.py)",
         base_resolution=(bh, bw),
         target_resolutions=((th, tw),),
         passes=tuple(passes),
+        signature=map_signature(unet_map),
     )

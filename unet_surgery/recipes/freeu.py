@@ -11,6 +11,7 @@ from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.passes.freeu import FreeUPass, stage_levels
 from unet_surgery.recipes.auto import size_pair
+from unet_surgery.recipes.fit import map_signature
 from unet_surgery.recipes.schema import LevelRange, Recipe, ScheduleSpec, Selector
 
 SETTINGS: dict[str, dict[str, float]] = {
@@ -36,6 +37,15 @@ def freeu_pass(
     """A ``freeu`` pass selecting, by level, the skip merges of FreeU's two stages in ``unet_map``.
 
     A factor left out (None) is :class:`FreeUPass`'s default, the one copy of FreeU's defaults.
+
+    Args:
+        unet_map: the map of the UNet the pass is for.
+        b1: backbone scale of the lowest-resolution up stage (None: the default).
+        b2: backbone scale of the next up stage.
+        s1: skip scale of the lowest-resolution up stage.
+        s2: skip scale of the next up stage.
+        threshold: radius of the low-frequency box the skip scale acts on.
+        schedule: when the pass acts (default: every step).
     """
     levels = stage_levels(unet_map)
     if not levels:
@@ -52,6 +62,7 @@ def freeu_recipe(
     unet_map: UNetMap,
     *,
     base: int | tuple[int, int],
+    target: int | tuple[int, int] | None = None,
     b1: float | None = None,
     b2: float | None = None,
     s1: float | None = None,
@@ -62,14 +73,34 @@ def freeu_recipe(
     model: str | None = None,
     vae_scale_factor: int = 8,
 ) -> Recipe:
-    """A one-pass FreeU recipe for ``unet_map`` at its training resolution ``base`` (pixels);
-    factors left out are :class:`FreeUPass`'s defaults."""
+    """A one-pass FreeU recipe for ``unet_map`` trained at ``base``, for use at ``target``.
+
+    Sizes are pixels, an int or (height, width); ``target`` defaults to ``base`` (FreeU is a
+    quality fix at any size, not a resolution method); factors left out (None) are
+    :class:`FreeUPass`'s defaults.
+
+    Args:
+        unet_map: the map of the UNet the recipe is for.
+        base: training size in pixels: an int (square) or (height, width).
+        target: size it is used at (default ``base``).
+        b1: backbone scale of the lowest-resolution up stage.
+        b2: backbone scale of the next up stage.
+        s1: skip scale (low-frequency damping) of the lowest-resolution up stage.
+        s2: skip scale of the next up stage.
+        threshold: radius of the low-frequency box the skip scale acts on (FreeU: 1; None: the default).
+        schedule: when the pass acts (default: every step).
+        name: recipe name (default ``freeu-{model}``).
+        model: the family to record in the recipe (e.g. ``sd15``).
+        vae_scale_factor: pixels per latent pixel.
+    """
     size = size_pair(base, "base")
+    used = size if target is None else size_pair(target, "target")
     config = freeu_pass(unet_map, b1=b1, b2=b2, s1=s1, s2=s2, threshold=threshold, schedule=schedule)
     return Recipe(
         name=name or f"freeu-{(model or unet_map.model_class).lower()}",
         base_resolution=size,
-        target_resolutions=(size,),
+        target_resolutions=(used,),
+        signature=map_signature(unet_map),
         passes=(config,),
         description=f"FreeU (b1={config.b1:g}, b2={config.b2:g}, s1={config.s1:g}, s2={config.s2:g}) "
         "at the two lowest-resolution up levels",

@@ -22,6 +22,7 @@ from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import UNetMap
 from unet_surgery.passes.rau_net import transformers
 from unet_surgery.recipes.auto import size_pair
+from unet_surgery.recipes.fit import map_signature
 from unet_surgery.recipes.schema import Recipe, parse_recipe
 
 # switching_threshold_ratio_dict of the official code: (T1_ratio, T2_ratio).
@@ -45,15 +46,27 @@ def top_attention_level(unet_map: UNetMap) -> int:
 
 def hidiffusion_recipe(
     unet_map: UNetMap,
-    base_resolution: int | tuple[int, int],
-    target_resolution: int | tuple[int, int],
+    base: int | tuple[int, int],
+    target: int | tuple[int, int],
     *,
     rau_net: bool = True,
     msw_msa: bool = True,
     name: str | None = None,
 ) -> Recipe:
-    """RAU-Net and MSW-MSA as the official code sets them up, selected from ``unet_map``."""
-    base, target = size_pair(base_resolution, "base_resolution"), size_pair(target_resolution, "target_resolution")
+    """RAU-Net and MSW-MSA as the official code sets them up, selected from ``unet_map``.
+
+    ``base`` and ``target`` are pixels, an int or (height, width).
+
+    Args:
+        unet_map: the map of the UNet the recipe is for.
+        base: training size in pixels: an int (square) or (height, width).
+        target: size to generate at in pixels: an int (square) or (height, width); below 4x per side the
+            official 2x thresholds apply, else the 4x ones.
+        rau_net: include RAU-Net (resolution-aware downsampling and upsampling).
+        msw_msa: include MSW-MSA (windowed self-attention at the top attention level).
+        name: recipe name (default ``hidiffusion-{width}x{height}``).
+    """
+    base, target = size_pair(base, "base"), size_pair(target, "target")
     top = top_attention_level(unet_map)
     strided = sorted({c.level for c in unet_map.convs if c.stage == "down" and c.level is not None
                       and c.axis == "spatial" and max(c.spatial_stride) == 2})
@@ -89,11 +102,13 @@ def hidiffusion_recipe(
         raise SelectionError("hidiffusion_recipe: nothing to do with rau_net=False and msw_msa=False")
     return parse_recipe(
         {
-            "name": name or f"hidiffusion-{target[0]}x{target[1]}",
-            "description": f"HiDiffusion ({family}-style map, {size} thresholds) from {base} to {target}.",
+            "name": name or f"hidiffusion-{target[1]}x{target[0]}",
+            "description": f"HiDiffusion ({family}-style map, {size} thresholds) from {base[1]}x{base[0]} to "
+            f"{target[1]}x{target[0]} (WxH).",
             "source": "megvii-research/HiDiffusion hidiffusion.py, selected from the map",
             "base_resolution": list(base),
             "target_resolutions": [list(target)],
             "passes": passes,
+            "signature": map_signature(unet_map),
         }
     )

@@ -113,7 +113,12 @@ def read_document(path: Path) -> Any:
 
 
 def load_recipe(source: Recipe | str | Path | dict[str, Any]) -> Recipe:
-    """A :class:`Recipe` from a recipe, a shipped name, a file path or a parsed document."""
+    """A :class:`Recipe` from a recipe, a shipped name, a file path or a parsed document.
+
+    Args:
+        source: a :class:`Recipe` (returned as is), a shipped recipe name, a ``.yaml``/``.json`` file or a
+            parsed document.
+    """
     if isinstance(source, Recipe):
         return source
     if isinstance(source, dict):
@@ -156,6 +161,10 @@ _RecipeDumper.add_representer(tuple, _represent_list)  # type: ignore[arg-type]
 
 
 def dump_recipe(recipe: Recipe | dict[str, Any]) -> str:
-    """A recipe as readable YAML (``load_recipe`` of the text gives the recipe back)."""
+    """A recipe as readable YAML (``load_recipe`` of the text gives the recipe back).
+
+    Args:
+        recipe: a :class:`Recipe` or a recipe document.
+    """
     data = to_data(recipe) if isinstance(recipe, Recipe) else recipe
     return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False, width=100)

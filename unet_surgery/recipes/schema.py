@@ -379,7 +379,11 @@ def _check_version(document: Any) -> Any:
 
 
 def parse_recipe(document: Any) -> Recipe:
-    """Validate a recipe document (the result of ``yaml.safe_load`` or ``json.load``)."""
+    """Validate a recipe document (the result of ``yaml.safe_load`` or ``json.load``).
+
+    Args:
+        document: plain data: mappings, lists, strings and numbers.
+    """
     check_document_limits(document)
     recipe = _parse_dataclass(Recipe, _check_version(document), "")
     _check_recipe(recipe)

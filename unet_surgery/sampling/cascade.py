@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -91,6 +91,16 @@ def sampling_spec(source: Recipe | SamplingSpec) -> SamplingSpec:
         if not math.isfinite(value) or value < 0:
             raise RecipeError(f"sampling.{name}: must be a finite number >= 0, got {value}")
     return spec
+
+
+def with_steps(spec: SamplingSpec, steps: int) -> SamplingSpec:
+    """``spec`` run with ``steps`` per stage; an explicit ``restart_step`` is scaled by the same ratio."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise RecipeError(f"num_inference_steps: {steps!r} is not a positive number of steps")
+    if spec.steps == steps:
+        return spec
+    restart = None if spec.restart_step is None else min(steps - 1, round(spec.restart_step * steps / spec.steps))
+    return replace(spec, steps=steps, restart_step=restart)
 
 
 def restart_step_of(spec: SamplingSpec) -> int:
@@ -218,6 +228,23 @@ def self_cascade(
     stage-1 starting noise (else drawn from ``generator``); ``device``/``dtype`` default to
     those of ``latents``, then of the VAE, then CPU float32. ``patch`` (a :class:`Patch`) is
     told each stage's timesteps; a pipeline patched with ``apply_to_pipeline`` is told anyway.
+
+    Args:
+        denoise: ``denoise(model_input, t, stage)``: the model output the scheduler expects, guidance
+            included.
+        scheduler: a diffusers scheduler (its ``set_timesteps`` and ``step`` are used per stage).
+        sampling: a recipe with a ``sampling`` section, or a :class:`SamplingSpec`.
+        latent_channels: channels of the latents the model denoises.
+        batch_size: images per run.
+        vae: the VAE that moves samples between stages (None: pixel-space, resize directly).
+        vae_scale_factor: pixels per latent pixel (default: the VAE's, else the recipe's).
+        mask: FreeScale's region mask (1 = detail), at the final size or broadcastable.
+        generator: the torch generator of the initial and restart noise.
+        latents: the first stage's initial latents instead of drawing them.
+        device: where to sample (default: that of ``latents``, then the VAE, then CPU).
+        dtype: the latents' dtype (same defaults as ``device``).
+        patch: a :class:`~unet_surgery.Patch` told each stage's timesteps.
+        progress: show progress bars.
     """
     spec = sampling_spec(sampling)
     if vae_scale_factor is None:
@@ -347,6 +374,14 @@ def cfg_denoiser(
     An input of several views of the batch (patch-wise sampling) gets the conditioning once per
     view; ``added_cond_kwargs`` of one view are repeated likewise, those with a row per input row
     are taken as they are.
+
+    Args:
+        unet: a diffusers UNet.
+        cond: the prompt's encoder hidden states.
+        uncond: the negative prompt's (None: no guidance).
+        guidance_scale: classifier-free guidance scale (no guidance at 1 or below).
+        added_cond_kwargs: SDXL's added conditioning, or a function of the stage returning it.
+        **unet_kwargs: further keyword arguments of every UNet call.
     """
     use_cfg = uncond is not None and guidance_scale > 1
     negative: torch.Tensor = uncond if uncond is not None else cond

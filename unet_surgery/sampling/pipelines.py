@@ -199,18 +199,26 @@ _MISSING = object()
 
 
 def apply_to_pipeline(
-    pipe: Any, recipe: Recipe | str | dict[str, Any], *, unet_map: UNetMap | None = None
+    pipe: Any, recipe: Recipe | str | dict[str, Any], *, unet_map: UNetMap | None = None, force: bool = False
 ) -> PipelinePatch:
     """Apply ``recipe`` to ``pipe.unet`` and connect it to the pipeline's sampler.
 
     Raises :class:`SurgeryError` for an unsupported pipeline type (the message lists the
-    supported ones) or an already patched UNet. ``unet_map`` skips mapping the UNet.
+    supported ones) or an already patched UNet, and
+    :class:`~unet_surgery.recipes.fit.RecipeMismatchError` for a recipe made for another UNet
+    structure.
+
+    Args:
+        pipe: a supported diffusers pipeline (``SUPPORTED_PIPELINES``).
+        recipe: a :class:`Recipe`, a shipped recipe name, a file path or a parsed document.
+        unet_map: the UNet's map, when the caller has one (skips mapping).
+        force: apply even to a UNet of another structure than the recipe's.
     """
     encoder = SUPPORTED_PIPELINES[_supported_class(pipe, list(SUPPORTED_PIPELINES))]
     if getattr(pipe, "unet", None) is None or getattr(pipe, "scheduler", None) is None:
         raise SurgeryError(f"{type(pipe).__name__} has no unet or no scheduler to patch")
     num_train = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
-    patch = apply(pipe.unet, recipe, unet_map=unet_map, num_train_timesteps=num_train)
+    patch = apply(pipe.unet, recipe, unet_map=unet_map, num_train_timesteps=num_train, force=force)
     pipeline_patch = PipelinePatch(pipe, patch, encoder)
     try:
         pipeline_patch._install()
@@ -229,6 +237,9 @@ def self_cascade_sample(
     recipe: Recipe | str | dict[str, Any],
     *,
     prompt: str | list[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
     negative_prompt: str | list[str] | None = None,
     prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
@@ -243,32 +254,66 @@ def self_cascade_sample(
     output_type: str = "latent",
     progress: bool = True,
     executor: Any = None,
+    force: bool = False,
 ) -> CascadeOutput:
     """FreeScale generation with an SD or SDXL pipeline: recipe passes + self-cascade.
 
-    The recipe is applied for the run (and removed after) unless ``pipe.unet`` already carries
-    a patch. Conditioning comes from the pipeline's ``encode_prompt`` (prompts or ready-made
-    embeddings); SDXL's size conditioning is the first stage's size for every stage, as in the
-    official code. ``sampling`` overrides the recipe's sampling section. With ``output_type``
-    other than ``"latent"`` the final latents are decoded into ``CascadeOutput.images``.
-    A recipe with a ``patches`` section denoises every step in overlapping views
+    Takes the arguments of the pipeline's own call where they mean the same. The recipe is
+    applied for the run (and removed after) unless ``pipe.unet`` already carries a patch.
+    Conditioning comes from the pipeline's ``encode_prompt``; SDXL's size conditioning is the
+    first stage's size for every stage, as in the official code. A recipe with a ``patches``
+    section denoises every step in overlapping views
     (:func:`~unet_surgery.sampling.patchwise.patchwise_denoiser`; ``executor`` spreads them over
     processes); a one-stage ``sampling`` is then plain patch-wise text-to-image.
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        recipe: a recipe with a ``sampling`` section (or give ``sampling``).
+        prompt: the prompt(s), as for the pipeline.
+        height: the output height in pixels; must be the cascade's last stage (default: it).
+        width: the output width in pixels; must be the cascade's last stage (default: it).
+        num_inference_steps: denoising steps per stage (default: the recipe's ``sampling.steps``;
+            an explicit ``restart_step`` is scaled by the same ratio).
+        negative_prompt: the negative prompt(s), as for the pipeline.
+        prompt_embeds: ready-made prompt embeddings instead of ``prompt``.
+        negative_prompt_embeds: ready-made negative embeddings.
+        pooled_prompt_embeds: SDXL's pooled prompt embeddings.
+        negative_pooled_prompt_embeds: SDXL's pooled negative embeddings.
+        guidance_scale: classifier-free guidance scale (no guidance at 1 or below).
+        sampling: overrides the recipe's sampling section.
+        mask: FreeScale's region mask (1 = detail), at the final latent size or broadcastable.
+        generator: the torch generator of the initial and restart noise.
+        latents: the first stage's initial latents instead of drawing them.
+        unet_map: the UNet's map, when the caller has one (skips mapping).
+        output_type: ``"latent"`` (default), or a pipeline output type (``"pil"``, ``"np"``,
+            ``"pt"``) to decode into ``CascadeOutput.images``.
+        progress: show progress bars.
+        executor: how patch-wise views are run (default: all in this process).
+        force: apply the recipe even to a UNet of another structure than the recipe's.
     """
     from unet_surgery.recipes.library import load_recipe
+    from unet_surgery.sampling.cascade import with_steps
 
     name = _supported_class(pipe, CASCADE_PIPELINES)
     recipe = load_recipe(recipe)
     spec = sampling if sampling is not None else recipe.sampling
     if spec is None:
         raise RecipeError(f"recipe {recipe.name!r} has no sampling section; pass sampling=SamplingSpec(...)")
+    last_h, last_w = spec.stages[-1]
+    if (height or last_h, width or last_w) != (last_h, last_w):
+        raise RecipeError(
+            f"height={height}, width={width}: recipe {recipe.name!r} cascades up to height={last_h}, "
+            f"width={last_w}; give those or another recipe"
+        )
+    if num_inference_steps is not None:
+        spec = with_steps(spec, num_inference_steps)
     unet = pipe.unet
     device = getattr(pipe, "_execution_device", None) or unet.device
     dtype = unet.dtype
     owned: PipelinePatch | None = None
     patch = current_patch(unet)
     if patch is None:
-        owned = apply_to_pipeline(pipe, recipe, unet_map=unet_map)
+        owned = apply_to_pipeline(pipe, recipe, unet_map=unet_map, force=force)
         patch = owned.patch
     try:
         denoise = _pipeline_denoiser(
