@@ -305,7 +305,7 @@ def load_transform(path: str | os.PathLike[str]) -> tuple[np.ndarray, TransformP
         raise TransformError(f"{target}: metadata lacks {', '.join(missing)}")
     from unet_surgery.io import parse_bounded_json
 
-    values = {k: parse_bounded_json(metadata[k], f"{target}: metadata {k}", TransformError) for k in fields}
+    values = {k: parse_bounded_json(metadata[k], f"{target}: malformed metadata: {k}", TransformError) for k in fields}
     params = TransformParams(**values)
     if set(tensors) != {_TENSOR_KEY}:
         raise TransformError(
