@@ -233,7 +233,11 @@ _HANDLERS: dict[str, PassHandler[Any]] = {}
 
 
 def register_pass(handler_cls: type[PassHandler[Any]]) -> type[PassHandler[Any]]:
-    """Class decorator: make ``handler_cls`` the handler of its config's ``type``."""
+    """Class decorator: make ``handler_cls`` the handler of its config's ``type``.
+
+    Args:
+        handler_cls: a :class:`PassHandler` subclass whose ``config`` names the pass ``type``.
+    """
     name = handler_cls.config.type
     if handler_cls.type != name:
         raise TypeError(f"{handler_cls.__name__}.type {handler_cls.type!r} != its config's type {name!r}")
@@ -262,7 +266,13 @@ def handler_for(config: PassConfig | str) -> PassHandler[Any]:
 
 
 def make_plan(recipe: Recipe, unet_map: UNetMap, filter_fn: FilterFn | None = None) -> Plan:
-    """Resolve every pass of ``recipe`` against ``unet_map`` through its handler."""
+    """Resolve every pass of ``recipe`` against ``unet_map`` through its handler.
+
+    Args:
+        recipe: the recipe whose passes to resolve.
+        unet_map: the map of the model the recipe is planned on.
+        filter_fn: ``filter_fn(path, op)``: keep only the layers it returns True for.
+    """
     plan = Plan(recipe)
     handlers = []
     for index, config in enumerate(recipe.passes):
@@ -275,7 +285,12 @@ def make_plan(recipe: Recipe, unet_map: UNetMap, filter_fn: FilterFn | None = No
 
 
 def no_effect_reasons(recipe: Recipe, plan: Plan | None = None) -> list[str]:
-    """Every reason a pass of ``recipe`` can have no effect (on ``plan``'s layers, if given)."""
+    """Every reason a pass of ``recipe`` can have no effect (on ``plan``'s layers, if given).
+
+    Args:
+        recipe: the recipe to check.
+        plan: its plan on a model, for the per-layer reasons (None: the recipe alone).
+    """
     out = []
     for index, config in enumerate(recipe.passes):
         for reason in handler_for(config).no_effect_reasons(config, index, recipe, plan):
