@@ -100,7 +100,7 @@ def test_pixel_space_toy_denoiser_through_the_cascade():
         return x * weight + 0.01 * float(t) / 1000
 
     spec = SamplingSpec(stages=((16, 16), (32, 48)), steps=4, restart_step=1)
-    kwargs = {"latent_channels": 3, "latents": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).double(),
+    kwargs = {"latent_channels": 3, "batch_size": 2, "latents": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).double(),
               "progress": False}
     whole = self_cascade(toy, ddim(), spec, generator=torch.Generator().manual_seed(1), **kwargs).latents
     views = self_cascade(patchwise_denoiser(toy, window=16, stride=8), ddim(), spec,
