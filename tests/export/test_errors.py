@@ -14,7 +14,7 @@ import torch
 from tests.conftest import preset_map
 from unet_surgery import apply
 from unet_surgery.cli import main
-from unet_surgery.errors import CheckpointError, SelectionError, SurgeryError
+from unet_surgery.errors import CheckpointError, RecipeError, SurgeryError
 from unet_surgery.export import load_patch, load_patched, save_patch, save_patched_pretrained
 from unet_surgery.export.adapter import TENSORS_FILE
 from unet_surgery.loading import LDM_PREFIX
@@ -99,7 +99,8 @@ def test_fingerprint_and_recipe_mismatches_are_refused(tmp_path: Path) -> None:
     sdxl = build_unet("sdxl", size="tiny", device="cpu")  # same class, other architecture
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_patch(sdxl, tmp_path / "a")
-    with pytest.raises(SelectionError, match="do not exist"):
+    # without the fingerprint check, the recipe's own structure still refuses the other UNet
+    with pytest.raises(RecipeError, match=r"was made for sd15 \(4 levels, attention 0-3, image\), not this"):
         load_patch(sdxl, tmp_path / "a", unet_map=preset_map("sdxl", "tiny"), verify_fingerprint=False)
     assert not any(is_rewritten(m) for m in sdxl.modules())  # nothing left applied
     meta = json.loads((tmp_path / "a" / "adapter.json").read_text())

@@ -61,8 +61,9 @@ def test_plain_patchwise_text_to_image(sd15_folder: Path, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(("size", "recipe", "extra", "message"), [
     ("64x64", RECIPE, [], "--size: demofusion: target 64x64 is less than twice the base 64x64"),
-    ("32x32", RECIPE, [], "--size: demofusion: target 32x32 is smaller than the base 64x64"),
-    ("64x32", PATCHES, [], "patches.window: 8 is larger than the 4x8 latent"),
+    # a target under the base is under the UNet's smallest size too: that check comes first
+    ("32x32", RECIPE, [], "--size: 32x32 is below this model's smallest size, 64 px a side"),
+    ("128x64", PATCHES.replace("window: 8", "window: 16"), [], "patches.window: 16 is larger than the 8x16 latent"),
     ("128x128", RECIPE.replace("view_batch_size: 2", "view_batch_size: 16"), ["--split", "patches"], None),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(sd15_folder: Path, tmp_path: Path, size, recipe, extra,

@@ -95,7 +95,7 @@ def tiny_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["--resolution", "0x0"], "resolution: height 0 must be a multiple of 8 from 8 to 16384"),
     (["--steps", "2000"], "steps: 2000 is not between 1 and 1000 (the model's training timesteps)"),
     (["--frames", "-1"], "frames: UNet2DConditionModel is not a video UNet; frames apply to video UNets only"),
-    (["--resolution", "9" * 5000 + "x8"], "--resolution must look like HEIGHTxWIDTH (e.g. 2048x2048), got '"
+    (["--resolution", "9" * 5000 + "x8"], "--resolution must look like WIDTHxHEIGHT (e.g. 2048x1024), got '"
      + "9" * 40 + "'... (5002 characters)"),
 ])
 def test_pt2_export_options_are_checked(args: list[str], refusal: str, tiny_unet: Path, tmp_path: Path,

@@ -130,7 +130,7 @@ def test_row_progress_matches_the_unet_calls_made(monkeypatch) -> None:
 def test_demo_cli_rejects_bad_arguments(capsys) -> None:
     code = main(["demo", "--seeds", "0"])
     _, err = capsys.readouterr()
-    assert code == 2 and "--seeds must be at least 1" in err
+    assert code == 2 and "--seeds must be between 1 and 1000, got 0" in err
 
 
 def test_demo_json_is_written(tmp_path, monkeypatch, capsys) -> None:

@@ -24,8 +24,8 @@ def demofusion_recipe(
     window = base[0] // vae_scale_factor
     h, w = target
     return Recipe(
-        name=name or f"auto-demofusion-{h}x{w}",
-        description=f"DemoFusion from {base[0]}x{base[1]} to {h}x{w}: progressive upscaling with noise "
+        name=name or f"auto-demofusion-{w}x{h}",  # names are WIDTHxHEIGHT (docs/cli.md)
+        description=f"DemoFusion from {base[1]}x{base[0]} to {w}x{h}: progressive upscaling with noise "
         "inversion, skip residual, dilated sampling, jittered local patches, multi-decoder.",
         source="unet_surgery.recipes.auto_recipe(policy='demofusion') (PRIS-CV/DemoFusion settings)",
         model=model,
