@@ -10,8 +10,8 @@ import argparse
 import sys
 import warnings
 
-from unet_surgery.cli.options import bounded_int, finite_float
 from unet_surgery.cli.export_cmd import DTYPES
+from unet_surgery.cli.options import bounded_int, finite_float
 from unet_surgery.generation.schedulers import SCHEDULERS
 
 
