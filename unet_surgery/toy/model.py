@@ -40,19 +40,22 @@ WEIGHTS_PACKAGE = "unet_surgery.toy.weights"
 WEIGHTS_NAME = "toy_unet.safetensors"
 CONFIG_NAME = "toy_config.json"
 
+_THREE_LEVELS: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 128],
+    "layers_per_block": 1,
+    "cross_attention_dim": 128,
+    "attention_head_dim": 4,
+    "norm_num_groups": 16,
+}
+"""``toy``'s layout, which ``toy-detail`` shares (it is ``toy`` fine-tuned on textured data)."""
+
 TOY_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "toy": {
-        "sample_size": IMAGE_SIZE,
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-        "block_out_channels": [32, 64, 128],
-        "layers_per_block": 1,
-        "cross_attention_dim": 128,
-        "attention_head_dim": 4,
-        "norm_num_groups": 16,
-    },
+    "toy": dict(_THREE_LEVELS),
     "toy4": {
         "sample_size": IMAGE_SIZE,
         "in_channels": 3,
@@ -65,18 +68,7 @@ TOY_ARCHITECTURES: dict[str, dict[str, Any]] = {
         "attention_head_dim": 4,
         "norm_num_groups": 8,
     },
-    "toy-detail": {
-        "sample_size": IMAGE_SIZE,
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-        "block_out_channels": [32, 64, 128],
-        "layers_per_block": 1,
-        "cross_attention_dim": 128,
-        "attention_head_dim": 4,
-        "norm_num_groups": 16,
-    },
+    "toy-detail": dict(_THREE_LEVELS),
     "toy-eps": {
         "sample_size": IMAGE_SIZE,
         "in_channels": 3,
