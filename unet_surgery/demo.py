@@ -196,7 +196,11 @@ def run_demo(
         period = toy.config.get("texture_period")
         recipe = None if method in UPSCALERS else make_recipe(method, unet_map, size)
         desc = f"[{i}/{len(jobs)}] {toy_name} {method} {size}x{size}"
-        calls = 0 if UPSCALERS.get(method, 1.0) is None else _unet_calls(recipe, cfg.steps)
+        if method in UPSCALERS:  # bicubic: no UNet call; hires: img2img's int(steps * strength)
+            strength = UPSCALERS[method]
+            calls = 0 if strength is None else int(cfg.steps * strength)
+        else:
+            calls = _unet_calls(recipe, cfg.steps)
         bar = _RowProgress(toy.unet, calls, desc, bars)
         t0 = time.perf_counter()
         try:

@@ -122,9 +122,9 @@ def test_row_progress_matches_the_unet_calls_made(monkeypatch) -> None:
             seen.append(self.total - self.count)
 
     monkeypatch.setattr(demo, "_RowProgress", Bar)
-    cfg = DemoConfig(toys=("toy",), sizes=(128,), methods=("auto",), seeds=(0,), steps=5)
+    cfg = DemoConfig(toys=("toy",), sizes=(128,), methods=("auto", "bicubic", "hires-0.3"), seeds=(0,), steps=5)
     run_demo(cfg, progress=lambda _: None)
-    assert seen == [0, 0]  # the 1x row, then the cascade
+    assert seen == [0, 0, 0, 0]  # the 1x row, the cascade, bicubic (none), hires (int(5 * 0.3) = 1)
 
 
 def test_demo_cli_rejects_bad_arguments(capsys) -> None:
