@@ -170,6 +170,17 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def initial_latents(shape: tuple[int, ...], latents: torch.Tensor | None, generator: torch.Generator | None,
+                    device: torch.device, dtype: torch.dtype, *, what: str = "stage 1",
+                    error: type[SurgeryError] = SurgeryError) -> torch.Tensor:
+    """The first stage's starting noise: ``latents`` (checked against ``shape``) or a fresh draw."""
+    if latents is None:
+        return _randn(shape, generator, device, dtype)
+    if tuple(latents.shape) != shape:
+        raise error(f"latents must have shape {shape} for {what}, got {tuple(latents.shape)}")
+    return latents.to(device=device, dtype=dtype)
+
+
 def _step_kwargs(scheduler: Any, generator: torch.Generator | None) -> dict[str, Any]:
     params = inspect.signature(scheduler.step).parameters
     return {"generator": generator} if "generator" in params else {}
@@ -305,13 +316,7 @@ def self_cascade(
         h, w = spec.stages[0]
         hw = (h // vae_scale_factor, w // vae_scale_factor)
         set_timesteps()
-        shape = (batch_size, latent_channels, *hw)
-        if latents is None:
-            x = _randn(shape, generator, device, dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise SurgeryError(f"latents must have shape {shape} for stage 1, got {tuple(latents.shape)}")
-            x = latents.to(device=device, dtype=dtype)
+        x = initial_latents((batch_size, latent_channels, *hw), latents, generator, device, dtype)
         x = x * scheduler.init_noise_sigma
         x = run(x, CascadeStage(0, h, w, hw, 0), 0, None, None)
         results.append(x)

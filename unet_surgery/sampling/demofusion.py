@@ -46,6 +46,7 @@ from unet_surgery.sampling.cascade import (
     _progress,
     _randn,
     _step_kwargs,
+    initial_latents,
 )
 from unet_surgery.sampling.patchwise import (
     LocalViews,
@@ -199,13 +200,8 @@ def demofusion(
     with torch.no_grad():
         # --- phase 1: plain generation at target / scale_num
         first = plan[0]
-        shape = (B, latent_channels, *first.latent_hw)
-        if latents is None:
-            x = _randn(shape, generator, device, dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise PatchError(f"latents must have shape {shape} for phase 1, got {tuple(latents.shape)}")
-            x = latents.to(device=device, dtype=dtype)
+        x = initial_latents((B, latent_channels, *first.latent_hw), latents, generator, device, dtype,
+                            what="phase 1", error=PatchError)
         timesteps = set_timesteps()
         x = x * scheduler.init_noise_sigma
         stage1 = ViewStage(0, first.height, first.width, first.latent_hw, 0)
