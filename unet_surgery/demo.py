@@ -47,6 +47,8 @@ METHODS: dict[str, str] = {
     "hidiffusion": "hidiffusion_recipe(): RAU-Net + MSW-MSA with the official settings",
     "fouriscale": "fouriscale_recipe(): dilation + low-pass filtering with the official settings",
     "freeu": "freeu_recipe(): FreeU with SD1.5's published factors (no high-resolution fix of its own)",
+    "demofusion": "auto_recipe(policy='demofusion'): DemoFusion's sampler with the official settings",
+    "multidiffusion": "auto_recipe(policy='multidiffusion'): overlapping native-size views, averaged",
 }
 """Demo methods and what each one is. Every recipe is derived from the toy's map by the
 method's builder, with published settings: none is tuned on the demo's seeds."""
@@ -99,6 +101,9 @@ class DemoRow:
     detail: dict[str, Any] | None = None
     """:func:`~unet_surgery.toy.detail.summarise_detail` plus ``contrast_vs_1x`` on a textured
     toy (``None`` on the flat ones)."""
+    error: str | None = None
+    """Why the row's sampling failed (``run_demo(keep_going=True)``); its images are blank and
+    count as failures in every column."""
 
 
 def recipe_for(method: str, unet_map: Any, size: int) -> Recipe | None:
@@ -120,7 +125,7 @@ def recipe_for(method: str, unet_map: Any, size: int) -> Recipe | None:
 
         recipe = freeu_recipe(unet_map, base=BASE, vae_scale_factor=1)
         return replace(recipe, target_resolutions=((size, size),))
-    policy = "scalecrafter" if method == "scalecrafter" else "auto"
+    policy = method if method in ("scalecrafter", "demofusion", "multidiffusion") else "auto"
     return auto_recipe(unet_map, base=BASE, target=size, vae_scale_factor=1, policy=policy)  # type: ignore[arg-type]
 
 
@@ -172,6 +177,9 @@ def run_demo(
     progress: Callable[[str], None] = print,
     bars: bool = False,
     recipes: RecipeFor | None = None,
+    keep_going: bool = False,
+    row_cache: Path | None = None,
+    on_row: Callable[[list[DemoRow]], None] | None = None,
 ) -> list[DemoRow]:
     """Sample every (toy, size, method) of ``cfg``; ``bars`` shows a progress bar per row.
 
@@ -179,6 +187,12 @@ def run_demo(
     the benchmarks pass their own to compare more methods. Upscaler rows start from the toy's
     1x row, and their time includes it. On a textured toy every row also gets the detail metric,
     against the 1x row's median texture contrast.
+
+    ``keep_going`` records a row whose sampling raises as a failed row (:attr:`DemoRow.error`)
+    and goes on; ``row_cache`` (a folder) keeps each successful row's images and time and reuses them when
+    the same row (toy, size, method, recipe, seeds, steps, guidance) is asked again, so a long
+    benchmark can be resumed; ``on_row(rows so far)`` runs after every row (e.g. to write a
+    report as the run goes).
     """
     make_recipe = recipes or recipe_for
     rows: list[DemoRow] = []
@@ -201,21 +215,34 @@ def run_demo(
             calls = 0 if strength is None else int(cfg.steps * strength)
         else:
             calls = _unet_calls(recipe, cfg.steps)
-        bar = _RowProgress(toy.unet, calls, desc, bars)
-        t0 = time.perf_counter()
-        try:
-            if method in UPSCALERS:
-                assert small is not None and small.toy == toy_name  # jobs() puts 1x first
-                images = upscale(toy, small.images, size, method, cfg)
-            else:
-                images = sample_recipe(toy, recipe, labels, seeds=cfg.seeds, size=size,
-                                       steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                       unet_map=unet_map)
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        if method in UPSCALERS and small is not None:
-            seconds += small.seconds
+        recipe_name = None if recipe is None else recipe.name
+        cached = _cached_row(row_cache, cfg, toy_name, size, method, recipe_name)
+        error: str | None = None
+        if cached is not None:
+            images, seconds, error = cached
+        else:
+            bar = _RowProgress(toy.unet, calls, desc, bars)
+            t0 = time.perf_counter()
+            try:
+                if method in UPSCALERS:
+                    assert small is not None and small.toy == toy_name  # jobs() puts 1x first
+                    images = upscale(toy, small.images, size, method, cfg)
+                else:
+                    images = sample_recipe(toy, recipe, labels, seeds=cfg.seeds, size=size,
+                                           steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                           unet_map=unet_map)
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300].replace("|", "/")
+                images = torch.zeros((len(cfg.seeds), 3, size, size))
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - t0
+            if method in UPSCALERS and small is not None:
+                seconds += small.seconds
+            if error is None:  # a failed row is tried again next time
+                _store_row(row_cache, cfg, toy_name, size, method, recipe_name, images, seconds, error)
         stats = analyse_images(images)
         summary = summarise(stats, labels=labels.tolist(), size_range=toy.config.get("size_range"))
         detail = None
@@ -226,17 +253,51 @@ def run_demo(
             detail = {**summarise_detail(details),
                       "contrast_vs_1x": float(np.median([d.contrast for d in details])) / reference
                       if reference else None}
-        row = DemoRow(toy_name, method, size, None if recipe is None else recipe.name, images,
+        row = DemoRow(toy_name, method, size, recipe_name, images,
                       summary, seconds, [s.num_objects for s in stats],
-                      [getattr(s, "shape", None) for s in stats], labels.tolist(), detail)
+                      [getattr(s, "shape", None) for s in stats], labels.tolist(), detail, error)
         rows.append(row)
         if size == BASE and method == "baseline":
+            if error is not None:
+                raise RuntimeError(f"{toy_name}: the 1x row failed ({error}); every other row starts from it")
             small = row
         native = "" if detail is None else f", native detail {detail['native_detail']:.0%}"
-        progress(f"{desc:<34} {seconds:6.1f} s  one object {summary['frac_one']:.0%}, "
-                 f"none {summary['frac_none']:.0%}, class kept {summary['frac_class_kept']:.0%}"
-                 f"{native}")
+        outcome = (f"CRASHED {error}" if error is not None else
+                   f"one object {summary['frac_one']:.0%}, none {summary['frac_none']:.0%}, "
+                   f"class kept {summary['frac_class_kept']:.0%}{native}")
+        progress(f"{desc:<34} {seconds:6.1f} s  {outcome}{' (cached)' if cached is not None else ''}")
+        if on_row is not None:
+            on_row(rows)
     return rows
+
+
+def _row_key(cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None) -> str:
+    """A file name for one row's cache entry: the row and everything that decides its images."""
+    import hashlib
+
+    what = repr((toy, size, method, recipe, tuple(cfg.seeds), cfg.steps, cfg.guidance_scale))
+    return f"{toy}-{size}-{method}-{hashlib.sha256(what.encode()).hexdigest()[:16]}"
+
+
+def _cached_row(cache: Path | None, cfg: DemoConfig, toy: str, size: int, method: str,
+                recipe: str | None) -> tuple[torch.Tensor, float, str | None] | None:
+    """``(images, seconds, error)`` of a row stored by :func:`_store_row`, or ``None``."""
+    if cache is None:
+        return None
+    path = Path(cache) / f"{_row_key(cfg, toy, size, method, recipe)}.pt"
+    if not path.is_file():
+        return None
+    entry = torch.load(path, weights_only=True)
+    return entry["images"], float(entry["seconds"]), entry.get("error") or None
+
+
+def _store_row(cache: Path | None, cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None,
+               images: torch.Tensor, seconds: float, error: str | None) -> None:
+    if cache is None:
+        return
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    torch.save({"images": images.detach().cpu(), "seconds": seconds, "error": error or ""},
+               Path(cache) / f"{_row_key(cfg, toy, size, method, recipe)}.pt")
 
 
 def _pct(value: float | None) -> str:
@@ -251,6 +312,10 @@ def table(rows: list[DemoRow]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.error is not None:
+            lines.append(f"| {r.toy} | {r.size}x{r.size} | {r.method} | 0% (crashed: {r.error}) | n/a | n/a | 0% | "
+                         f"n/a | 0% | 0% | n/a | n/a | {r.seconds:.1f} |")
+            continue
         s, d = r.summary, r.detail or {}
         period = d.get("median_period")
         ratio = d.get("contrast_vs_1x")
