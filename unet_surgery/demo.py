@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from unet_surgery.graph import map_unet
-from unet_surgery.recipes import Recipe
+from unet_surgery.recipes import Recipe, SamplingSpec
 from unet_surgery.recipes.auto import auto_recipe
 from unet_surgery.toy.data import SHAPES
 from unet_surgery.toy.detail import analyse_detail, summarise_detail, texture_contrast
@@ -130,14 +130,34 @@ def recipe_for(method: str, unet_map: Any, size: int) -> Recipe | None:
 
 
 def _unet_calls(recipe: Recipe | None, steps: int) -> int:
-    """UNet calls a row makes: steps, plus each later cascade stage's steps after its restart."""
-    if recipe is None or recipe.sampling is None:
+    """UNet calls a row makes: steps, plus each later cascade stage's steps after its restart;
+    patch-wise stages make one call per batch of views; DemoFusion one per batch of its local and
+    dilated views in every phase after the first."""
+    if recipe is None:
         return steps
-    from unet_surgery.sampling import restart_step_of
+    if recipe.demofusion is not None:
+        from unet_surgery.sampling.demofusion import view_counts
 
-    restart = recipe.sampling.restart_step
-    spec = replace(recipe.sampling, steps=steps, restart_step=None if restart is None else min(restart, steps - 1))
-    return steps + (len(spec.stages) - 1) * (steps - restart_step_of(spec))
+        (h, w), base = recipe.target_resolutions[0], recipe.base_resolution[0]
+        spec = replace(recipe.demofusion, steps=steps)
+        return steps + steps * sum(b for _, b in view_counts(h, w, base, recipe.vae_scale_factor, spec))
+    from unet_surgery.sampling import restart_step_of
+    from unet_surgery.sampling.patchwise import num_view_batches, patch_settings
+
+    if recipe.sampling is None and recipe.patches is None:
+        return steps
+    stages = recipe.sampling.stages if recipe.sampling is not None else recipe.target_resolutions[:1]
+    restart = recipe.sampling.restart_step if recipe.sampling is not None else None
+    spec = SamplingSpec(stages=stages, steps=steps, restart_step=None if restart is None else min(restart, steps - 1))
+    calls = 0
+    for i, (h, w) in enumerate(stages):
+        per_call = 1
+        if recipe.patches is not None:
+            window, stride = patch_settings(recipe)
+            f = recipe.vae_scale_factor
+            per_call = num_view_batches(h // f, w // f, window, stride, recipe.patches.view_batch_size)[1]
+        calls += per_call * (steps if i == 0 else steps - restart_step_of(spec))
+    return calls
 
 
 class _RowProgress:

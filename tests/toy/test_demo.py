@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,6 +126,21 @@ def test_row_progress_matches_the_unet_calls_made(monkeypatch) -> None:
     cfg = DemoConfig(toys=("toy",), sizes=(128,), methods=("auto", "bicubic", "hires-0.3"), seeds=(0,), steps=5)
     run_demo(cfg, progress=lambda _: None)
     assert seen == [0, 0, 0, 0]  # the 1x row, the cascade, bicubic (none), hires (int(5 * 0.3) = 1)
+    seen.clear()
+    cfg = DemoConfig(toys=("toy",), sizes=(64,), methods=("multidiffusion", "demofusion"), seeds=(0,), steps=3)
+    run_demo(cfg, progress=lambda _: None)
+    assert seen == [0, 0, 0]
+
+
+def test_patchwise_progress_counts_views_by_hand() -> None:
+    # 64x64 pixels, window 32, stride 16: 3 x 3 views, one per call. DemoFusion at 128 from 32
+    # runs every whole scale: phase 2 (64x64) 9 local + 2*2 dilated views, phase 3 (96x96)
+    # 5*5 local + 3*3 dilated, phase 4 (128x128) 7*7 local + 4*4 dilated, in batches of 16:
+    # 1 + 1 + 2 + 1 + 4 + 1 calls per step, plus phase 1's single call.
+    multi = recipe_for("multidiffusion", None, 64)
+    assert _unet_calls(multi, 10) == 9 * 10
+    demo = recipe_for("demofusion", None, 128)
+    assert _unet_calls(demo, 10) == 10 + 10 * (1 + 1 + 2 + 1 + 4 + 1)
 
 
 def test_demo_cli_rejects_bad_arguments(capsys) -> None:
@@ -162,3 +178,33 @@ def test_demo_modes_write_different_files(tmp_path, monkeypatch, capsys) -> None
     assert {p.name for p in tmp_path.iterdir()} == {
         *before, "demo_grid_quick.png", "demo_quick.json", "demo_crops_quick.png"}
     assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
+
+
+def test_a_failing_row_is_recorded_and_rows_resume_from_the_cache(tmp_path) -> None:
+    def sampled(method, unet_map, size):  # a recipe whose sampling raises (its cascade ends elsewhere)
+        recipe = recipe_for(method, unet_map, size)
+        if recipe is None:
+            return None
+        return replace(recipe, sampling=SamplingSpec(stages=((8, 8),)))
+
+    cfg = DemoConfig(toys=("toy4",), sizes=(32, 64), methods=("baseline", "auto"), seeds=(0,), steps=2)
+    rows = run_demo(cfg, progress=lambda _: None, recipes=sampled, keep_going=True)
+    bad = rows[-1]
+    assert bad.method == "auto" and bad.error is not None and bad.error.startswith("ValueError")
+    assert bad.summary["frac_one"] == 0.0 and "crashed" in table(rows).splitlines()[-1]
+    with pytest.raises(ValueError):
+        run_demo(cfg, progress=lambda _: None, recipes=sampled)
+
+    cache = tmp_path / "rows"
+    lines: list[str] = []
+    first = run_demo(cfg, progress=lines.append, row_cache=cache)
+    calls: list[int] = []
+    toy_unet_hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        again = run_demo(cfg, progress=lines.append, row_cache=cache)
+    finally:
+        toy_unet_hook.remove()
+    assert calls == []  # nothing sampled the second time
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first, again, strict=True))
+    assert [a.summary for a in first] == [b.summary for b in again]
+    assert lines[-1].endswith("(cached)")
