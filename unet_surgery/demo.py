@@ -32,14 +32,16 @@ from unet_surgery.toy.model import load_toy
 from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, sample, sample_recipe
 
 BASE = 32
-UPSCALERS: dict[str, float | None] = {"bicubic": None, "hires-0.3": 0.3, "hires-0.5": 0.5,
-                                      "hires-0.7": 0.7}
+UPSCALERS: dict[str, float | None] = {"bicubic": None, "hires-0.1": 0.1, "hires-0.2": 0.2, "hires-0.3": 0.3,
+                                      "hires-0.5": 0.5, "hires-0.7": 0.7}
 """Methods that start from the 1x sample: a bicubic upsample (``None``), or the "hires fix":
 upsample, then img2img with the plain model at that strength."""
 METHODS: dict[str, str] = {
     "baseline": "the plain model",
     "bicubic": "the 1x sample upsampled (bicubic): one object, but blown-up detail",
-    "hires-0.3": "hires fix: the 1x sample upsampled, then img2img with the plain model, strength 0.3",
+    "hires-0.1": "hires fix: the 1x sample upsampled, then img2img with the plain model, strength 0.1",
+    "hires-0.2": "hires fix at strength 0.2",
+    "hires-0.3": "hires fix at strength 0.3",
     "hires-0.5": "hires fix at strength 0.5",
     "hires-0.7": "hires fix at strength 0.7",
     "scalecrafter": "auto_recipe(policy='scalecrafter'): full-ratio re-dilation, ScaleCrafter's rule",

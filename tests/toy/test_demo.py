@@ -34,8 +34,8 @@ def test_demo_uses_derived_recipes_only() -> None:
     from unet_surgery.toy.model import TOY_NAMES
 
     assert tuple(METHODS) == CLI_METHODS == (
-        "baseline", "bicubic", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter", "auto",
-        "hidiffusion", "fouriscale", "freeu")
+        "baseline", "bicubic", "hires-0.1", "hires-0.2", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter",
+        "auto", "hidiffusion", "fouriscale", "freeu", "demofusion", "multidiffusion")
     assert CLI_TOYS == TOY_NAMES
     assert DEFAULT.methods == ("baseline", "bicubic", "scalecrafter", "auto")
     assert DEFAULT.toys == CLI_DEFAULT_TOYS == ("toy-detail", "toy4") and QUICK.sizes == (32, 64)
