@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--out", type=Path, default=Path("benchmarks/detail"))
+    p.add_argument("--cached-only", action="store_true",
+                   help="sample nothing: the report of the rows <out>/.rows holds (a stopped run's), the others left out")
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     command = "python benchmarks/detail_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DemoConfig(toys=(toy_name,), sizes=tuple(args.sizes), methods=tuple(args.methods),
                          seeds=seeds, steps=args.steps, guidance_scale=args.guidance)
         rows += run_demo(cfg, progress=lambda line: print(line, flush=True), recipes=recipe, keep_going=True,
-                         row_cache=args.out / ".rows", on_row=lambda own, before=list(rows): write_report(before + own))
+                         row_cache=args.out / ".rows", cached_only=args.cached_only, on_row=lambda own, before=list(rows): write_report(before + own))
         own = [r for r in rows if r.toy == toy_name]
         grid_png(own, args.out / f"grid_{toy_name}.png", tile=64)
         crop_grid_png([r for r in own if r.method in ("baseline", "bicubic", "hires-0.5", "auto")],

@@ -202,6 +202,7 @@ def run_demo(
     keep_going: bool = False,
     row_cache: Path | None = None,
     on_row: Callable[[list[DemoRow]], None] | None = None,
+    cached_only: bool = False,
 ) -> list[DemoRow]:
     """Sample every (toy, size, method) of ``cfg``; ``bars`` shows a progress bar per row.
 
@@ -213,8 +214,9 @@ def run_demo(
     ``keep_going`` records a row whose sampling raises as a failed row (:attr:`DemoRow.error`)
     and goes on; ``row_cache`` (a folder) keeps each successful row's images and time and reuses them when
     the same row (toy, size, method, recipe, seeds, steps, guidance) is asked again, so a long
-    benchmark can be resumed; ``on_row(rows so far)`` runs after every row (e.g. to write a
-    report as the run goes).
+    benchmark can be resumed; ``cached_only`` samples nothing and leaves out the rows the cache
+    lacks (a report of what a stopped run measured); ``on_row(rows so far)`` runs after every
+    row (e.g. to write a report as the run goes).
     """
     make_recipe = recipes or recipe_for
     rows: list[DemoRow] = []
@@ -242,6 +244,10 @@ def run_demo(
         error: str | None = None
         if cached is not None:
             images, seconds, error = cached
+        elif cached_only:
+            if size == BASE and method == "baseline":
+                raise RuntimeError(f"{toy_name}: the 1x row is not in the cache {row_cache}")
+            continue
         else:
             bar = _RowProgress(toy.unet, calls, desc, bars)
             t0 = time.perf_counter()

@@ -197,6 +197,8 @@ def test_a_failing_row_is_recorded_and_rows_resume_from_the_cache(tmp_path) -> N
 
     cache = tmp_path / "rows"
     lines: list[str] = []
+    with pytest.raises(RuntimeError, match="1x row is not in the cache"):
+        run_demo(cfg, progress=lines.append, row_cache=cache, cached_only=True)
     first = run_demo(cfg, progress=lines.append, row_cache=cache)
     calls: list[int] = []
     toy_unet_hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: calls.append(1))
@@ -208,3 +210,6 @@ def test_a_failing_row_is_recorded_and_rows_resume_from_the_cache(tmp_path) -> N
     assert all(torch.equal(a.images, b.images) for a, b in zip(first, again, strict=True))
     assert [a.summary for a in first] == [b.summary for b in again]
     assert lines[-1].endswith("(cached)")
+    more = replace(cfg, methods=("baseline", "auto", "scalecrafter"))  # scalecrafter never ran
+    report = run_demo(more, progress=lines.append, row_cache=cache, cached_only=True)
+    assert [(r.size, r.method) for r in report] == [(32, "baseline"), (64, "baseline"), (64, "auto")]
