@@ -32,6 +32,7 @@ from unet_surgery.errors import SurgeryError
 from unet_surgery.graph import UNetMap, map_unet
 from unet_surgery.ops.redilate import BatchSplit
 from unet_surgery.passes.base import LayerPlan, Plan, make_plan, no_effect_reasons
+from unet_surgery.patching.controlnet import ControlNetResiduals
 from unet_surgery.patching.state import ModelHooks, PatchState
 from unet_surgery.recipes.schema import Recipe
 from unet_surgery.runtime import MAIN, UNetCall, UNetCallTracker
@@ -175,6 +176,7 @@ class Patch:
             self.hooks.add("patch", pre=self._pre_forward)
             for handler in dict.fromkeys(part.handler for layer in self.plan.layers.values() for part in layer.parts):
                 handler.attach(self)
+            ControlNetResiduals(self).attach()  # after the passes' hooks: residuals as they left them
             self.hooks.add("patch.end", post=self._post_forward)  # added last: runs after every other post hook
             object.__setattr__(model, PATCH_ATTR, self)
             with self._cond:
