@@ -11,7 +11,9 @@ order) before the forward: schedules work inside any unmodified sampling loop an
 What passes keep between calls (a RAU-Net pair's recorded size, a seeded generator) lives in
 the patch's :class:`~unet_surgery.patching.state.PatchState`, and model-level hooks (noise-damped
 guidance's batch split) in its :class:`~unet_surgery.patching.state.ModelHooks`: both are
-created here and cleared by ``remove()``.
+created here and cleared by ``remove()``. A ControlNet's residuals go through the patch too
+(:mod:`unet_surgery.patching.controlnet`), resized to the features they meet where a pass
+changes a feature size.
 
 Threads: a forward sees the whole patch or none of it. ``remove()`` waits for the forwards in
 flight, and a forward that starts while the patch is being removed (or before it is fully
