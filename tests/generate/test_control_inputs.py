@@ -127,6 +127,24 @@ def test_control_scale_and_end_given_are_obeyed_without_a_recipe(
     assert (request["controlnet"]["scale"], request["controlnet"]["end"]) == (0.5, 0.5)
 
 
+def test_the_automatic_cascade_runs_the_controlnet_at_each_stage(
+    sd15_folder: Path, controlnet_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--recipe auto`` at 2x is a self-cascade 64 -> 128 px: every stage's ControlNet gets the
+    condition image at that stage's size; the recipe document keeps its sampling section."""
+    control = picture(tmp_path / "edges.png", 128, 7)
+    scales, conds = controlnet_scales(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["generate", str(sd15_folder), "--size", "128x128", "--prompt", "x", "--steps", "2",
+                 "--controlnet", str(controlnet_folder), "--control-image", str(control),
+                 "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    sizes = [tuple(c.shape[-2:]) for c in conds]
+    assert sizes[:2] == [(64, 64)] * 2 and sizes[2:] and set(sizes[2:]) == {(128, 128)}
+    assert set(scales) == {1.0}  # no HiDiffusion pass: the ControlNet acts on every step
+    with Image.open(out / "p0000-s000000.png") as image:
+        assert "sampling:" in image.text["unet_surgery.recipe"]
+
+
 def test_inpainting_with_a_controlnet_under_hidiffusion(
     sd15_folder: Path, controlnet_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -207,3 +207,50 @@ def test_img2img_and_inpainting_pipelines_run_under_hidiffusion(pipeline: str) -
     assert patched.shape == before.shape and torch.isfinite(patched).all()
     assert not torch.allclose(patched, before, atol=1e-3)
     assert torch.equal(tp.run(pipe, kwargs), before)
+
+
+# ----------------------------------------------------------------------------- self-cascade
+
+
+def test_self_cascade_runs_the_controlnet_at_every_stage_and_adds_only_its_residuals() -> None:
+    """FreeScale's self-cascade on a ControlNet pipeline: each stage's ControlNet sees the condition
+    image at that stage's size and the pipeline's end rule ((i + 1) / n <= end); at scale 0 the
+    run is bit for bit the plain pipeline's cascade."""
+    from diffusers import StableDiffusionPipeline
+
+    from unet_surgery.sampling import self_cascade_sample
+
+    pipe, kwargs = tp.sd_controlnet()
+    # built first: StableDiffusionPipeline.__init__ rewrites the shared scheduler's config (clip_sample off)
+    plain_pipe = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items() if k != "controlnet"},
+                                         requires_safety_checker=False)
+    recipe = recipe_of("self_cascade", "sd_controlnet")
+    embeds = {k: kwargs[k] for k in ("prompt_embeds", "negative_prompt_embeds")}
+    common = {**embeds, "guidance_scale": 5.0, "num_inference_steps": tp.STEPS, "progress": False,
+              "unet_map": preset_map("sd15", "tiny")}
+    scales: list[float] = []
+    sizes: list[tuple[int, ...]] = []
+
+    def hook(module, args, kw):
+        scales.append(float(kw["conditioning_scale"]))
+        sizes.append(tuple(kw["controlnet_cond"].shape))
+
+    handle = pipe.controlnet.register_forward_pre_hook(hook, with_kwargs=True)
+    controlled = self_cascade_sample(pipe, recipe, image=kwargs["image"], control_guidance_end=0.6,
+                                     generator=torch.Generator().manual_seed(0), **common).latents
+    muted = self_cascade_sample(pipe, recipe, image=kwargs["image"], controlnet_conditioning_scale=0.0,
+                                generator=torch.Generator().manual_seed(0), **common).latents
+    handle.remove()
+    plain = self_cascade_sample(plain_pipe, recipe, generator=torch.Generator().manual_seed(0), **common).latents
+    stages = [tuple(s) for s in recipe.sampling.stages]
+    assert stages == [(64, 64), (128, 128)]
+    first = tp.STEPS  # stage 1 runs every step; stage 2 from its restart step
+    per_run = len(sizes) // 2  # two cascades recorded, the same number of calls each
+    later = per_run - first
+    assert 0 < later <= tp.STEPS
+    assert sizes[:per_run] == [(2, 3, 64, 64)] * first + [(2, 3, 128, 128)] * later
+    expected = [1.0 if (i + 1) / tp.STEPS <= 0.6 else 0.0 for i in range(tp.STEPS)]
+    assert scales[:per_run] == expected + expected[tp.STEPS - later:]
+    assert scales[per_run:] == [0.0] * per_run
+    assert torch.equal(muted, plain)
+    assert not torch.allclose(controlled, plain, atol=1e-3)

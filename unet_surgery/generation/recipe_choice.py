@@ -6,8 +6,8 @@ there is nothing to fix and no recipe is applied. A recipe with a ``sampling`` s
 FreeScale's self-cascade; its last stage must be the requested size, and ``steps`` replaces its
 steps per stage (an explicit ``restart_step`` is scaled by the same ratio). With an init image
 the sampling section is dropped: the image already fixes the layout the cascade's first stages
-would, and the recipe's passes act on the image-to-image run. A ControlNet's condition image
-fixes the layout too: the same holds with ``--controlnet``.
+would, and the recipe's passes act on the image-to-image run. With a ControlNet (text to image)
+the cascade runs the ControlNet at every stage.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, widt
                    init_image: bool, control: bool = False) -> tuple[Recipe | None, Any]:
     """(recipe to apply or ``None``, the UNet map when one was computed).
 
-    ``control``: a ControlNet steers the run; like an init image it fixes the layout, so a
-    cascade's sampling section is dropped and its passes act in the ControlNet pipeline's loop.
+    ``control``: a ControlNet steers the run. A cascade then runs the ControlNet at every stage;
+    patch-wise and DemoFusion samplers run no ControlNet and are refused.
     """
     unet_map = None
     if checked is None:
@@ -122,7 +122,7 @@ def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, widt
             warnings.warn(f"recipe {recipe.name!r} was written for {sizes} (WxH), not {width}x{height}",
                           UserWarning, stacklevel=2)
         return recipe, unet_map
-    if init_image or control:
+    if init_image:
         return replace(recipe, sampling=None), unet_map
     last = tuple(recipe.sampling.stages[-1])
     if last != (height, width):

@@ -557,10 +557,12 @@ def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, A
         if recipe is not None and recipe.sampling is not None:
             from unet_surgery.sampling.pipelines import self_cascade_sample
 
+            control = {k: v for k, v in (extra or {}).items()
+                       if k in ("image", "controlnet_conditioning_scale", "control_guidance_end")}
             out = self_cascade_sample(
                 runner, recipe, prompt=job.prompt, negative_prompt=negative,
                 guidance_scale=common["guidance_scale"], generator=generator, output_type="pil", progress=show,
-                executor=executor,
+                executor=executor, **control,
             )
             return out.images[0]
         kwargs: dict[str, Any] = {
