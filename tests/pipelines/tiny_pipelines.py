@@ -238,7 +238,6 @@ BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "sdxl": sdxl,
     "sdxl_img2img": sdxl_img2img,
     "sd_inpaint": sd_inpaint,
-    "sdxl_inpaint": sdxl_inpaint,
     "sd_controlnet": sd_controlnet,
     "sdxl_controlnet": sdxl_controlnet,
     "animatediff": animatediff,
