@@ -400,7 +400,7 @@ def test_filter_identities() -> None:
 )
 def test_builder_selects_the_official_layers(name, base, target, window, value) -> None:
     from unet_surgery.passes import make_plan
-    from unet_surgery.recipes.fouriscale import fouriscale_recipe
+    from unet_surgery.passes.fouriscale.builder import fouriscale_recipe
 
     listed = OFFICIAL_SDXL_LAYERS if name == "sdxl" else OFFICIAL_SD15_LAYERS
     unet_map = preset_map(name, "full")

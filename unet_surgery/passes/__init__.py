@@ -1,4 +1,4 @@
-"""Passes: one file per pass type, each a config dataclass plus its registered handler.
+"""Passes: one folder per pass type (``passes/<pass>/``: config + handler, its own maths and builder).
 
 Importing this package registers the built-in passes (in this order, which is the order
 error messages list them in). See :mod:`unet_surgery.passes.base` and ``docs/architecture.md``.
