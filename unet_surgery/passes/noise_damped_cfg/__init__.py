@@ -36,6 +36,7 @@ from unet_surgery.passes.base import (
     register_pass,
     window_is_empty,
 )
+from unet_surgery.passes.cfg_batch import expand_halves, map_sample
 from unet_surgery.passes.redilate import FactorPassHandler, check_factors
 from unet_surgery.runtime import DAMPED, MAIN, UNetCall
 
@@ -109,25 +110,6 @@ def _same_branches(damped: dict[str, FactorPlan], main: dict[str, FactorPlan]) -
     return True
 
 
-def _expand(value: Any, batch: int) -> Any:
-    """[u, c] -> [u, u, c] along dim 0 for every per-sample tensor.
-
-    Recurses into dicts (SDXL's added conditioning) and lists/tuples (ControlNet residuals,
-    IP-adapter embeddings).
-    """
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0 or value.shape[0] % batch or value.shape[0] < 2:
-            return value
-        half = value.shape[0] // 2
-        return torch.cat([value[:half], value[:half], value[half:]])
-    if isinstance(value, dict):
-        return {k: _expand(v, batch) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_expand(v, batch) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
-
-
 def _combine(sample: torch.Tensor, rows: int) -> torch.Tensor:
     k = sample.shape[0] // (3 * rows)
     n = rows * k
@@ -154,7 +136,11 @@ class _BatchSplitHooks:
         call.groups = ((rows, DAMPED), (2 * rows, MAIN))
         call.batch = 3 * rows
         patch.resolve_settings()
-        return tuple(_expand(a, 2 * rows) for a in args), {k: _expand(v, 2 * rows) for k, v in kwargs.items()}
+        halves = (0, 0, 1)  # [u, c] -> [u, u, c]
+        return (
+            tuple(expand_halves(a, 2 * rows, halves) for a in args),
+            {k: expand_halves(v, 2 * rows, halves) for k, v in kwargs.items()},
+        )
 
     def post(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         call = self.patch.tracker.current
@@ -163,11 +149,4 @@ class _BatchSplitHooks:
         rows = call.groups[0][0]
         call.groups = None
         call.settings = None  # resolved for the split batch; later reads resolve live
-        if isinstance(output, torch.Tensor):
-            return _combine(output, rows)
-        if isinstance(output, tuple):
-            return (_combine(output[0], rows), *output[1:])
-        if hasattr(output, "sample"):
-            output.sample = _combine(output.sample, rows)
-            return output
-        raise SurgeryError(f"cannot apply noise-damped guidance to a UNet returning {type(output).__name__}")
+        return map_sample(output, lambda sample: _combine(sample, rows), "noise-damped guidance")
