@@ -266,3 +266,25 @@ def test_sdxl_4096x2048_measures_against_the_table_base() -> None:
     assert patch.layer_setting(layer, GUIDANCE, call) == ConvSetting(
         2.0, False, LowPass(3.0, (88, 176), 256, 0.6, weak=True, scale_floor=False))
     patch.remove()
+
+
+def test_pipeline_runs_the_guidance_branch_while_fouriscale_acts() -> None:
+    """apply_to_pipeline declares [uncond, cond] batches: conv_in sees 3 rows per guided pair
+    while FouriScale's window is open (3 steps: i < 35 * 3 / 50), 1 row without CFG; removal
+    restores the pipeline bit for bit."""
+    from tests.pipelines import tiny_pipelines as tp
+    from unet_surgery.sampling import apply_to_pipeline
+
+    pipe, kwargs = tp.sd()  # tiny SD1.5 at 128 px: twice its 64 px base
+    recipe = guidance_recipe("sd15", (8, 8), amp=False, start=20, stop=35, value=0.0)
+    before = tp.run(pipe, kwargs)
+    for scale, expected in ((kwargs.get("guidance_scale", 7.5), [3, 3, 3]), (1.0, [1, 1, 1])):
+        args = dict(kwargs, guidance_scale=scale) if scale > 1 else dict(kwargs, guidance_scale=1.0,
+                                                                         negative_prompt_embeds=None)
+        with apply_to_pipeline(pipe, recipe, unet_map=preset_map("sd15", "tiny")):
+            rows: list[int] = []
+            handle = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: rows.append(int(a[0].shape[0])))
+            patched = tp.run(pipe, args)
+            handle.remove()
+        assert rows == expected and torch.isfinite(patched).all()
+    assert torch.equal(tp.run(pipe, kwargs), before)

@@ -121,6 +121,12 @@ FREEU_PUBLISHED = {
     "freeu-sd21": {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2},
     "freeu-sdxl": {"b1": 1.1, "b2": 1.2, "s1": 0.6, "s2": 0.4},
 }
+# Typed from the FreeU README (ChenyangSi/FreeU @ 3676d36, "Parameters"), listed with its v2 code.
+FREEU_README = {
+    "freeu-v2-sd15": {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2},
+    "freeu-v2-sd21": {"b1": 1.4, "b2": 1.6, "s1": 0.9, "s2": 0.2},
+    "freeu-v2-sdxl": {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2},
+}
 FREEU_MERGES = {
     "diffusers": [f"up_blocks.{i}.resnets.{j}" for i in (0, 1) for j in range(3)],
     "ldm": [f"output_blocks.{k}.0" for k in range(6)],
@@ -142,6 +148,28 @@ def test_freeu_recipe_has_the_published_factors_and_selects_the_merges(name: str
     plan = make_plan(recipe, preset_map(model_name))
     layout = "ldm" if model_name.startswith("ldm_") else "diffusers"
     assert sorted(plan.entries("freeu"), key=FREEU_MERGES[layout].index) == FREEU_MERGES[layout]
+
+
+def test_every_freeu_recipe_is_listed() -> None:
+    assert sorted(n for n in list_recipes() if n.startswith("freeu-")) == sorted({**FREEU_PUBLISHED, **FREEU_README})
+
+
+@pytest.mark.parametrize("name", sorted(FREEU_README))
+def test_freeu_v2_recipe_has_the_readme_factors_and_the_v1_selection(name: str) -> None:
+    from unet_surgery.passes.freeu.builder import freeu_recipe
+
+    recipe = load_recipe(name)
+    (config,) = recipe.passes
+    assert {k: getattr(config, k) for k in ("b1", "b2", "s1", "s2")} == FREEU_README[name]
+    assert (config.backbone_scaling, config.threshold, config.schedule.tau) == ("structure", 1, None)
+    family = name.removeprefix("freeu-v2-")
+    v1 = load_recipe(f"freeu-{family}")
+    assert (recipe.model, recipe.signature, recipe.base_resolution) == (family, v1.signature, v1.base_resolution)
+    assert config.select == v1.passes[0].select  # the same two stages
+    unet_map = preset_map(family)
+    assert make_plan(recipe, unet_map).entries("freeu").keys() == make_plan(v1, unet_map).entries("freeu").keys()
+    built = freeu_recipe(unet_map, base=recipe.base_resolution, backbone_scaling="structure", **FREEU_README[name])
+    assert built.passes == recipe.passes
 
 
 # FouriScale: the official configs (LeonHLJ/FouriScale configs/*.yaml), typed here:

@@ -158,6 +158,7 @@ class FouriScaleGuidanceHandler(PassHandler[FouriScaleGuidancePass]):
     type = "fouriscale_guidance"
     config = FouriScaleGuidancePass
     rewrite = SHARED_QK
+    cfg_batches = True
 
     def layers(self, config: FouriScaleGuidancePass, index: int, unet_map: UNetMap, plan: Plan,
                filter_fn: FilterFn | None) -> list[AttentionRecord]:

@@ -64,6 +64,7 @@ class NoiseDampedCFGHandler(FactorPassHandler):
     config = NoiseDampedCFGPass
     order = 20
     branch = DAMPED
+    cfg_batches = True
 
     def guidance_active(self, patch: Any, call: UNetCall | None) -> bool:
         """Whether the damped branch differs from plain on ``call`` (guidance splits the batch)."""
