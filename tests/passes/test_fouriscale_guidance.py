@@ -283,7 +283,7 @@ def test_pipeline_runs_the_guidance_branch_while_fouriscale_acts() -> None:
                                                                          negative_prompt_embeds=None)
         with apply_to_pipeline(pipe, recipe, unet_map=preset_map("sd15", "tiny")):
             rows: list[int] = []
-            handle = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: rows.append(int(a[0].shape[0])))
+            handle = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a, rows=rows: rows.append(int(a[0].shape[0])))
             patched = tp.run(pipe, args)
             handle.remove()
         assert rows == expected and torch.isfinite(patched).all()

@@ -2,9 +2,9 @@
 
 A pipeline batches ``[uncond, cond]`` halves and combines ``uncond + w * (cond - uncond)``. A
 pass that runs another branch (noise-damped guidance, FouriScale's guidance) expands that batch
-in its pre hook (:func:`expand_halves`), sets the call's branch slices, and folds the UNet's
-output back to two halves in its post hook (:func:`map_sample`), so the pipeline's own
-combination gives the pass's formula.
+in its pre hook (:func:`split_batch`: the call's branch slices and the expanded inputs) and
+folds the UNet's output back to two halves in its post hook (:func:`map_sample`,
+:func:`end_split`), so the pipeline's own combination gives the pass's formula.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from unet_surgery.errors import SurgeryError
+from unet_surgery.runtime import UNetCall
 
 
 def expand_halves(value: Any, batch: int, halves: tuple[int, ...]) -> Any:
@@ -48,3 +49,38 @@ def map_sample(output: Any, fn: Callable[[torch.Tensor], torch.Tensor], what: st
         output.sample = fn(output.sample)
         return output
     raise SurgeryError(f"cannot apply {what} to a UNet returning {type(output).__name__}")
+
+
+def split_batch(
+    patch: Any, call: UNetCall, args: tuple[Any, ...], kwargs: dict[str, Any],
+    layout: tuple[tuple[int, str], ...], what: str,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Split ``call``'s ``[uncond, cond]`` batch into ``layout``'s slices; the expanded inputs.
+
+    ``layout`` is ``((half, branch), ...)``, one per slice of the new batch: which half it
+    copies (0 uncond, 1 cond) and which branch runs it. Consecutive slices of one branch form
+    one group of ``call.groups``; the settings are resolved again for the split batch.
+    """
+    if call.batch % 2:
+        raise SurgeryError(f"{what} needs a [uncond, cond] batch of even size, got {call.batch}")
+    rows = call.batch // 2
+    groups: list[tuple[int, str]] = []
+    for _, branch in layout:
+        if groups and groups[-1][1] == branch:
+            groups[-1] = (groups[-1][0] + rows, branch)
+        else:
+            groups.append((rows, branch))
+    call.groups = tuple(groups)
+    call.batch = len(layout) * rows
+    patch.resolve_settings()
+    halves = tuple(half for half, _ in layout)
+    return (
+        tuple(expand_halves(a, 2 * rows, halves) for a in args),
+        {k: expand_halves(v, 2 * rows, halves) for k, v in kwargs.items()},
+    )
+
+
+def end_split(call: UNetCall) -> None:
+    """The call runs one batch again; settings resolved for the split batch are dropped (later reads resolve live)."""
+    call.groups = None
+    call.settings = None

@@ -107,7 +107,7 @@ def fouriscale_recipe(
     *,
     name: str | None = None,
     aspect_table: bool | None = None,
-    guidance: bool = True,
+    guidance: bool | None = None,
     amp_guidance: bool = False,
     model: str | None = None,
     freeu: bool | None = None,
@@ -126,7 +126,8 @@ def fouriscale_recipe(
         name: recipe name (default ``fouriscale-{model class}-{width}x{height}``).
         aspect_table: pick the base FouriScale measures against from :data:`SDXL_BASE_SIZES`
             (None: on for three-level maps at a 1024x1024 base, as ``text2image_xl.py``).
-        guidance: add FouriScale's guidance branch (official: always on).
+        guidance: add FouriScale's guidance branch (official: always on; None: on when the map
+            has spatial self-attention, whose queries and keys the branch borrows).
         amp_guidance: amplify the guidance scale by 2.4 before ``start_step`` (official ``--amp_guidance``).
         model: the family to record in the recipe (``sd15``, ``sd21``, ``sdxl``); it picks FreeU's factors.
         freeu: add FreeU with the family's published factors (None: on when ``model`` has them, as
@@ -151,6 +152,8 @@ def fouriscale_recipe(
     passes: list[PassConfig] = [FouriScalePass(select=Selector(paths=tuple(filtered)), **common)]
     if upsamplers:
         passes.append(FouriScalePass(select=Selector(paths=tuple(upsamplers)), filter=False, **common))
+    if guidance is None:
+        guidance = any(a.kind == "self" and a.axis == "spatial" for a in unet_map.attentions)
     if guidance:
         passes.append(FouriScaleGuidancePass(amp_guidance=amp_guidance, amp_stop_step=float(start)))
     if freeu is None:

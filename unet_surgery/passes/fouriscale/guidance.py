@@ -44,7 +44,7 @@ from unet_surgery.passes.base import (
     spatial_self_attentions,
     step_position,
 )
-from unet_surgery.passes.cfg_batch import expand_halves, map_sample
+from unet_surgery.passes.cfg_batch import end_split, map_sample, split_batch
 from unet_surgery.passes.fouriscale import GUIDANCE, FouriScaleHandler, FouriScalePass
 from unet_surgery.runtime import MAIN, UNetCall
 
@@ -223,17 +223,8 @@ class _GuidanceHooks:
         call = patch.tracker.current
         if call is None or not patch.cfg_batches or call.groups is not None or not fouriscale_active(patch, call):
             return None
-        if call.batch % 2:
-            raise SurgeryError(f"FouriScale's guidance needs a [uncond, cond] batch of even size, got {call.batch}")
-        rows = call.batch // 2
-        call.groups = ((2 * rows, MAIN), (rows, GUIDANCE))
-        call.batch = 3 * rows
-        patch.resolve_settings()
-        halves = (0, 1, 1)  # [u, c] -> [u, c, c]
-        return (
-            tuple(expand_halves(a, 2 * rows, halves) for a in args),
-            {k: expand_halves(v, 2 * rows, halves) for k, v in kwargs.items()},
-        )
+        layout = ((0, MAIN), (1, MAIN), (1, GUIDANCE))  # [u, c] -> [u, c, c]
+        return split_batch(patch, call, args, kwargs, layout, "FouriScale's guidance")
 
     def post(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         call = self.patch.tracker.current
@@ -241,8 +232,7 @@ class _GuidanceHooks:
             return None
         rows = call.groups[-1][0]
         amp = self.entry.amp_factor if self.amplified(call) else None
-        call.groups = None
-        call.settings = None  # resolved for the split batch; later reads resolve live
+        end_split(call)
 
         def fold(sample: Tensor) -> Tensor:
             n = sample.shape[0] // 3

@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 import torch
 
 from unet_surgery.core.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
-from unet_surgery.errors import SurgeryError
 from unet_surgery.passes.base import (
     AUTO,
     FactorPlan,
@@ -36,7 +35,7 @@ from unet_surgery.passes.base import (
     register_pass,
     window_is_empty,
 )
-from unet_surgery.passes.cfg_batch import expand_halves, map_sample
+from unet_surgery.passes.cfg_batch import end_split, map_sample, split_batch
 from unet_surgery.passes.redilate import FactorPassHandler, check_factors
 from unet_surgery.runtime import DAMPED, MAIN, UNetCall
 
@@ -129,25 +128,13 @@ class _BatchSplitHooks:
         call = patch.tracker.current
         if call is None or not patch.cfg_batches or not self.handler.guidance_active(patch, call):
             return None
-        if call.batch % 2:
-            raise SurgeryError(
-                f"noise-damped guidance needs a [uncond, cond] batch of even size, got {call.batch}"
-            )
-        rows = call.batch // 2
-        call.groups = ((rows, DAMPED), (2 * rows, MAIN))
-        call.batch = 3 * rows
-        patch.resolve_settings()
-        halves = (0, 0, 1)  # [u, c] -> [u, u, c]
-        return (
-            tuple(expand_halves(a, 2 * rows, halves) for a in args),
-            {k: expand_halves(v, 2 * rows, halves) for k, v in kwargs.items()},
-        )
+        layout = ((0, DAMPED), (0, MAIN), (1, MAIN))  # [u, c] -> [u, u, c]
+        return split_batch(patch, call, args, kwargs, layout, "noise-damped guidance")
 
     def post(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         call = self.patch.tracker.current
         if call is None or call.groups is None:
             return None
         rows = call.groups[0][0]
-        call.groups = None
-        call.settings = None  # resolved for the split batch; later reads resolve live
+        end_split(call)
         return map_sample(output, lambda sample: _combine(sample, rows), "noise-damped guidance")
