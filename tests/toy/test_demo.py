@@ -49,7 +49,8 @@ def test_other_methods_get_a_recipe_of_their_own_passes_on_both_toys(method: str
     from unet_surgery.toy.model import load_toy
     from unet_surgery.toy.sampling import sample_recipe
 
-    own = {"hidiffusion": {"rau_net", "msw_msa"}, "fouriscale": {"fouriscale"}, "freeu": {"freeu"}}[method]
+    own = {"hidiffusion": {"rau_net", "msw_msa"}, "fouriscale": {"fouriscale", "fouriscale_guidance"},
+           "freeu": {"freeu"}}[method]
     for name in ("toy", "toy4"):
         toy = load_toy(name)
         unet_map = map_unet(toy.unet, latent_hw=(64, 64))

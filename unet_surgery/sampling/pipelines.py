@@ -84,7 +84,8 @@ class PipelinePatch:
         self.pipe = pipe
         self.patch = patch
         self.scheduler = pipe.scheduler
-        self.noise_damped = bool(patch.plan.entries("noise_damped_cfg"))
+        # a guidance pass (noise-damped, FouriScale's) acts once [uncond, cond] batches are declared
+        self.noise_damped = any(p.handler.cfg_batches for layer in patch.plan.layers.values() for p in layer.parts)
         self.cfg: bool | None = None  # the last CFG decision the pipeline announced
         self._encoder_name = encoder_name
         self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
@@ -170,10 +171,7 @@ class PipelinePatch:
         self._set_guidance(cfg)
 
     def _set_guidance(self, on: bool) -> None:
-        if on:
-            self.patch.enable_noise_damped_cfg()
-        else:
-            self.patch.disable_noise_damped_cfg()
+        self.patch.set_cfg_batches(on)
 
     # --- removal --------------------------------------------------------------------------
     def remove(self) -> None:
