@@ -213,7 +213,7 @@ def run_demo(
 
     ``keep_going`` records a row whose sampling raises as a failed row (:attr:`DemoRow.error`)
     and goes on; ``row_cache`` (a folder) keeps each successful row's images and time and reuses them when
-    the same row (toy, size, method, recipe, seeds, steps, guidance) is asked again, so a long
+    the same row (toy, size, method, every recipe setting, seeds, steps, guidance) is asked again, so a long
     benchmark can be resumed; ``cached_only`` samples nothing and leaves out the rows the cache
     lacks (a report of what a stopped run measured); ``on_row(rows so far)`` runs after every
     row (e.g. to write a report as the run goes).
@@ -240,10 +240,11 @@ def run_demo(
         else:
             calls = _unet_calls(recipe, cfg.steps)
         recipe_name = None if recipe is None else recipe.name
-        cached = _cached_row(row_cache, cfg, toy_name, size, method, recipe_name)
+        digest = None if recipe is None else _digest(repr(recipe))  # every setting, not only the name
+        cached = _cached_row(row_cache, cfg, toy_name, size, method, recipe_name, digest)
         error: str | None = None
         if cached is not None:
-            images, seconds, error = cached
+            images, seconds = cached
         elif cached_only:
             if size == BASE and method == "baseline":
                 raise RuntimeError(f"{toy_name}: the 1x row is not in the cache {row_cache}")
@@ -270,7 +271,7 @@ def run_demo(
             if method in UPSCALERS and small is not None:
                 seconds += small.seconds
             if error is None:  # a failed row is tried again next time
-                _store_row(row_cache, cfg, toy_name, size, method, recipe_name, images, seconds, error)
+                _store_row(row_cache, cfg, toy_name, size, method, recipe_name, digest, images, seconds)
         stats = analyse_images(images)
         summary = summarise(stats, labels=labels.tolist(), size_range=toy.config.get("size_range"))
         detail = None
@@ -299,33 +300,42 @@ def run_demo(
     return rows
 
 
-def _row_key(cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None) -> str:
-    """A file name for one row's cache entry: the row and everything that decides its images."""
+def _digest(text: str) -> str:
     import hashlib
 
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _row_key(cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None) -> str:
+    """A file name for one row's cache entry: the row, its recipe's name, seeds, steps, guidance."""
     what = repr((toy, size, method, recipe, tuple(cfg.seeds), cfg.steps, cfg.guidance_scale))
-    return f"{toy}-{size}-{method}-{hashlib.sha256(what.encode()).hexdigest()[:16]}"
+    return f"{toy}-{size}-{method}-{_digest(what)}"
 
 
-def _cached_row(cache: Path | None, cfg: DemoConfig, toy: str, size: int, method: str,
-                recipe: str | None) -> tuple[torch.Tensor, float, str | None] | None:
-    """``(images, seconds, error)`` of a row stored by :func:`_store_row`, or ``None``."""
+def _cached_row(cache: Path | None, cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None,
+                digest: str | None) -> tuple[torch.Tensor, float] | None:
+    """``(images, seconds)`` of a row stored by :func:`_store_row`, or ``None`` (also when
+    the stored recipe's settings differ from ``digest``'s)."""
     if cache is None:
         return None
     path = Path(cache) / f"{_row_key(cfg, toy, size, method, recipe)}.pt"
     if not path.is_file():
         return None
     entry = torch.load(path, weights_only=True)
-    return entry["images"], float(entry["seconds"]), entry.get("error") or None
+    if entry.get("recipe_digest", digest) != digest:
+        return None
+    return entry["images"], float(entry["seconds"])
 
 
 def _store_row(cache: Path | None, cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None,
-               images: torch.Tensor, seconds: float, error: str | None) -> None:
+               digest: str | None, images: torch.Tensor, seconds: float) -> None:
     if cache is None:
         return
     Path(cache).mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images.detach().cpu(), "seconds": seconds, "error": error or ""},
-               Path(cache) / f"{_row_key(cfg, toy, size, method, recipe)}.pt")
+    entry: dict[str, Any] = {"images": images.detach().cpu(), "seconds": seconds}
+    if digest is not None:
+        entry["recipe_digest"] = digest
+    torch.save(entry, Path(cache) / f"{_row_key(cfg, toy, size, method, recipe)}.pt")
 
 
 def _pct(value: float | None) -> str:

@@ -214,3 +214,17 @@ def test_a_failing_row_is_recorded_and_rows_resume_from_the_cache(tmp_path) -> N
     more = replace(cfg, methods=("baseline", "auto", "scalecrafter"))  # scalecrafter never ran
     report = run_demo(more, progress=lines.append, row_cache=cache, cached_only=True)
     assert [(r.size, r.method) for r in report] == [(32, "baseline"), (64, "baseline"), (64, "auto")]
+
+
+def test_a_cached_row_is_not_reused_for_a_recipe_with_other_settings(tmp_path) -> None:
+    cfg = DemoConfig(toys=("toy4",), sizes=(32, 64), methods=("baseline", "auto"), seeds=(0,), steps=2)
+    cache = tmp_path / "rows"
+    run_demo(cfg, progress=lambda _: None, row_cache=cache)
+
+    def other(method, unet_map, size):  # same name, later restart: other images
+        recipe = recipe_for(method, unet_map, size)
+        return None if recipe is None else replace(recipe, sampling=replace(recipe.sampling, restart_step=0))
+
+    lines: list[str] = []
+    run_demo(cfg, progress=lines.append, recipes=other, row_cache=cache)
+    assert lines[0].endswith("(cached)") and not lines[-1].endswith("(cached)")

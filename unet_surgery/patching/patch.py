@@ -149,6 +149,12 @@ class Patch:
                 self._in_flight -= 1
                 self._cond.notify_all()
 
+    @property
+    def wants_cfg_batches(self) -> bool:
+        """Whether a pass of the recipe acts on ``[uncond, cond]`` halves (noise-damped
+        guidance, FouriScale's guidance): samplers that batch so call :meth:`set_cfg_batches`."""
+        return any(part.handler.cfg_batches for layer in self.plan.layers.values() for part in layer.parts)
+
     def set_cfg_batches(self, on: bool) -> None:
         """Declare that the model's batches are ``[uncond, cond]`` halves (classifier-free
         guidance), which passes acting on the batch (noise-damped guidance) need;

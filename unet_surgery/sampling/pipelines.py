@@ -85,7 +85,7 @@ class PipelinePatch:
         self.patch = patch
         self.scheduler = pipe.scheduler
         # a guidance pass (noise-damped, FouriScale's) acts once [uncond, cond] batches are declared
-        self.noise_damped = any(p.handler.cfg_batches for layer in patch.plan.layers.values() for p in layer.parts)
+        self.noise_damped = patch.wants_cfg_batches
         self.cfg: bool | None = None  # the last CFG decision the pipeline announced
         self._encoder_name = encoder_name
         self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)

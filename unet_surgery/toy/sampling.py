@@ -155,7 +155,8 @@ def sample_recipe(
     ``recipe`` is ``None`` (the plain model), a :class:`~unet_surgery.recipes.Recipe`, a shipped
     recipe name or a file. A recipe with a ``sampling`` section runs FreeScale's self-cascade
     through its stages (``steps`` per stage, restart at ``int(0.3 * steps)`` unless the recipe
-    sets one); a recipe with a ``noise_damped_cfg`` pass switches noise-damped guidance on. This
+    sets one); a recipe with a guidance pass (``noise_damped_cfg``, ``fouriscale_guidance``: any
+    pass whose handler works on the ``[uncond, cond]`` halves) gets those halves marked. This
     is the one place the demo, the benchmarks and the tests turn a recipe into toy samples.
     A ``patches`` section (MultiDiffusion) denoises overlapping native-size views of every stage
     (a recipe without ``sampling`` is one stage at ``size``); a ``demofusion`` section runs
@@ -167,7 +168,6 @@ def sample_recipe(
 
     from unet_surgery.patching.patch import apply
     from unet_surgery.recipes import load_recipe
-    from unet_surgery.recipes.schema import NoiseDampedCFGPass
 
     h, w = (size, size) if isinstance(size, int) else size
     if recipe is None:
@@ -175,10 +175,9 @@ def sample_recipe(
                       guidance_scale=guidance_scale, callback=callback)
     recipe = load_recipe(recipe)
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    damped = any(isinstance(p, NoiseDampedCFGPass) for p in recipe.passes)
     with apply(toy.unet, recipe, unet_map=unet_map) as patch:
-        if damped:
-            patch.enable_noise_damped_cfg()
+        if patch.wants_cfg_batches:
+            patch.set_cfg_batches(True)
         if recipe.sampling is None and recipe.patches is None and recipe.demofusion is None:
             scheduler = make_ddim_scheduler(getattr(toy, "scheduler_config", None))
             scheduler.set_timesteps(steps)
