@@ -141,8 +141,8 @@ def _unet_calls(recipe: Recipe | None, steps: int) -> int:
         from unet_surgery.sampling.demofusion import view_counts
 
         (h, w), base = recipe.target_resolutions[0], recipe.base_resolution[0]
-        spec = replace(recipe.demofusion, steps=steps)
-        return steps + steps * sum(b for _, b in view_counts(h, w, base, recipe.vae_scale_factor, spec))
+        phases = view_counts(h, w, base, recipe.vae_scale_factor, replace(recipe.demofusion, steps=steps))
+        return steps + steps * sum(b for _, b in phases)
     from unet_surgery.sampling import restart_step_of
     from unet_surgery.sampling.patchwise import num_view_batches, patch_settings
 
