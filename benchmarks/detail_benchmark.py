@@ -20,7 +20,8 @@ reference contrast.
 
 A row whose sampling raises is recorded as a failure in every column (``crashed: ...``), not
 dropped. The report is rewritten after every row, and each row's images are kept in
-``<out>/.rows`` (not committed), so a stopped run resumes where it stopped.
+``<out>/.rows`` (``--cache``; not committed), so a stopped run resumes where it stopped, and
+``--cached-only`` writes the report of whatever the cache holds.
 
 The seeds 9500-9515 were used for nothing else: no setting of any method was chosen on them.
 The row loop is the demo's (:func:`unet_surgery.demo.run_demo`), with two more methods.
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--out", type=Path, default=Path("benchmarks/detail"))
+    p.add_argument("--cache", type=Path, default=None,
+                   help="folder of the resumable rows (default <out>/.rows); runs with other --out may share one")
     p.add_argument("--cached-only", action="store_true",
                    help="sample nothing: the report of the rows <out>/.rows holds (a stopped run's), the others left out")
     args = p.parse_args(argv)
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DemoConfig(toys=(toy_name,), sizes=tuple(args.sizes), methods=tuple(args.methods),
                          seeds=seeds, steps=args.steps, guidance_scale=args.guidance)
         rows += run_demo(cfg, progress=lambda line: print(line, flush=True), recipes=recipe, keep_going=True,
-                         row_cache=args.out / ".rows", cached_only=args.cached_only, on_row=lambda own, before=list(rows): write_report(before + own))
+                         row_cache=args.cache or args.out / ".rows", cached_only=args.cached_only, on_row=lambda own, before=list(rows): write_report(before + own))
         own = [r for r in rows if r.toy == toy_name]
         grid_png(own, args.out / f"grid_{toy_name}.png", tile=64)
         crop_grid_png([r for r in own if r.method in ("baseline", "bicubic", "hires-0.5", "auto")],
