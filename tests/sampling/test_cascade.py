@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from tests.conftest import preset_map
 from tests.pipelines import tiny_pipelines as tp
 from unet_surgery import RecipeError, SurgeryError, current_patch, load_recipe
-from unet_surgery.ops.redilate import redilated_conv
 from unet_surgery.presets import build_unet
 from unet_surgery.recipes.schema import SamplingSpec
 from unet_surgery.sampling import cfg_denoiser, self_cascade, self_cascade_sample
@@ -170,10 +169,12 @@ def test_freescale_recipe_dilates_later_stages_only() -> None:
     conv = pipe.unet.get_submodule("down_blocks.1.resnets.0.conv1")  # kernel 3, level 1, down: selected
 
     def spy(module, args, out):
-        """The factor this conv really ran with: its output is the conv re-dilated by that factor."""
+        """The factor this conv really ran with: its output is torch's 3x3 conv with dilation and
+        padding that factor (the plain conv at 1)."""
         call = current_patch(pipe.unet).tracker.current
-        ran = [f for f in (1.0, 2.0, 3.0) if torch.equal(out, redilated_conv(module, args[0], f))]
-        seen.append((call.latent_hw[0], call.step, ran[0] if len(ran) == 1 else float("nan")))
+        ran = [d for d in (1, 2, 3)
+               if torch.equal(out, F.conv2d(args[0], module.weight, module.bias, 1, padding=d, dilation=d))]
+        seen.append((call.latent_hw[0], call.step, float(ran[0]) if len(ran) == 1 else float("nan")))
 
     handle = conv.register_forward_hook(spy)
     out = self_cascade_sample(pipe, doc, prompt_embeds=kwargs["prompt_embeds"],
