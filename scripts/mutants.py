@@ -323,7 +323,8 @@ def write_report(results: dict) -> None:
         killed = sum(verdicts[m.name]["verdict"] == "killed" for m in counted)
         lines.append(f"- **{label}**: {killed}/{len(counted)} behaviour-changing mutants killed "
                      f"({100 * killed / max(1, len(counted)):.0f} %); tests of {run['tests']}; "
-                     f"`{run['command']}`, {run['minutes']:.0f} min on {run['machine']}")
+                     f"{run['minutes']:.0f} min on {run['machine']}: "
+                     + "; ".join(f"`{c}`" for c in run.get("commands", [run.get("command", "")])))
     lines += ["", "| # | file | mutant | tests | " + " | ".join(labels) + " |",
               "|---|---|---|---|" + "---|" * len(labels)]
     for i, m in enumerate((m for m in MUTANTS if not m.equivalent), start=1):
@@ -343,13 +344,14 @@ def write_report(results: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="run the mutants whose name contains this")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run the mutants whose name contains this (repeatable: any of them)")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per mutant (default 400)")
     parser.add_argument("--tests-from", default=None, help="a git revision whose tests/ to run instead of the checkout's")
     parser.add_argument("--label", default=None, help="record the run under this name in benchmarks/mutants.json")
     parser.add_argument("--check", action="store_true", help="only check that every mutant applies and compiles")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if args.only in m.name]
+    chosen = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only)]
     if args.check:
         for m in chosen:
             text = (ROOT / "unet_surgery" / m.file).read_text()
@@ -374,8 +376,9 @@ def main() -> int:
         run = results["runs"].setdefault(args.label, {"verdicts": {}})
         run["verdicts"].update(verdicts)
         run["tests"] = f"commit {args.tests_from}" if args.tests_from else "this checkout"
-        run["command"] = "OMP_NUM_THREADS=1 python scripts/mutants.py " + " ".join(sys.argv[1:])
-        run["minutes"] = run.get("minutes", 0.0) * (args.only != "") + (time.monotonic() - start) / 60
+        commands = run.setdefault("commands", [run.pop("command")] if "command" in run else [])
+        commands.append("OMP_NUM_THREADS=1 python scripts/mutants.py " + " ".join(sys.argv[1:]))
+        run["minutes"] = run.get("minutes", 0.0) * bool(args.only) + (time.monotonic() - start) / 60
         run["machine"] = f"{os.cpu_count()} CPU cores (shared)"
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         write_report(results)

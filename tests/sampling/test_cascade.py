@@ -248,6 +248,7 @@ def test_bad_masks_are_refused(parts, mask, match) -> None:
     ("spec", "match"),
     [
         (dataclasses.replace(SPEC, stages=((128, 128), (64, 64))), "must not shrink"),
+        (dataclasses.replace(SPEC, stages=((64, 64), (128, 32))), "must not shrink"),  # taller, narrower
         (dataclasses.replace(SPEC, restart_step=4), r"restart_step: must be in \[0, 4\)"),
         (dataclasses.replace(SPEC, restart_step=-1), "restart_step"),
         (dataclasses.replace(SPEC, stages=((64, 64), (100, 100))), "not a multiple"),
@@ -275,3 +276,16 @@ def test_cascade_front_end_refuses_other_pipelines_and_recipes_without_sampling(
     with pytest.raises(RecipeError, match="no sampling section"):
         self_cascade_sample(pipe, "scalecrafter-sd15-1024x1024", prompt_embeds=kwargs["prompt_embeds"])
     assert current_patch(pipe.unet) is None
+
+
+@pytest.mark.parametrize(
+    ("restart", "steps", "expected"),
+    [(15, 10, 3), (15, 100, 30), (49, 10, 9), (None, 10, None)],
+)
+def test_a_recipe_run_with_other_steps_keeps_the_restart_at_the_same_fraction(restart, steps, expected) -> None:
+    """FreeScale restarts at 15 of 50 steps: 3 of 10, 30 of 100; a restart at the last step stays
+    at the last step (9 of 10, not 10, which does not exist); the default stays 0.3 * steps."""
+    from unet_surgery.sampling.cascade import with_steps
+
+    spec = SamplingSpec(stages=((64, 64), (128, 128)), steps=50, restart_step=restart)
+    assert with_steps(spec, steps) == SamplingSpec(stages=spec.stages, steps=steps, restart_step=expected)
