@@ -19,6 +19,7 @@ caught before a change); ``--label`` names the run in ``benchmarks/mutants.json`
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
 import os
@@ -324,14 +325,14 @@ def write_report(results: dict) -> None:
         lines.append(f"- **{label}**: {killed}/{len(counted)} behaviour-changing mutants killed "
                      f"({100 * killed / max(1, len(counted)):.0f} %); tests of {run['tests']}; "
                      f"{run['minutes']:.0f} min on {run['machine']}: "
-                     + "; ".join(f"`{c}`" for c in run.get("commands", [run.get("command", "")])))
+                     + "; ".join(f"`{c}`" for c in run["commands"]))
     lines += ["", "| # | file | mutant | tests | " + " | ".join(labels) + " |",
               "|---|---|---|---|" + "---|" * len(labels)]
     for i, m in enumerate((m for m in MUTANTS if not m.equivalent), start=1):
         cells = []
         for label in labels:
             v = results["runs"][label]["verdicts"].get(m.name)
-            cells.append("-" if v is None else v["verdict"] + (f" by `{v['by'].split('::', 1)[1]}`" if v["by"] else ""))
+            cells.append("-" if v is None else v["verdict"] + (f" by `{v['by'].rsplit('/', 1)[-1]}`" if v["by"] else ""))
         files = ", ".join(t.rsplit("/", 1)[-1] for t in m.tests)
         lines.append(f"| {i} | `{m.file}` | {m.name} | {files} | " + " | ".join(cells) + " |")
     lines += ["", "## Equivalent mutants", "", "| file | mutant | why equivalent | " + " | ".join(labels) + " |",
@@ -347,11 +348,14 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[],
                         help="run the mutants whose name contains this (repeatable: any of them)")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per mutant (default 400)")
+    parser.add_argument("--file", action="append", default=[],
+                        help="run the mutants of files starting with this, relative to unet_surgery/ (repeatable)")
     parser.add_argument("--tests-from", default=None, help="a git revision whose tests/ to run instead of the checkout's")
     parser.add_argument("--label", default=None, help="record the run under this name in benchmarks/mutants.json")
     parser.add_argument("--check", action="store_true", help="only check that every mutant applies and compiles")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only)]
+    chosen = [m for m in MUTANTS if (not args.only or any(s in m.name for s in args.only))
+              and (not args.file or m.file.startswith(tuple(args.file)))]
     if args.check:
         for m in chosen:
             text = (ROOT / "unet_surgery" / m.file).read_text()
@@ -360,7 +364,6 @@ def main() -> int:
             compile(text.replace(m.old, m.new), m.file, "exec")
         print(f"{len(chosen)} mutants apply ({sum(not m.equivalent for m in chosen)} behaviour-changing)")
         return 0
-    results = _load()
     verdicts: dict[str, dict] = {}
     start = time.monotonic()
     for m in chosen:
@@ -373,16 +376,23 @@ def main() -> int:
     print(f"{killed}/{len(counted)} behaviour-changing mutants killed ({100 * killed / max(1, len(counted)):.0f} %); "
           f"{len(chosen) - len(counted)} equivalent")
     if args.label:
-        run = results["runs"].setdefault(args.label, {"verdicts": {}})
-        run["verdicts"].update(verdicts)
-        run["tests"] = f"commit {args.tests_from}" if args.tests_from else "this checkout"
-        commands = run.setdefault("commands", [run.pop("command")] if "command" in run else [])
-        commands.append("OMP_NUM_THREADS=1 python scripts/mutants.py " + " ".join(sys.argv[1:]))
-        run["minutes"] = run.get("minutes", 0.0) * bool(args.only) + (time.monotonic() - start) / 60
-        run["machine"] = f"{os.cpu_count()} CPU cores (shared)"
-        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-        write_report(results)
+        with open(Path(tempfile.gettempdir()) / "unet-surgery-mutants.lock", "w") as lock:  # one run at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            record(args, verdicts, time.monotonic() - start)
     return 0
+
+
+def record(args: argparse.Namespace, verdicts: dict[str, dict], seconds: float) -> None:
+    """Add a run's verdicts to its label in ``benchmarks/mutants.json`` and rewrite the report."""
+    results = _load()  # read now: another run may have recorded its label meanwhile
+    run = results["runs"].setdefault(args.label, {"verdicts": {}, "commands": [], "minutes": 0.0})
+    run["verdicts"].update(verdicts)
+    run["tests"] = f"commit {args.tests_from}" if args.tests_from else "this checkout"
+    run["commands"].append("OMP_NUM_THREADS=1 python scripts/mutants.py " + " ".join(sys.argv[1:]))
+    run["minutes"] += seconds / 60
+    run["machine"] = f"{os.cpu_count()} CPU cores (shared)"
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_report(results)
 
 
 if __name__ == "__main__":
