@@ -472,7 +472,8 @@ def test_composes_with_noise_damped_cfg() -> None:
 
 
 @pytest.mark.parametrize(("latent", "value", "progressive"),
-                         [((16, 32), 0.0, True), ((24, 24), 0.6, True), ((16, 32), 0.0, False)])
+                         [((16, 32), 0.0, True), ((24, 24), 0.6, True), ((16, 32), 0.0, False),
+                          ((20, 16), 0.0, True)])  # 2.5x the base height: ceil gives dilation 3
 def test_setting_follows_the_official_schedule(latent: tuple[int, int], value: float, progressive: bool) -> None:
     """Per step: dilation ceil(d_i), filter scale d_i, base and target as the official XL processor.
     Without the progressive decay the full dilation runs up to step 29 and step 30 is plain."""
