@@ -23,6 +23,7 @@ import fcntl
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -304,9 +305,21 @@ def _load() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
 
 
+def verdict_of(results: dict, label: str, name: str) -> dict | None:
+    """``name``'s verdict in run ``label``; a kill carried over from an earlier run is marked so."""
+    run = results["runs"][label]
+    own = run["verdicts"].get(name)
+    if own is not None or "carried_from" not in run:
+        return own
+    earlier = results["runs"][run["carried_from"]]["verdicts"].get(name)
+    if earlier is None or earlier["verdict"] != "killed":
+        return None
+    return {**earlier, "verdict": "killed", "carried": True}
+
+
 def write_report(results: dict) -> None:
     """``benchmarks/mutants.md``: every mutant with its verdict in each recorded run."""
-    labels = list(results["runs"])
+    labels = sorted(results["runs"], key=lambda label: "carried_from" in results["runs"][label])  # before first
     lines = [
         "# Mutants: what the tests catch",
         "",
@@ -319,20 +332,27 @@ def write_report(results: dict) -> None:
     ]
     for label in labels:
         run = results["runs"][label]
-        verdicts = run["verdicts"]
-        counted = [m for m in MUTANTS if not m.equivalent and m.name in verdicts]
-        killed = sum(verdicts[m.name]["verdict"] == "killed" for m in counted)
+        found = {m.name: verdict_of(results, label, m.name) for m in MUTANTS if not m.equivalent}
+        counted = [v for v in found.values() if v is not None]
+        killed = sum(v["verdict"] == "killed" for v in counted)
+        carried = sum(bool(v.get("carried")) for v in counted)
         lines.append(f"- **{label}**: {killed}/{len(counted)} behaviour-changing mutants killed "
-                     f"({100 * killed / max(1, len(counted)):.0f} %); tests of {run['tests']}; "
-                     f"{run['minutes']:.0f} min on {run['machine']}: "
+                     f"({100 * killed / max(1, len(counted)):.0f} %)"
+                     + (f", {carried} of them as in the {run['carried_from']} run (killing test unchanged, not re-run)"
+                        if carried else "")
+                     + f"; tests of {run['tests']}; {run['minutes']:.0f} min of runs on {run['machine']}: "
                      + "; ".join(f"`{c}`" for c in run["commands"]))
     lines += ["", "| # | file | mutant | tests | " + " | ".join(labels) + " |",
               "|---|---|---|---|" + "---|" * len(labels)]
     for i, m in enumerate((m for m in MUTANTS if not m.equivalent), start=1):
         cells = []
         for label in labels:
-            v = results["runs"][label]["verdicts"].get(m.name)
-            cells.append("-" if v is None else v["verdict"] + (f" by `{v['by'].rsplit('/', 1)[-1]}`" if v["by"] else ""))
+            v = verdict_of(results, label, m.name)
+            if v is None:
+                cells.append("-")
+                continue
+            by = f" by `{v['by'].rsplit('/', 1)[-1]}`" if v["by"] else ""
+            cells.append(("killed (as before)" if v.get("carried") else v["verdict"]) + by)
         files = ", ".join(t.rsplit("/", 1)[-1] for t in m.tests)
         lines.append(f"| {i} | `{m.file}` | {m.name} | {files} | " + " | ".join(cells) + " |")
     lines += ["", "## Equivalent mutants", "", "| file | mutant | why equivalent | " + " | ".join(labels) + " |",
@@ -352,6 +372,9 @@ def main() -> int:
                         help="run the mutants of files starting with this, relative to unet_surgery/ (repeatable)")
     parser.add_argument("--tests-from", default=None, help="a git revision whose tests/ to run instead of the checkout's")
     parser.add_argument("--label", default=None, help="record the run under this name in benchmarks/mutants.json")
+    parser.add_argument("--carry-killed-from", default=None, metavar="LABEL",
+                        help="count a mutant this label has not run as killed when LABEL's run killed it (its "
+                        "killing test is unchanged): re-run only survivors and mutants whose killing test changed")
     parser.add_argument("--check", action="store_true", help="only check that every mutant applies and compiles")
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if (not args.only or any(s in m.name for s in args.only))
@@ -388,7 +411,9 @@ def record(args: argparse.Namespace, verdicts: dict[str, dict], seconds: float) 
     run = results["runs"].setdefault(args.label, {"verdicts": {}, "commands": [], "minutes": 0.0})
     run["verdicts"].update(verdicts)
     run["tests"] = f"commit {args.tests_from}" if args.tests_from else "this checkout"
-    run["commands"].append("OMP_NUM_THREADS=1 python scripts/mutants.py " + " ".join(sys.argv[1:]))
+    run["commands"].append("OMP_NUM_THREADS=1 python scripts/mutants.py " + shlex.join(sys.argv[1:]))
+    if args.carry_killed_from:
+        run["carried_from"] = args.carry_killed_from
     run["minutes"] += seconds / 60
     run["machine"] = f"{os.cpu_count()} CPU cores (shared)"
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
