@@ -211,16 +211,31 @@ def test_pipeline_front_end_matches_the_bare_sampler() -> None:
     assert torch.equal(out.latents, bare.latents)
 
 
-def test_sdxl_pipeline_cascade_runs() -> None:
+def test_sdxl_pipeline_cascade_matches_the_bare_sampler_with_diffusers_conditioning() -> None:
+    """The SDXL front end conditions as diffusers' SDXL pipeline does: pooled embeddings and
+    ``time_ids`` batched ``[negative, positive]``, ``time_ids`` = original size, crop corner
+    (0, 0), target size (``_get_add_time_ids``), here the first stage's 128x128."""
+    from unet_surgery import apply
+
     pipe, kwargs = tp.sdxl()
     doc = load_recipe("freescale-sdxl-2048x2048")
     spec = SamplingSpec(stages=((128, 128), (256, 256)), steps=3, restart_step=1)
     tiny = dataclasses.replace(doc, base_resolution=(128, 128), target_resolutions=((256, 256),), sampling=spec)
-    out = self_cascade_sample(pipe, tiny, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
-                              unet_map=preset_map("sdxl", "tiny"), progress=False,
-                              **{k: kwargs[k] for k in ("prompt_embeds", "negative_prompt_embeds",
-                                                        "pooled_prompt_embeds", "negative_pooled_prompt_embeds")})
+    embeds = {k: kwargs[k] for k in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                                     "negative_pooled_prompt_embeds")}
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    out = self_cascade_sample(pipe, tiny, guidance_scale=5.0, generator=g(), unet_map=preset_map("sdxl", "tiny"),
+                              progress=False, **embeds)
     assert out.latents.shape == (1, 4, 32, 32) and torch.isfinite(out.latents).all()
+    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
+    added = {"text_embeds": torch.cat([embeds["negative_pooled_prompt_embeds"], embeds["pooled_prompt_embeds"]]),
+             "time_ids": torch.cat([time_ids, time_ids])}
+    with apply(pipe.unet, tiny, unet_map=preset_map("sdxl", "tiny")) as patch:
+        bare = self_cascade(cfg_denoiser(pipe.unet, embeds["prompt_embeds"], embeds["negative_prompt_embeds"],
+                                         guidance_scale=5.0, added_cond_kwargs=added),
+                            pipe.scheduler, tiny, latent_channels=4, vae=pipe.vae, generator=g(), patch=patch,
+                            progress=False)
+    assert torch.equal(out.latents, bare.latents)
 
 
 # ----------------------------------------------------------------------------- bad input
