@@ -366,7 +366,7 @@ def write_report(results: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[],
-                        help="run the mutants whose name contains this (repeatable: any of them)")
+                        help="run the mutants whose name contains this (repeatable; with --file: either)")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per mutant (default 400)")
     parser.add_argument("--file", action="append", default=[],
                         help="run the mutants of files starting with this, relative to unet_surgery/ (repeatable)")
@@ -377,8 +377,8 @@ def main() -> int:
                         "killing test is unchanged): re-run only survivors and mutants whose killing test changed")
     parser.add_argument("--check", action="store_true", help="only check that every mutant applies and compiles")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if (not args.only or any(s in m.name for s in args.only))
-              and (not args.file or m.file.startswith(tuple(args.file)))]
+    chosen = [m for m in MUTANTS if not (args.only or args.file) or any(s in m.name for s in args.only)
+              or m.file.startswith(tuple(args.file))]
     if args.check:
         for m in chosen:
             text = (ROOT / "unet_surgery" / m.file).read_text()
