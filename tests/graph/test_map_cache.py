@@ -182,3 +182,14 @@ def test_a_shipped_architecture_is_never_exported(monkeypatch) -> None:
     monkeypatch.setattr(mapper, "export_unet", refuse)
     monkeypatch.setattr(mapper, "probe_unet", refuse)
     assert map_unet(build_unet("sdxl")).to_dict() == preset_map("sdxl", "full").to_dict()
+
+
+def test_cpu_and_cuda_builds_of_one_torch_version_share_an_entry(monkeypatch) -> None:
+    """``2.13.0+cpu`` and ``2.13.0+cu128`` are one release: the same forward code is traced."""
+    build = Builds()
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    map_cache.cached_map(small(), PROBE, build)
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cu128")
+    assert map_cache.cached_map(small(), PROBE, build).model_class == "Build1" and build.calls == 1
+    monkeypatch.setattr(torch, "__version__", "2.14.0+cu128")
+    assert map_cache.cached_map(small(), PROBE, build).model_class == "Build2"
