@@ -220,3 +220,14 @@ def test_auto_recipe_uses_the_published_sd15_schedule(config, target) -> None:
     recipe = auto_recipe(preset_map("sd15"), base=512, target=target, policy="scalecrafter")
     schedules = {(p.schedule.tau, p.schedule.steps, p.schedule.progressive) for p in recipe.passes}
     assert schedules == {(cfg["dilate_tau"], cfg["num_inference_steps"], cfg["progressive"])}
+
+
+@pytest.mark.parametrize(("table", "target"), [("sd1.5_2048x2048", 2048), ("sd1.5_2048x1024", (1024, 2048))])
+def test_auto_recipe_lists_exactly_the_published_upsampler_convs_by_path(table, target) -> None:
+    """The per-path pass of the scalecrafter policy holds the upsamplers' convs with the factor
+    of the level they upsample from, as the published tables give them; the other convs are in
+    the level passes."""
+    recipe = auto_recipe(preset_map("sd15"), base=512, target=target, policy="scalecrafter")
+    (listed,) = [p.factors for p in recipe.passes if p.factors]
+    published = published_table(f"assets/dilate_settings/{table}.txt")
+    assert listed == {path: f for path, f in published.items() if ".upsamplers." in path}
