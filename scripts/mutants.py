@@ -10,10 +10,14 @@ reason is written beside it); it is run too, but counted apart from the kill rat
 
 ``--tests-from REV`` runs the mutants against the tests of an older commit (what the tests
 caught before a change); ``--label`` names the run in ``benchmarks/mutants.json``, from which
-``benchmarks/mutants.md`` is written (one column per label).
+``benchmarks/mutants.md`` is written (one column per label). Runs of one label add up, so the
+mutants can be split over several processes (``--file``, ``--only``), and a later label may carry
+the kills of an earlier one whose killing tests did not change (``--carry-killed-from``): then
+only the survivors and the mutants whose killing test changed are run again.
 
-    OMP_NUM_THREADS=1 python scripts/mutants.py --label after [--only SUBSTRING] [--timeout 400]
-    OMP_NUM_THREADS=1 python scripts/mutants.py --label before --tests-from be0f9b6
+    OMP_NUM_THREADS=1 python scripts/mutants.py --label before --tests-from be0f9b6 --file passes/
+    OMP_NUM_THREADS=1 python scripts/mutants.py --label after --carry-killed-from before --only 'FreeU threshold'
+    OMP_NUM_THREADS=1 python scripts/mutants.py --check     # every mutant applies and compiles
 """
 
 from __future__ import annotations
@@ -340,7 +344,8 @@ def write_report(results: dict) -> None:
                      f"({100 * killed / max(1, len(counted)):.0f} %)"
                      + (f", {carried} of them as in the {run['carried_from']} run (killing test unchanged, not re-run)"
                         if carried else "")
-                     + f"; tests of {run['tests']}; {run['minutes']:.0f} min of runs on {run['machine']}: "
+                     + f"; tests of {run['tests']}; {run['minutes']:.0f} min wall time (summed over runs in "
+                     f"parallel) on {run['machine']}: "
                      + "; ".join(f"`{c}`" for c in run["commands"]))
     lines += ["", "| # | file | mutant | tests | " + " | ".join(labels) + " |",
               "|---|---|---|---|" + "---|" * len(labels)]
@@ -415,7 +420,7 @@ def record(args: argparse.Namespace, verdicts: dict[str, dict], seconds: float) 
     if args.carry_killed_from:
         run["carried_from"] = args.carry_killed_from
     run["minutes"] += seconds / 60
-    run["machine"] = f"{os.cpu_count()} CPU cores (shared)"
+    run["machine"] = f"{os.cpu_count()} CPU cores shared with other jobs"
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     write_report(results)
 
