@@ -12,7 +12,8 @@ import hashlib
 import json
 import signal
 import subprocess
-import time
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,28 @@ def test_two_processes_give_the_same_bytes(sd15_folder: Path, tmp_path: Path) ->
     assert len(reports) == 1 and reports[0].startswith("wrote 2,")  # 3 jobs: blocks of 2 and 1
 
 
+KILLED_AFTER_THE_FIRST_PNG = """
+import sys
+from unet_surgery.cli import main
+from unet_surgery.generation import pngmeta
+
+write_png = pngmeta.write_png
+
+
+def write_then_wait(*args, **kwargs):
+    digest = write_png(*args, **kwargs)  # the PNG is in place (atomic rename done)
+    print("png written", flush=True)
+    sys.stdin.read()  # blocks until the test kills this process
+    return digest
+
+
+pngmeta.write_png = write_then_wait
+sys.exit(main(["generate", *sys.argv[1:]]))
+"""
+"""``generate`` in a process that says so on stdout once its first PNG is written and then waits
+to be killed: the test kills it at a known point (after exactly one PNG), without polling."""
+
+
 def test_resume_after_a_killed_run(sd15_folder: Path, tmp_path: Path) -> None:
     """Kill the run once its first PNG exists; the rerun keeps what was written (same inode and
     mtime), removes a writer's leftover temporary file and completes the set."""
@@ -165,17 +188,22 @@ def test_resume_after_a_killed_run(sd15_folder: Path, tmp_path: Path) -> None:
     seeds = list(range(4))
     args = [str(sd15_folder), "--size", "64x64", "--prompt", PROMPTS[0], "--seed", "0-3", "--steps", "20",
             "--guidance", "3", "--out", str(out), "--quiet", "--threads", "1"]
-    process = subprocess.Popen(generate_command(*args), env=clean_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_THE_FIRST_PNG, *args], env=clean_env(),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    watchdog = threading.Timer(240, process.kill)  # a hung run fails the test instead of hanging it
+    watchdog.start()
     try:
-        deadline = time.monotonic() + 240
-        while not list(out.glob("p*.png")) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert process.stdout is not None
+        # blocks until the first PNG is written (or the process ends: EOF)
+        lines = iter(process.stdout.readline, "")
+        written = next((line for line in lines if line.strip() == "png written"), None)
         process.send_signal(signal.SIGKILL)
     finally:
+        watchdog.cancel()
         process.wait(timeout=60)
+    assert written is not None, "the run ended without writing a PNG"
     done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("p*.png")}
-    assert 1 <= len(done) < len(seeds), "the run must be killed part way"
+    assert len(done) == 1 < len(seeds), "the run must be killed after its first PNG"
     assert not (out / "manifest.jsonl").exists()
     leftover = out / f".{expected_name(0, 3)}.x1y2z3.tmp"  # what a writer killed mid-file leaves
     leftover.write_bytes(b"\x89PNG half")

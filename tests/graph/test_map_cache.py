@@ -37,6 +37,21 @@ def small(dilation: int = 1, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Conv2d(4, 8, 3, padding=dilation, dilation=dilation), nn.SiLU(), nn.Conv2d(8, 4, 1))
 
 
+def with_buffer(model: nn.Module, size: int) -> nn.Module:
+    model.register_buffer("table", torch.zeros(size))
+    return model
+
+
+class _Config(dict):
+    """A diffusers-like config: a mapping whose private keys (``_name_or_path``...) say where
+    the weights came from, not what the model is."""
+
+
+def with_config(model: nn.Module, config: dict) -> nn.Module:
+    model.config = _Config({"in_channels": 4, "sample_size": 64, "_name_or_path": "/models/a", **config})
+    return model
+
+
 class Builds:
     """A build function that counts its calls and returns a distinct small map each time."""
 
@@ -62,7 +77,7 @@ def test_same_architecture_other_weights_device_and_dtype_share_one_entry() -> N
 
 @pytest.mark.parametrize(
     "change",
-    ["dilation", "shape", "probe", "code", "torch", "diffusers"],
+    ["dilation", "shape", "buffer", "config", "probe", "code", "torch", "diffusers"],
 )
 def test_anything_a_map_depends_on_changes_the_key(change: str, monkeypatch) -> None:
     build = Builds()
@@ -72,6 +87,10 @@ def test_anything_a_map_depends_on_changes_the_key(change: str, monkeypatch) -> 
         model = small(dilation=2)
     elif change == "shape":
         model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 4, 1))
+    elif change == "buffer":  # same modules and parameters, plus a buffer (a table a forward may read)
+        model = with_buffer(small(), 8)
+    elif change == "config":  # a setting of the diffusers config
+        model = with_config(small(), {"sample_size": 96})
     elif change == "probe":
         probe = {**PROBE, "latent_hw": [64, 96]}
     elif change == "code":
@@ -97,12 +116,23 @@ def test_entries_survive_the_process_and_corrupt_ones_are_rebuilt(private_cache)
     assert json.loads(file.read_text())["model_class"] == "Build2"  # and the entry is repaired
 
 
-def test_the_cache_can_be_switched_off(monkeypatch, private_cache) -> None:
-    monkeypatch.setenv("UNET_SURGERY_NO_MAP_CACHE", "1")
+@pytest.mark.parametrize(("value", "on"), [("1", False), ("yes", False), ("0", True), ("", True)])
+def test_the_cache_can_be_switched_off(value: str, on: bool, monkeypatch, private_cache) -> None:
+    """``UNET_SURGERY_NO_MAP_CACHE=1`` (any value but empty or 0) switches the cache off."""
+    monkeypatch.setenv("UNET_SURGERY_NO_MAP_CACHE", value)
     build = Builds()
     map_cache.cached_map(small(), PROBE, build)
     map_cache.cached_map(small(), PROBE, build)
-    assert build.calls == 2 and not (private_cache / "maps").exists()
+    assert build.calls == (1 if on else 2) and (private_cache / "maps").exists() == on
+
+
+def test_where_the_weights_came_from_does_not_change_the_key() -> None:
+    """The config's private keys (``_name_or_path``, ``_diffusers_version``) name a folder, not an architecture."""
+    build = Builds()
+    map_cache.cached_map(with_config(small(), {}), PROBE, build)
+    other = map_cache.cached_map(with_config(small(), {"_name_or_path": "/models/b", "_diffusers_version": "0.1"}),
+                                 PROBE, build)
+    assert build.calls == 1 and other.model_class == "Build1"
 
 
 def test_map_unet_maps_an_architecture_once(monkeypatch) -> None:
@@ -152,3 +182,14 @@ def test_a_shipped_architecture_is_never_exported(monkeypatch) -> None:
     monkeypatch.setattr(mapper, "export_unet", refuse)
     monkeypatch.setattr(mapper, "probe_unet", refuse)
     assert map_unet(build_unet("sdxl")).to_dict() == preset_map("sdxl", "full").to_dict()
+
+
+def test_cpu_and_cuda_builds_of_one_torch_version_share_an_entry(monkeypatch) -> None:
+    """``2.13.0+cpu`` and ``2.13.0+cu128`` are one release: the same forward code is traced."""
+    build = Builds()
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    map_cache.cached_map(small(), PROBE, build)
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cu128")
+    assert map_cache.cached_map(small(), PROBE, build).model_class == "Build1" and build.calls == 1
+    monkeypatch.setattr(torch, "__version__", "2.14.0+cu128")
+    assert map_cache.cached_map(small(), PROBE, build).model_class == "Build2"

@@ -523,3 +523,42 @@ def test_jitter_moves_interior_windows_both_ways_and_edge_windows_outwards():
             assert min(offsets) < 0
         if last:
             assert max(offsets) > 0
+
+
+# --------------------------------------------------------------------------- the pass on a UNet
+
+
+def _fused_unet_output(height: int, width: int, **options: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tiny SD1.5 (native 64x64) with every self-attention fused, and the plain model, at ``height x width``."""
+    from tests.conftest import preset_map
+    from unet_surgery import apply
+    from unet_surgery.presets import build_unet, example_inputs
+
+    unet = build_unet("sd15", size="tiny", device="cpu")
+    inputs = example_inputs(unet, height=height, width=width)
+    doc = {"name": "t", "base_resolution": [64, 64], "target_resolutions": [[height, width]],
+           "passes": [{"type": "scale_fusion", "select": {"op": "attention", "kind": "self"}, **options}]}
+    with torch.no_grad():
+        plain = unet(**inputs).sample
+        with apply(unet, doc, unet_map=preset_map("sd15", "tiny")):
+            fused = unet(**inputs).sample
+    return fused, plain
+
+
+def test_the_pass_without_jitter_does_not_depend_on_the_seed() -> None:
+    """jitter: false places every window where the grid puts it: the seed has nothing to move."""
+    a, plain = _fused_unet_output(128, 128, jitter=False, seed=0)
+    b, _ = _fused_unet_output(128, 128, jitter=False, seed=5)
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    c, _ = _fused_unet_output(128, 128, jitter=True, seed=0)  # window 8 at the top level: 1 token of jitter
+    d, _ = _fused_unet_output(128, 128, jitter=True, seed=5)
+    assert not torch.equal(c, d)
+
+
+def test_the_pass_fuses_a_latent_larger_than_the_base_on_one_side_only() -> None:
+    """64x128 from a 64x64 base has twice the base's tokens: fusion engages (windows of the base
+    height, half as wide as the grid); at 64x64 the pass is plain attention, bit for bit."""
+    fused, plain = _fused_unet_output(64, 128, jitter=False)
+    assert not torch.equal(fused, plain)
+    fused, plain = _fused_unet_output(64, 64, jitter=False)
+    assert torch.equal(fused, plain)

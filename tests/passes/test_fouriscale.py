@@ -283,10 +283,11 @@ def _models(name: str) -> tuple[nn.Module, nn.Module]:
     return copy.deepcopy(_built(name)), copy.deepcopy(_built(name))
 
 
-def _recipe(layers: list[str], base_px: tuple[int, int], *, start: int, stop: int, value: float) -> dict:
+def _recipe(layers: list[str], base_px: tuple[int, int], *, start: int, stop: int, value: float,
+            progressive: bool = True) -> dict:
     ups = [p for p in layers if "upsamplers" in p]
     rest = [p for p in layers if "upsamplers" not in p]
-    common = {"start_step": start, "stop_step": stop, "mask_value": value}
+    common = {"start_step": start, "stop_step": stop, "mask_value": value, "progressive": progressive}
     return {
         "name": "fouriscale-test", "base_resolution": list(base_px), "target_resolutions": [[base_px[0] * 2, base_px[1] * 2]],
         "passes": [
@@ -470,14 +471,17 @@ def test_composes_with_noise_damped_cfg() -> None:
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("latent", "value"), [((16, 32), 0.0), ((24, 24), 0.6)])
-def test_setting_follows_the_official_schedule(latent: tuple[int, int], value: float) -> None:
-    """Per step: dilation ceil(d_i), filter scale d_i, base and target as the official XL processor."""
+@pytest.mark.parametrize(("latent", "value", "progressive"),
+                         [((16, 32), 0.0, True), ((24, 24), 0.6, True), ((16, 32), 0.0, False),
+                          ((20, 16), 0.0, True)])  # 2.5x the base height: ceil gives dilation 3
+def test_setting_follows_the_official_schedule(latent: tuple[int, int], value: float, progressive: bool) -> None:
+    """Per step: dilation ceil(d_i), filter scale d_i, base and target as the official XL processor.
+    Without the progressive decay the full dilation runs up to step 29 and step 30 is plain."""
     from unet_surgery.ops.redilate import ConvSetting
     from unet_surgery.runtime import MAIN, UNetCall
 
     model = build_unet("sd15", size="tiny", device="meta")
-    recipe = _recipe(OFFICIAL_SD15_LAYERS, (64, 64), start=10, stop=30, value=value)
+    recipe = _recipe(OFFICIAL_SD15_LAYERS, (64, 64), start=10, stop=30, value=value, progressive=progressive)
     patch = apply(model, recipe, unet_map=preset_map("sd15", "tiny"))
     patch.set_timesteps(TIMESTEPS)
     dilation = max(math.ceil(latent[0] / 8), math.ceil(latent[1] / 8))  # text2image.py
@@ -485,7 +489,7 @@ def test_setting_follows_the_official_schedule(latent: tuple[int, int], value: f
     upsampler = patch.plan.layers["up_blocks.0.upsamplers.0.conv"]
     for i, t in enumerate(TIMESTEPS):
         call = UNetCall(timestep=t, latent_hw=latent, batch=2, step=i)
-        cur = official_cur_dilation(dilation, i, 10, 30)
+        cur = official_cur_dilation(dilation, i, 10, 30, progressive)
         if i < 30:  # activate=i < stop_step
             lowpass = LowPass(cur, (8, 8), latent[0], value)
             assert patch.layer_setting(filtered, MAIN, call) == ConvSetting(math.ceil(cur), False, lowpass)

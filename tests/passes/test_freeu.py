@@ -205,6 +205,37 @@ def test_pass_equals_diffusers_enable_freeu_in_float64(name: str, settings: dict
     torch.testing.assert_close(ours, transcribed, rtol=0, atol=1e-6)
 
 
+def test_a_threshold_other_than_one_equals_the_transcription_with_that_threshold() -> None:
+    """diffusers hard-codes threshold 1; the FreeU README's ``Fourier_filter(x, threshold, scale)``
+    takes it as an argument. At 192x192 px SD1.5's FreeU levels are 3x3 and 6x6 latents, where
+    a square of half side 2 covers more of the spectrum than one of half side 1."""
+    import diffusers.models.unets.unet_2d_blocks as blocks
+
+    def apply_freeu_threshold_2(resolution_idx: int, hidden_states: torch.Tensor, res_hidden_states: torch.Tensor,
+                                **kw: Any):
+        if resolution_idx in (0, 1):
+            b, s = (kw["b1"], kw["s1"]) if resolution_idx == 0 else (kw["b2"], kw["s2"])
+            half = hidden_states.shape[1] // 2
+            hidden_states[:, :half] = hidden_states[:, :half] * b
+            res_hidden_states = ref_fourier_filter(res_hidden_states, threshold=2, scale=s)
+        return hidden_states, res_hidden_states
+
+    model = tiny64("sd15")
+    inputs = example_inputs(model, height=192, width=192, dtype=torch.float64)
+    original = blocks.apply_freeu
+    blocks.apply_freeu = apply_freeu_threshold_2
+    try:
+        expected = run(with_diffusers_freeu(model, SD15), inputs)
+    finally:
+        blocks.apply_freeu = original
+    threshold_1 = run(with_diffusers_freeu(model, SD15), inputs)
+    unet_map = preset_map("sd15", "tiny")
+    with apply(model, freeu_recipe(unet_map, base=512, threshold=2, **SD15), unet_map=unet_map):
+        ours = run(model, inputs)
+    assert (expected - threshold_1).abs().max() > 1e-3  # the threshold matters at these sizes
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
 def test_structure_scaling_equals_diffusers_blocks_with_the_v2_code() -> None:
     # No library implements v2 at diffusers' stages; the reference is diffusers' up blocks
     # calling the transcribed v2 code. 128 px: the lowest level is 2x2 (a 1x1 map has no range).

@@ -806,3 +806,25 @@ def test_export_phases_freeze_a_fixed_shift_and_refuse_a_random_one() -> None:
             assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in errors[0]
         else:
             assert errors == []
+
+
+def test_a_downsampler_without_an_upsampler_back_into_its_level_is_refused() -> None:
+    """RAU-Net's downsampler form pairs the strided conv of level L with the conv right after the
+    upsampling back into L. A map whose stride-2 conv sits at the deepest level has no such
+    upsampling (the first up conv there follows the mid block at the same level): refused, not
+    paired with an ordinary resnet conv."""
+    import dataclasses
+
+    from unet_surgery.graph.records import UNetMap
+
+    unet_map = UNetMap.from_dict(preset_map("sd15", "tiny").to_dict())
+    deepest = unet_map.num_levels - 1
+    path = "down_blocks.2.downsamplers.0.conv"
+    unet_map.convs = [dataclasses.replace(c, level=deepest) if c.path == path else c for c in unet_map.convs]
+    doc = {"name": "x", "base_resolution": [64, 64], "target_resolutions": [[128, 128]],
+           "passes": [{"type": "rau_net", "select": {"paths": [path]}, "switch": 0.4}]}
+    with pytest.raises(SelectionError, match=f"no upsampler conv into level {deepest}"):
+        make_plan(parse_recipe(doc), unet_map)
+    doc["passes"][0]["select"]["paths"] = ["down_blocks.1.downsamplers.0.conv"]  # level 1: its upsampler exists
+    plan = make_plan(parse_recipe(doc), unet_map)
+    assert sorted(plan.entries("rau_net")) == ["down_blocks.1.downsamplers.0.conv", "up_blocks.1.upsamplers.0.conv"]

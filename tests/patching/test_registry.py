@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import preset_map
@@ -213,3 +214,40 @@ def test_modules_with_an_instance_forward_are_refused_by_apply(tiny_sd15) -> Non
     with pytest.raises(TransformError, match="instance-level forward"):
         apply(tiny_sd15, _sd15_recipe(REDILATE), unet_map=preset_map("sd15", "tiny"))
     assert not any(rewrite.is_rewritten(m) for m in tiny_sd15.modules())  # nothing left behind
+
+
+# ----------------------------------------------------------------------------- factors
+
+
+def _dilation_it_ran_with(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor) -> int | None:
+    """The dilation a 3x3 stride-1 conv ran with: its output is torch's conv with that dilation
+    and padding (None when none of 1-4 gives it)."""
+    ran = [d for d in (1, 2, 3, 4) if torch.equal(out, F.conv2d(x, conv.weight, conv.bias, 1, padding=d, dilation=d))]
+    return ran[0] if len(ran) == 1 else None
+
+
+def test_a_layer_in_the_factors_table_runs_with_its_entry_and_the_others_with_the_default(tiny_sd15) -> None:
+    listed, other = "down_blocks.1.resnets.0.conv1", "down_blocks.1.resnets.0.conv2"
+    doc = _sd15_recipe({"type": "redilate", "select": {"paths": [listed, other]}, "factor": 2, "factors": {listed: 3}})
+    ran: dict[str, int | None] = {}
+    with apply(tiny_sd15, doc, unet_map=preset_map("sd15", "tiny")):
+        handles = [tiny_sd15.get_submodule(p).register_forward_hook(
+            lambda m, a, o, p=p: ran.update({p: _dilation_it_ran_with(m, a[0], o)})) for p in (listed, other)]
+        with torch.no_grad():
+            tiny_sd15(**example_inputs(tiny_sd15, height=128, width=128))  # t=999: step 0, no schedule
+        for h in handles:
+            h.remove()
+    assert ran == {listed: 3, other: 2}
+
+
+def test_a_damped_branch_with_the_main_factors_but_another_window_is_not_ordinary_cfg(tiny_sd15) -> None:
+    """Same layers and factors, windows of 30 and 20 steps: from step 20 to 29 the damped branch
+    runs the plain conv while the main branch is re-dilated, so guidance is noise-damped there."""
+    ndcfg = {**REDILATE, "type": "noise_damped_cfg", "schedule": {"tau": 20}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoEffectWarning)
+        patch = apply(tiny_sd15, _sd15_recipe(REDILATE, ndcfg), unet_map=preset_map("sd15", "tiny"))
+    try:
+        assert no_effect_reasons(patch.recipe, patch.plan) == []
+    finally:
+        patch.remove()

@@ -50,6 +50,10 @@ def test_the_base_document_is_valid() -> None:
         (("passes", 0, "schedule", "progressive"), "yes", "passes[0].schedule.progressive: expected true or false"),
         # an odd table key is quoted in the error path (found by the fuzz test below in CI)
         (("passes", 2, "factors"), {":": 0.0}, "passes[2].factors[':']: factor must be between 1 and 64, got 0"),
+        # a dilation below 1 would enlarge the input (ScaleCrafter's factors are >= 1)
+        (("passes", 2, "factors"), {"mid_block.resnets.0.conv1": 0.5},
+         "passes[2].factors.mid_block.resnets.0.conv1: factor must be between 1 and 64, got 0.5"),
+        (("passes", 0, "factor"), 0.5, "passes[0].factor: factor must be between 1 and 64, got 0.5"),
     ],
 )
 def test_errors_name_the_field(path, value, message) -> None:
@@ -177,3 +181,17 @@ def test_unread_dilate_tau_is_dropped_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="dilate_tau is ignored"):
         recipe = parse_recipe(doc)
     assert recipe.sampling is not None and not hasattr(recipe.sampling, "dilate_tau")
+
+
+def test_on_missing_error_refuses_a_listed_path_the_model_lacks_and_warn_skips_it(tiny_sd15) -> None:
+    unet_map = preset_map("sd15", "tiny")
+    typo = "down_blocks.1.resnet.0.conv1"  # resnets, not resnet
+    doc = copy.deepcopy(VALID)
+    doc["passes"] = [{"type": "redilate", "select": {"paths": ["down_blocks.1.resnets.0.conv2", typo]}, "factor": 2}]
+    with pytest.raises(SelectionError, match=r"passes\[0\] \(redilate\): 1 listed layer\(s\) do not exist .*"
+                                             r"closest: down_blocks\.1\.resnets\.0\.conv1.*on_missing: warn"):
+        apply(tiny_sd15, doc, unet_map=unet_map)
+    doc["passes"][0]["on_missing"] = "warn"
+    with apply(tiny_sd15, doc, unet_map=unet_map) as patch:
+        assert sorted(patch.plan.layers) == ["down_blocks.1.resnets.0.conv2"]
+        assert f"missing in model, skipped: passes[0] {typo} (closest: down_blocks.1.resnets.0.conv1" in patch.report()

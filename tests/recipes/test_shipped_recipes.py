@@ -260,3 +260,25 @@ def test_hidiffusion_recipe_maps_and_applies_to_the_official_layers(name: str) -
     with apply(model, recipe, unet_map=preset_map(recipe.model)) as patch:
         assert set(patch.plan.layers) == HIDIFFUSION_LAYERS["sdxl" if recipe.model == "sdxl" else "sd15"]
         assert not patch.plan.missing
+
+
+@pytest.mark.parametrize(("config", "target"), [("1024x1024", 1024), ("2048x2048", 2048), ("2048x1024", (1024, 2048))])
+def test_auto_recipe_uses_the_published_sd15_schedule(config, target) -> None:
+    """Every re-dilation pass of the scalecrafter policy runs for the published ``dilate_tau`` of
+    ``num_inference_steps``, progressive where the published config is. (At 1280x1280 the
+    published config re-dilates for 35 steps; the policy's rule gives 30 below 3x.)"""
+    cfg = yaml.safe_load(reference_path("scalecrafter", "configs", f"sd1.5_{config}.yaml").read_text())
+    recipe = auto_recipe(preset_map("sd15"), base=512, target=target, policy="scalecrafter")
+    schedules = {(p.schedule.tau, p.schedule.steps, p.schedule.progressive) for p in recipe.passes}
+    assert schedules == {(cfg["dilate_tau"], cfg["num_inference_steps"], cfg["progressive"])}
+
+
+@pytest.mark.parametrize(("table", "target"), [("sd1.5_2048x2048", 2048), ("sd1.5_2048x1024", (1024, 2048))])
+def test_auto_recipe_lists_exactly_the_published_upsampler_convs_by_path(table, target) -> None:
+    """The per-path pass of the scalecrafter policy holds the upsamplers' convs with the factor
+    of the level they upsample from, as the published tables give them; the other convs are in
+    the level passes."""
+    recipe = auto_recipe(preset_map("sd15"), base=512, target=target, policy="scalecrafter")
+    (listed,) = [p.factors for p in recipe.passes if p.factors]
+    published = published_table(f"assets/dilate_settings/{table}.txt")
+    assert listed == {path: f for path, f in published.items() if ".upsamplers." in path}

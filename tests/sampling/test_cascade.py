@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from tests.conftest import preset_map
 from tests.pipelines import tiny_pipelines as tp
 from unet_surgery import RecipeError, SurgeryError, current_patch, load_recipe
-from unet_surgery.ops.redilate import redilated_conv
 from unet_surgery.presets import build_unet
 from unet_surgery.recipes.schema import SamplingSpec
 from unet_surgery.sampling import cfg_denoiser, self_cascade, self_cascade_sample
@@ -170,10 +169,12 @@ def test_freescale_recipe_dilates_later_stages_only() -> None:
     conv = pipe.unet.get_submodule("down_blocks.1.resnets.0.conv1")  # kernel 3, level 1, down: selected
 
     def spy(module, args, out):
-        """The factor this conv really ran with: its output is the conv re-dilated by that factor."""
+        """The factor this conv really ran with: its output is torch's 3x3 conv with dilation and
+        padding that factor (the plain conv at 1)."""
         call = current_patch(pipe.unet).tracker.current
-        ran = [f for f in (1.0, 2.0, 3.0) if torch.equal(out, redilated_conv(module, args[0], f))]
-        seen.append((call.latent_hw[0], call.step, ran[0] if len(ran) == 1 else float("nan")))
+        ran = [d for d in (1, 2, 3)
+               if torch.equal(out, F.conv2d(args[0], module.weight, module.bias, 1, padding=d, dilation=d))]
+        seen.append((call.latent_hw[0], call.step, float(ran[0]) if len(ran) == 1 else float("nan")))
 
     handle = conv.register_forward_hook(spy)
     out = self_cascade_sample(pipe, doc, prompt_embeds=kwargs["prompt_embeds"],
@@ -210,16 +211,31 @@ def test_pipeline_front_end_matches_the_bare_sampler() -> None:
     assert torch.equal(out.latents, bare.latents)
 
 
-def test_sdxl_pipeline_cascade_runs() -> None:
+def test_sdxl_pipeline_cascade_matches_the_bare_sampler_with_diffusers_conditioning() -> None:
+    """The SDXL front end conditions as diffusers' SDXL pipeline does: pooled embeddings and
+    ``time_ids`` batched ``[negative, positive]``, ``time_ids`` = original size, crop corner
+    (0, 0), target size (``_get_add_time_ids``), here the first stage's 128x128."""
+    from unet_surgery import apply
+
     pipe, kwargs = tp.sdxl()
     doc = load_recipe("freescale-sdxl-2048x2048")
     spec = SamplingSpec(stages=((128, 128), (256, 256)), steps=3, restart_step=1)
     tiny = dataclasses.replace(doc, base_resolution=(128, 128), target_resolutions=((256, 256),), sampling=spec)
-    out = self_cascade_sample(pipe, tiny, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
-                              unet_map=preset_map("sdxl", "tiny"), progress=False,
-                              **{k: kwargs[k] for k in ("prompt_embeds", "negative_prompt_embeds",
-                                                        "pooled_prompt_embeds", "negative_pooled_prompt_embeds")})
+    embeds = {k: kwargs[k] for k in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                                     "negative_pooled_prompt_embeds")}
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    out = self_cascade_sample(pipe, tiny, guidance_scale=5.0, generator=g(), unet_map=preset_map("sdxl", "tiny"),
+                              progress=False, **embeds)
     assert out.latents.shape == (1, 4, 32, 32) and torch.isfinite(out.latents).all()
+    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
+    added = {"text_embeds": torch.cat([embeds["negative_pooled_prompt_embeds"], embeds["pooled_prompt_embeds"]]),
+             "time_ids": torch.cat([time_ids, time_ids])}
+    with apply(pipe.unet, tiny, unet_map=preset_map("sdxl", "tiny")) as patch:
+        bare = self_cascade(cfg_denoiser(pipe.unet, embeds["prompt_embeds"], embeds["negative_prompt_embeds"],
+                                         guidance_scale=5.0, added_cond_kwargs=added),
+                            pipe.scheduler, tiny, latent_channels=4, vae=pipe.vae, generator=g(), patch=patch,
+                            progress=False)
+    assert torch.equal(out.latents, bare.latents)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -247,6 +263,7 @@ def test_bad_masks_are_refused(parts, mask, match) -> None:
     ("spec", "match"),
     [
         (dataclasses.replace(SPEC, stages=((128, 128), (64, 64))), "must not shrink"),
+        (dataclasses.replace(SPEC, stages=((64, 64), (128, 32))), "must not shrink"),  # taller, narrower
         (dataclasses.replace(SPEC, restart_step=4), r"restart_step: must be in \[0, 4\)"),
         (dataclasses.replace(SPEC, restart_step=-1), "restart_step"),
         (dataclasses.replace(SPEC, stages=((64, 64), (100, 100))), "not a multiple"),
@@ -274,3 +291,16 @@ def test_cascade_front_end_refuses_other_pipelines_and_recipes_without_sampling(
     with pytest.raises(RecipeError, match="no sampling section"):
         self_cascade_sample(pipe, "scalecrafter-sd15-1024x1024", prompt_embeds=kwargs["prompt_embeds"])
     assert current_patch(pipe.unet) is None
+
+
+@pytest.mark.parametrize(
+    ("restart", "steps", "expected"),
+    [(15, 10, 3), (15, 100, 30), (49, 10, 9), (None, 10, None)],
+)
+def test_a_recipe_run_with_other_steps_keeps_the_restart_at_the_same_fraction(restart, steps, expected) -> None:
+    """FreeScale restarts at 15 of 50 steps: 3 of 10, 30 of 100; a restart at the last step stays
+    at the last step (9 of 10, not 10, which does not exist); the default stays 0.3 * steps."""
+    from unet_surgery.sampling.cascade import with_steps
+
+    spec = SamplingSpec(stages=((64, 64), (128, 128)), steps=50, restart_step=restart)
+    assert with_steps(spec, steps) == SamplingSpec(stages=spec.stages, steps=steps, restart_step=expected)

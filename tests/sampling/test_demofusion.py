@@ -420,3 +420,15 @@ def test_views_equal_the_official_views():
 def test_targets_without_an_upscaling_phase_are_refused(height, width, message):
     with pytest.raises(PatchError, match=message):
         phases(height, width, 1024, 8)
+
+
+def test_each_local_view_is_conditioned_on_its_corner_as_sdxl_crop() -> None:
+    """SDXL's ``time_ids`` are original size, crop corner (top, left), target size
+    (``_get_add_time_ids``); DemoFusion gives each local view its top-left corner in pixels."""
+    from unet_surgery.sampling.pipelines import crop_time_ids
+
+    time_ids = torch.tensor([[2048.0, 3072.0, 0.0, 0.0, 2048.0, 3072.0]])
+    got = crop_time_ids(time_ids, [(0, 512), (1024, 256)])
+    assert torch.equal(got, torch.tensor([[2048.0, 3072.0, 0.0, 512.0, 2048.0, 3072.0],
+                                          [2048.0, 3072.0, 1024.0, 256.0, 2048.0, 3072.0]]))
+    assert torch.equal(time_ids[0, 2:4], torch.zeros(2))  # the caller's rows are left as they were

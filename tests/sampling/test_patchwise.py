@@ -129,3 +129,18 @@ def test_bad_windows_and_strides_are_one_clear_line(hw, window, stride, message)
     with pytest.raises(PatchError, match=message) as info:
         denoise(torch.zeros(1, 4, *hw), torch.tensor(1), ViewStage(0, 8 * hw[0], 8 * hw[1], hw, 0))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("patches", "expected"), [
+    ({}, (64, 32)),  # the native size in latents (the smaller side of 512x768 px / 8), half of it
+    ({"window": 48}, (48, 24)),
+    ({"window": 48, "stride": 40}, (48, 40)),
+])
+def test_the_default_window_is_the_base_size_and_the_default_stride_half_of_it(patches, expected):
+    """MultiDiffusion's and DemoFusion's settings: views of the native size, half a view apart."""
+    from unet_surgery.recipes import parse_recipe
+    from unet_surgery.sampling.patchwise import patch_settings
+
+    recipe = parse_recipe({"name": "p", "base_resolution": [512, 768], "target_resolutions": [[1024, 1536]],
+                           "passes": [], "patches": patches})
+    assert patch_settings(recipe) == expected
