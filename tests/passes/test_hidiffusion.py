@@ -448,6 +448,57 @@ def test_builder_at_4x_area_equals_official_code(name, base, target, hw, steps, 
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
+# Latents that halve evenly to the deepest level but not once RAU-Net reduced them, so the
+# plain 2x upsampling misses a skip (diffusers forwards no sizes: every side is a multiple
+# of 2**num_upsamplers). sd15 40x56: 40 -4x-> 10 -pool-> 5 -> 3 -> 2, and 2 * 2 != 3; at step
+# 20 (downsampler alone) 10 -> 5 -> 3, 2 * 3 != 5. sdxl 36x44: 36 -> 18 -pool-> 9 -> 5 at
+# step 20 (pooling alone), 2 * 5 != 9; at step 0 the downsampler pair reduces 9 -4x-> 3.
+UNEVEN = [("sd15", 512, 2048, (40, 56), [0, 20]), ("sdxl", 1024, 4096, (36, 44), [0, 20])]
+
+
+@pytest.mark.parametrize(("name", "base", "target", "hw", "steps"), UNEVEN)
+def test_builder_at_4x_area_on_sizes_that_halve_unevenly_equals_official_code(
+    name, base, target, hw, steps, monkeypatch
+) -> None:
+    """The official code forwards every skip size to its upsampler (``num_upsamplers += 12``);
+    the samplers below a RAU-Net pair keep their level's size, which is the same computation."""
+    monkeypatch.setitem(FOUR_X_FROM, name, min(hw))
+    model = tiny(name)
+    ref = apply_hidiffusion(copy.deepcopy(model), name)
+    inputs = inputs_for(model, hw)
+    unet_map = preset_map(name, "tiny")
+    with apply(model, hidiffusion_recipe(unet_map, base, target), unet_map=unet_map) as patch:
+        patch.set_timesteps(TIMESTEPS)
+        for step in steps:
+            out = patched_out(model, inputs, step, seed=step)
+            expected = official_out(ref, inputs, step, seed=step)
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_toy_eps_at_4x_per_side_restores_before_the_first_unpooled_skip() -> None:
+    """toy-eps has one transformer per down stage (layers_per_block 1), two per up stage. The
+    pooled skip of down transformer 0 is taken by up resnet 0; up resnet 1 takes the level's
+    unpooled input, so the size must be back after up transformer 0 (the published ``i == 1``
+    fits only two transformers per down stage). Sampled as the demo does, 128x128 from 32."""
+    from unet_surgery.demo import recipe_for
+    from unet_surgery.graph import map_unet
+    from unet_surgery.toy.model import load_toy
+    from unet_surgery.toy.sampling import sample_recipe
+
+    toy = load_toy("toy-eps")
+    unet_map = map_unet(toy.unet, latent_hw=(64, 64))
+    recipe = recipe_for("hidiffusion", unet_map, 128)
+    pool_pass = next(i for i, p in enumerate(recipe.passes) if "attention" in (p.select.op or ()))
+    blocks = set(make_plan(recipe, unet_map).planned_by(pool_pass))
+    assert {"down_blocks.1.attentions.0", "up_blocks.2.attentions.0"} <= blocks
+    assert "up_blocks.2.attentions.1" not in blocks
+    steps = 4  # int(4 * 0.3) = 1: step 0 has both pairs, steps 1-1 the downsampler alone
+    plain = sample_recipe(toy, None, torch.tensor([1]), seeds=[5], size=128, steps=steps)
+    patched = sample_recipe(toy, recipe, torch.tensor([1]), seeds=[5], size=128, steps=steps, unet_map=unet_map)
+    assert patched.shape == plain.shape == (1, 3, 128, 128)
+    assert torch.isfinite(patched).all() and not patched.equal(plain)
+
+
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
 def test_each_pass_alone_equals_the_official_switch(name) -> None:
     """apply_raunet / apply_window_attn of the official code against one pass type each; and
@@ -686,9 +737,12 @@ def test_composed_with_noise_damped_guidance(name, hw, step) -> None:
 def selected(recipe, unet_map) -> dict[str, set[str]]:
     """What a plan rewrites, in the official code's terms (blocks, convs, transformer blocks)."""
     plan = make_plan(recipe, unet_map)
-    out: dict[str, set[str]] = {"conv": set(), "block": set(), "window": set()}
+    out: dict[str, set[str]] = {"conv": set(), "block": set(), "window": set(), "size": set()}
     for path, layer in plan.layers.items():
-        if layer.rewrite.name == "window_attention":
+        rau = layer.entry("rau_net")
+        if rau is not None and all(role.level is not None for role in rau.roles):
+            out["size"].add(path)
+        elif layer.rewrite.name == "window_attention":
             assert path.endswith(".attn1")
             out["window"].add(path.removesuffix(".attn1"))
         elif layer.record is not None:
@@ -705,7 +759,12 @@ def official_selection(name: str, with_blocks: bool = True) -> dict[str, set[str
     # The official block forwards pool after attentions[0] (i == 0) and resize after attentions[1] (i == 1).
     down_block, up_block = sorted(p for p in every if not p.endswith(".conv"))
     blocks = {f"{down_block}.attentions.0", f"{up_block}.attentions.1"} if with_blocks else set()
-    return {"conv": convs, "block": blocks, "window": set(keys["windown_attn_module_key"])}
+    # The official code forwards every skip size to its upsampler (``num_upsamplers += 12``);
+    # ours keeps the sizes of the levels below the RAU-Net pair: SD1.5 levels 1 and 2 (their
+    # downsamplers and the upsamplers into them); SDXL's only such level, 1, is the pair's own.
+    size = {"down_blocks.1.downsamplers.0.conv", "down_blocks.2.downsamplers.0.conv",
+            "up_blocks.0.upsamplers.0.conv", "up_blocks.1.upsamplers.0.conv"} if name == "sd15" else set()
+    return {"conv": convs, "block": blocks, "window": set(keys["windown_attn_module_key"]), "size": size}
 
 
 @pytest.mark.slow
@@ -752,6 +811,9 @@ def test_ldm_layout_selects_the_same_roles() -> None:
     unet_map = preset_map("ldm_sd15", "tiny")
     got = selected(load_recipe(RECIPES["sd15"]), unet_map)
     assert got["conv"] == {"input_blocks.3.0.op", "output_blocks.8.2.conv"}
+    # levels 1 and 2 keep their sizes: their downsamplers and the upsamplers into them
+    assert got["size"] == {"input_blocks.6.0.op", "input_blocks.9.0.op", "output_blocks.2.1.conv",
+                           "output_blocks.5.2.conv"}
     assert got["window"] == {f"{b}.1.transformer_blocks.0" for b in ("input_blocks.1", "input_blocks.2",
                                                                      "output_blocks.9", "output_blocks.10",
                                                                      "output_blocks.11")}

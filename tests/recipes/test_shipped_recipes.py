@@ -186,9 +186,13 @@ def test_fouriscale_recipe_is_the_official_config(name: str) -> None:
 HIDIFFUSION = sorted(n for n in list_recipes() if n.startswith("hidiffusion-"))
 # Typed from megvii-research/HiDiffusion hidiffusion.py (sd15_hidiffusion_key / sdxl_hidiffusion_key):
 # the RAU-Net convs, the transformers the RAU-Net blocks pool after (attentions.0) and resize after
-# (attentions.1), and the attn1 of every MSW-MSA transformer block.
+# (attentions.1), and the attn1 of every MSW-MSA transformer block. The official code forwards
+# skip sizes to every upsampler (num_upsamplers += 12); on SD1.5 the samplers of levels 1 and 2,
+# below the RAU-Net pair, keep their sizes (their downsamplers and the upsamplers into them).
 HIDIFFUSION_LAYERS = {
     "sd15": {"down_blocks.0.downsamplers.0.conv", "up_blocks.2.upsamplers.0.conv",
+             "down_blocks.1.downsamplers.0.conv", "down_blocks.2.downsamplers.0.conv",
+             "up_blocks.0.upsamplers.0.conv", "up_blocks.1.upsamplers.0.conv",
              *(f"down_blocks.0.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1)),
              *(f"up_blocks.3.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1, 2))},
     "sdxl": {"down_blocks.1.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv",
