@@ -61,7 +61,7 @@ RAU_NET = LayerRewrite(
     off=None,
     install=_install,
     restore=rewrite.restore,
-    summary=lambda s: None if s is None else {"rau_net": s.side},
+    summary=lambda s: None if s is None else {"rau_net": s.side if s.reduce else f"{s.side}, keeps the size"},
 )
 """A RAU-Net conv or transformer (:mod:`unet_surgery.ops.hidiffusion`); None is plain."""
 
