@@ -13,12 +13,20 @@ Methods: ``baseline``, the plain model at the target size; ``bicubic`` (a 1x sam
 (the "hires fix": a 1x sample, bicubic upsample, img2img with the plain model at strength S);
 ``cascade`` (FreeScale's self-cascade without dilation); ``auto`` (``auto_recipe`` alone);
 ``scalecrafter``; ``freescale`` (cascade + scale-fusion attention); ``hidiffusion``;
-``fouriscale``. The 1x row (the plain model at 32 px) gives the reference contrast.
+``fouriscale``; ``demofusion`` and ``multidiffusion`` (the patch-wise samplers,
+``auto_recipe(policy=...)``) and ``auto-patches`` (the automatic policy with its stages denoised
+in native-size views: the memory-flat variant). The 1x row (the plain model at 32 px) gives the
+reference contrast.
+
+A row whose sampling raises is recorded as a failure in every column (``crashed: ...``), not
+dropped. The report is rewritten after every row, and each row's images are kept in
+``<out>/.rows`` (``--cache``; not committed), so a stopped run resumes where it stopped, and
+``--cached-only`` writes the report of whatever the cache holds.
 
 The seeds 9500-9515 were used for nothing else: no setting of any method was chosen on them.
 The row loop is the demo's (:func:`unet_surgery.demo.run_demo`), with two more methods.
 
-    python benchmarks/detail_benchmark.py                                # the committed report
+    python benchmarks/detail_benchmark.py --toys toy-detail --out benchmarks/detail/toy-detail  # a committed report
     python benchmarks/detail_benchmark.py --toys toy-detail --sizes 64 --seeds 9500-9503 --methods baseline auto
 """
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +51,8 @@ from unet_surgery.demo import (
     table,
 )
 from unet_surgery.recipes import Recipe
-from unet_surgery.recipes.auto import cascade_recipe
+from unet_surgery.recipes.auto import auto_recipe, cascade_recipe
+from unet_surgery.recipes.schema import PatchSpec
 from unet_surgery.toy.model import TOY_NAMES
 from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
@@ -55,13 +65,17 @@ EXTRA = {
                                               dilate_fraction=0.0),
     "freescale": lambda m, size: cascade_recipe(m, base=BASE, target=size, vae_scale_factor=1,
                                                 scale_fusion=True),
+    "auto-patches": lambda m, size: replace(auto_recipe(m, base=BASE, target=size, vae_scale_factor=1),
+                                            patches=PatchSpec()),
 }
 EXTRA_DESCRIPTIONS = {
     "cascade": "FreeScale's self-cascade without dilation (cascade_recipe(dilate_fraction=0))",
     "freescale": "FreeScale: self-cascade, restrained dilation and scale-fusion attention",
+    "auto-patches": "auto_recipe() with a patches section: every stage in native-size views (memory-flat)",
 }
 METHODS: tuple[str, ...] = ("baseline", *UPSCALERS, "cascade", "auto", "scalecrafter",
-                            "freescale", "hidiffusion", "fouriscale")
+                            "freescale", "hidiffusion", "fouriscale", "demofusion", "multidiffusion",
+                            "auto-patches")
 
 
 def recipe(method: str, unet_map: Any, size: int) -> Recipe | None:
@@ -85,7 +99,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def row_json(r: DemoRow) -> dict[str, Any]:
     return {"toy": r.toy, "size": r.size, "method": r.method, "recipe": r.recipe,
             "seconds": round(r.seconds, 1), "objects_per_image": r.per_image, "shapes": r.shapes,
-            **r.summary, "detail": r.detail}
+            **r.summary, "detail": r.detail, "error": r.error}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,22 +111,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--out", type=Path, default=Path("benchmarks/detail"))
+    p.add_argument("--cache", type=Path, default=None,
+                   help="folder of the resumable rows (default <out>/.rows); runs with other --out may share one")
+    p.add_argument("--cached-only", action="store_true",
+                   help="sample nothing: the report of the rows <out>/.rows holds (a stopped run's), the others left out")
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     command = "python benchmarks/detail_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"{command}\n{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}), {args.steps} steps", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[DemoRow] = []
-    for toy_name in args.toys:  # a report after each toy, so a long run leaves what it measured
-        cfg = DemoConfig(toys=(toy_name,), sizes=tuple(args.sizes), methods=tuple(args.methods),
-                         seeds=seeds, steps=args.steps, guidance_scale=args.guidance)
-        rows += run_demo(cfg, progress=lambda line: print(line, flush=True), recipes=recipe)
+
+    def write_report(done: list[DemoRow]) -> None:
         report = {"command": command, "seeds": list(seeds), "labels": [s % 3 for s in seeds],
                   "steps": args.steps, "guidance": args.guidance, "base": BASE,
                   "methods": {m: DEMO_METHODS.get(m) or EXTRA_DESCRIPTIONS[m] for m in args.methods},
-                  "rows": [row_json(r) for r in rows]}
+                  "rows": [row_json(r) for r in done]}
         (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        (args.out / "report.md").write_text(table(rows) + "\n", encoding="utf-8")
+        (args.out / "report.md").write_text(table(done) + "\n", encoding="utf-8")
+
+    for toy_name in args.toys:  # one toy in memory at a time
+        cfg = DemoConfig(toys=(toy_name,), sizes=tuple(args.sizes), methods=tuple(args.methods),
+                         seeds=seeds, steps=args.steps, guidance_scale=args.guidance)
+        rows += run_demo(cfg, progress=lambda line: print(line, flush=True), recipes=recipe, keep_going=True,
+                         row_cache=args.cache or args.out / ".rows", cached_only=args.cached_only, on_row=lambda own, before=list(rows): write_report(before + own))
         own = [r for r in rows if r.toy == toy_name]
         grid_png(own, args.out / f"grid_{toy_name}.png", tile=64)
         crop_grid_png([r for r in own if r.method in ("baseline", "bicubic", "hires-0.5", "auto")],

@@ -2,7 +2,7 @@
 
     python scripts/make_toy_recipes.py
 
-For each shipped toy (``toy``, ``toy4``) and each target (64x64 and 128x128 from 32x32):
+For each shipped toy (``toy``, ``toy4``, ``toy-detail``, ``toy-eps``) and each target (64x64 and 128x128 from 32x32):
 
 * ``{toy}-auto-{size}``: ``auto_recipe(map, base=32, target=size)``, the default policy
   (self-cascade with restrained deepest-level dilation);

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from unet_surgery.graph import map_unet
-from unet_surgery.recipes import Recipe
+from unet_surgery.recipes import Recipe, SamplingSpec
 from unet_surgery.recipes.auto import auto_recipe
 from unet_surgery.toy.data import SHAPES
 from unet_surgery.toy.detail import analyse_detail, summarise_detail, texture_contrast
@@ -32,14 +32,16 @@ from unet_surgery.toy.model import load_toy
 from unet_surgery.toy.sampling import DEFAULT_GUIDANCE, sample, sample_recipe
 
 BASE = 32
-UPSCALERS: dict[str, float | None] = {"bicubic": None, "hires-0.3": 0.3, "hires-0.5": 0.5,
-                                      "hires-0.7": 0.7}
+UPSCALERS: dict[str, float | None] = {"bicubic": None, "hires-0.1": 0.1, "hires-0.2": 0.2, "hires-0.3": 0.3,
+                                      "hires-0.5": 0.5, "hires-0.7": 0.7}
 """Methods that start from the 1x sample: a bicubic upsample (``None``), or the "hires fix":
 upsample, then img2img with the plain model at that strength."""
 METHODS: dict[str, str] = {
     "baseline": "the plain model",
     "bicubic": "the 1x sample upsampled (bicubic): one object, but blown-up detail",
-    "hires-0.3": "hires fix: the 1x sample upsampled, then img2img with the plain model, strength 0.3",
+    "hires-0.1": "hires fix: the 1x sample upsampled, then img2img with the plain model, strength 0.1",
+    "hires-0.2": "hires fix at strength 0.2",
+    "hires-0.3": "hires fix at strength 0.3",
     "hires-0.5": "hires fix at strength 0.5",
     "hires-0.7": "hires fix at strength 0.7",
     "scalecrafter": "auto_recipe(policy='scalecrafter'): full-ratio re-dilation, ScaleCrafter's rule",
@@ -47,6 +49,8 @@ METHODS: dict[str, str] = {
     "hidiffusion": "hidiffusion_recipe(): RAU-Net + MSW-MSA with the official settings",
     "fouriscale": "fouriscale_recipe(): dilation + low-pass filtering with the official settings",
     "freeu": "freeu_recipe(): FreeU with SD1.5's published factors (no high-resolution fix of its own)",
+    "demofusion": "auto_recipe(policy='demofusion'): DemoFusion's sampler with the official settings",
+    "multidiffusion": "auto_recipe(policy='multidiffusion'): overlapping native-size views, averaged",
 }
 """Demo methods and what each one is. Every recipe is derived from the toy's map by the
 method's builder, with published settings: none is tuned on the demo's seeds."""
@@ -99,6 +103,9 @@ class DemoRow:
     detail: dict[str, Any] | None = None
     """:func:`~unet_surgery.toy.detail.summarise_detail` plus ``contrast_vs_1x`` on a textured
     toy (``None`` on the flat ones)."""
+    error: str | None = None
+    """Why the row's sampling failed (``run_demo(keep_going=True)``); its images are blank and
+    count as failures in every column."""
 
 
 def recipe_for(method: str, unet_map: Any, size: int) -> Recipe | None:
@@ -120,19 +127,39 @@ def recipe_for(method: str, unet_map: Any, size: int) -> Recipe | None:
 
         recipe = freeu_recipe(unet_map, base=BASE, vae_scale_factor=1)
         return replace(recipe, target_resolutions=((size, size),))
-    policy = "scalecrafter" if method == "scalecrafter" else "auto"
+    policy = method if method in ("scalecrafter", "demofusion", "multidiffusion") else "auto"
     return auto_recipe(unet_map, base=BASE, target=size, vae_scale_factor=1, policy=policy)  # type: ignore[arg-type]
 
 
 def _unet_calls(recipe: Recipe | None, steps: int) -> int:
-    """UNet calls a row makes: steps, plus each later cascade stage's steps after its restart."""
-    if recipe is None or recipe.sampling is None:
+    """UNet calls a row makes: steps, plus each later cascade stage's steps after its restart;
+    patch-wise stages make one call per batch of views; DemoFusion one per batch of its local and
+    dilated views in every phase after the first."""
+    if recipe is None:
         return steps
-    from unet_surgery.sampling import restart_step_of
+    if recipe.demofusion is not None:
+        from unet_surgery.sampling.demofusion import view_counts
 
-    restart = recipe.sampling.restart_step
-    spec = replace(recipe.sampling, steps=steps, restart_step=None if restart is None else min(restart, steps - 1))
-    return steps + (len(spec.stages) - 1) * (steps - restart_step_of(spec))
+        (h, w), base = recipe.target_resolutions[0], recipe.base_resolution[0]
+        phases = view_counts(h, w, base, recipe.vae_scale_factor, replace(recipe.demofusion, steps=steps))
+        return steps + steps * sum(b for _, b in phases)
+    from unet_surgery.sampling import restart_step_of
+    from unet_surgery.sampling.patchwise import num_view_batches, patch_settings
+
+    if recipe.sampling is None and recipe.patches is None:
+        return steps
+    stages = recipe.sampling.stages if recipe.sampling is not None else recipe.target_resolutions[:1]
+    restart = recipe.sampling.restart_step if recipe.sampling is not None else None
+    spec = SamplingSpec(stages=stages, steps=steps, restart_step=None if restart is None else min(restart, steps - 1))
+    calls = 0
+    for i, (h, w) in enumerate(stages):
+        per_call = 1
+        if recipe.patches is not None:
+            window, stride = patch_settings(recipe)
+            f = recipe.vae_scale_factor
+            per_call = num_view_batches(h // f, w // f, window, stride, recipe.patches.view_batch_size)[1]
+        calls += per_call * (steps if i == 0 else steps - restart_step_of(spec))
+    return calls
 
 
 class _RowProgress:
@@ -172,6 +199,10 @@ def run_demo(
     progress: Callable[[str], None] = print,
     bars: bool = False,
     recipes: RecipeFor | None = None,
+    keep_going: bool = False,
+    row_cache: Path | None = None,
+    on_row: Callable[[list[DemoRow]], None] | None = None,
+    cached_only: bool = False,
 ) -> list[DemoRow]:
     """Sample every (toy, size, method) of ``cfg``; ``bars`` shows a progress bar per row.
 
@@ -179,6 +210,13 @@ def run_demo(
     the benchmarks pass their own to compare more methods. Upscaler rows start from the toy's
     1x row, and their time includes it. On a textured toy every row also gets the detail metric,
     against the 1x row's median texture contrast.
+
+    ``keep_going`` records a row whose sampling raises as a failed row (:attr:`DemoRow.error`)
+    and goes on; ``row_cache`` (a folder) keeps each successful row's images and time and reuses them when
+    the same row (toy, size, method, every recipe setting, seeds, steps, guidance) is asked again, so a long
+    benchmark can be resumed; ``cached_only`` samples nothing and leaves out the rows the cache
+    lacks (a report of what a stopped run measured); ``on_row(rows so far)`` runs after every
+    row (e.g. to write a report as the run goes).
     """
     make_recipe = recipes or recipe_for
     rows: list[DemoRow] = []
@@ -201,21 +239,39 @@ def run_demo(
             calls = 0 if strength is None else int(cfg.steps * strength)
         else:
             calls = _unet_calls(recipe, cfg.steps)
-        bar = _RowProgress(toy.unet, calls, desc, bars)
-        t0 = time.perf_counter()
-        try:
-            if method in UPSCALERS:
-                assert small is not None and small.toy == toy_name  # jobs() puts 1x first
-                images = upscale(toy, small.images, size, method, cfg)
-            else:
-                images = sample_recipe(toy, recipe, labels, seeds=cfg.seeds, size=size,
-                                       steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                       unet_map=unet_map)
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        if method in UPSCALERS and small is not None:
-            seconds += small.seconds
+        recipe_name = None if recipe is None else recipe.name
+        digest = None if recipe is None else _digest(repr(recipe))  # every setting, not only the name
+        cached = _cached_row(row_cache, cfg, toy_name, size, method, recipe_name, digest)
+        error: str | None = None
+        if cached is not None:
+            images, seconds = cached
+        elif cached_only:
+            if size == BASE and method == "baseline":
+                raise RuntimeError(f"{toy_name}: the 1x row is not in the cache {row_cache}")
+            continue
+        else:
+            bar = _RowProgress(toy.unet, calls, desc, bars)
+            t0 = time.perf_counter()
+            try:
+                if method in UPSCALERS:
+                    assert small is not None and small.toy == toy_name  # jobs() puts 1x first
+                    images = upscale(toy, small.images, size, method, cfg)
+                else:
+                    images = sample_recipe(toy, recipe, labels, seeds=cfg.seeds, size=size,
+                                           steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                           unet_map=unet_map)
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300].replace("|", "/")
+                images = torch.zeros((len(cfg.seeds), 3, size, size))
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - t0
+            if method in UPSCALERS and small is not None:
+                seconds += small.seconds
+            if error is None:  # a failed row is tried again next time
+                _store_row(row_cache, cfg, toy_name, size, method, recipe_name, digest, images, seconds)
         stats = analyse_images(images)
         summary = summarise(stats, labels=labels.tolist(), size_range=toy.config.get("size_range"))
         detail = None
@@ -226,17 +282,60 @@ def run_demo(
             detail = {**summarise_detail(details),
                       "contrast_vs_1x": float(np.median([d.contrast for d in details])) / reference
                       if reference else None}
-        row = DemoRow(toy_name, method, size, None if recipe is None else recipe.name, images,
+        row = DemoRow(toy_name, method, size, recipe_name, images,
                       summary, seconds, [s.num_objects for s in stats],
-                      [getattr(s, "shape", None) for s in stats], labels.tolist(), detail)
+                      [getattr(s, "shape", None) for s in stats], labels.tolist(), detail, error)
         rows.append(row)
         if size == BASE and method == "baseline":
+            if error is not None:
+                raise RuntimeError(f"{toy_name}: the 1x row failed ({error}); every other row starts from it")
             small = row
         native = "" if detail is None else f", native detail {detail['native_detail']:.0%}"
-        progress(f"{desc:<34} {seconds:6.1f} s  one object {summary['frac_one']:.0%}, "
-                 f"none {summary['frac_none']:.0%}, class kept {summary['frac_class_kept']:.0%}"
-                 f"{native}")
+        outcome = (f"CRASHED {error}" if error is not None else
+                   f"one object {summary['frac_one']:.0%}, none {summary['frac_none']:.0%}, "
+                   f"class kept {summary['frac_class_kept']:.0%}{native}")
+        progress(f"{desc:<34} {seconds:6.1f} s  {outcome}{' (cached)' if cached is not None else ''}")
+        if on_row is not None:
+            on_row(rows)
     return rows
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _row_key(cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None) -> str:
+    """A file name for one row's cache entry: the row, its recipe's name, seeds, steps, guidance."""
+    what = repr((toy, size, method, recipe, tuple(cfg.seeds), cfg.steps, cfg.guidance_scale))
+    return f"{toy}-{size}-{method}-{_digest(what)}"
+
+
+def _cached_row(cache: Path | None, cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None,
+                digest: str | None) -> tuple[torch.Tensor, float] | None:
+    """``(images, seconds)`` of a row stored by :func:`_store_row`, or ``None`` (also when
+    the stored recipe's settings differ from ``digest``'s)."""
+    if cache is None:
+        return None
+    path = Path(cache) / f"{_row_key(cfg, toy, size, method, recipe)}.pt"
+    if not path.is_file():
+        return None
+    entry = torch.load(path, weights_only=True)
+    if entry.get("recipe_digest", digest) != digest:
+        return None
+    return entry["images"], float(entry["seconds"])
+
+
+def _store_row(cache: Path | None, cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None,
+               digest: str | None, images: torch.Tensor, seconds: float) -> None:
+    if cache is None:
+        return
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    entry: dict[str, Any] = {"images": images.detach().cpu(), "seconds": seconds}
+    if digest is not None:
+        entry["recipe_digest"] = digest
+    torch.save(entry, Path(cache) / f"{_row_key(cfg, toy, size, method, recipe)}.pt")
 
 
 def _pct(value: float | None) -> str:
@@ -251,6 +350,10 @@ def table(rows: list[DemoRow]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.error is not None:
+            lines.append(f"| {r.toy} | {r.size}x{r.size} | {r.method} | 0% (crashed: {r.error}) | n/a | n/a | 0% | "
+                         f"n/a | 0% | 0% | n/a | n/a | {r.seconds:.1f} |")
+            continue
         s, d = r.summary, r.detail or {}
         period = d.get("median_period")
         ratio = d.get("contrast_vs_1x")

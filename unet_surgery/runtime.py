@@ -45,6 +45,8 @@ class UNetCall:
     # (Patch.resolve_settings). Layers read it instead of the step, so a compiled forward
     # guards on these settings and compiles once per distinct phase, not once per step.
     settings: dict[str, Any] | None = None
+    # ControlNet residuals of this call not yet added (patching.controlnet.PendingResiduals).
+    controlnet: Any = None
 
 
 class _PerThread(threading.local):

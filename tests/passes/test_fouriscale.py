@@ -400,11 +400,11 @@ def test_filter_identities() -> None:
 )
 def test_builder_selects_the_official_layers(name, base, target, window, value) -> None:
     from unet_surgery.passes import make_plan
-    from unet_surgery.recipes.fouriscale import fouriscale_recipe
+    from unet_surgery.passes.fouriscale.builder import fouriscale_recipe
 
     listed = OFFICIAL_SDXL_LAYERS if name == "sdxl" else OFFICIAL_SD15_LAYERS
     unet_map = preset_map(name, "full")
-    recipe = fouriscale_recipe(unet_map, base, target)
+    recipe = fouriscale_recipe(unet_map, base, target, guidance=False)  # the layers; guidance: test_fouriscale_guidance.py
     plan = make_plan(recipe, unet_map)
     assert sorted(plan.layers) == sorted(listed)
     unfiltered = sorted(p for c in recipe.passes if not c.filter for p in c.select.paths)
@@ -522,3 +522,81 @@ def test_schedule_of_another_step_count_is_the_50_step_one_scaled(n: int) -> Non
             assert got == ConvSetting(1.0, False, None), i
     assert active == list(range(math.ceil(stop)))
     patch.remove()
+
+
+# assets/base_settings/sdxl.txt, typed from the official repository ("h/w:height,width").
+OFFICIAL_SDXL_BASE_SETTINGS = """0.25:512,2048
+0.26:512,1984
+0.27:512,1920
+0.28:512,1856
+0.32:576,1792
+0.33:576,1728
+0.35:576,1664
+0.4:640,1600
+0.42:640,1536
+0.48:704,1472
+0.5:704,1408
+0.52:704,1344
+0.57:768,1344
+0.6:768,1280
+0.68:832,1216
+0.72:832,1152
+0.78:896,1152
+0.82:896,1088
+0.88:960,1088
+0.94:960,1024
+1.0:1024,1024
+1.07:1024,960
+1.13:1088,960
+1.21:1088,896
+1.29:1152,896
+1.38:1152,832
+1.46:1216,832
+1.67:1280,768
+1.75:1344,768
+2.0:1408,704
+2.09:1472,704
+2.4:1536,640
+2.5:1600,640
+2.89:1664,576
+3.0:1728,576
+3.11:1792,576
+3.62:1856,512
+3.75:1920,512
+3.88:1984,512
+4.0:2048,512"""
+
+
+def official_find_smallest_padding_pair(height: int, width: int, base_settings: dict) -> tuple:
+    """text2image_xl.py's find_smallest_padding_pair, transcribed."""
+    min_padding_size = float("inf")
+    result_pair = None
+    for _aspect_ratio, size in base_settings.items():
+        base_height, base_width = size
+        scale_height = math.ceil(height / base_height)
+        scale_width = math.ceil(width / base_width)
+        if scale_height == scale_width:
+            padding_height = base_height * scale_height
+            padding_width = base_width * scale_width
+            padding_size = (padding_height - height) + (padding_width - width)
+            if padding_size < min_padding_size and padding_height >= height and padding_width >= width:
+                min_padding_size = padding_size
+                result_pair = (base_height, base_width)
+    return result_pair
+
+
+@pytest.mark.parametrize("target", [(2048, 2048), (2560, 2560), (2048, 4096), (4096, 4096), (1536, 2560),
+                                    (3072, 1024), (1280, 3200), (2304, 1792), (4096, 1024), (1080, 1920)])
+def test_sdxl_base_size_is_the_official_table_pick(target: tuple[int, int]) -> None:
+    from unet_surgery.passes.fouriscale.builder import fouriscale_recipe, table_base_size
+
+    table = {}
+    for line in OFFICIAL_SDXL_BASE_SETTINGS.splitlines():  # read_base_settings
+        aspect_ratio, dilate = line.split(":")
+        table[aspect_ratio] = [float(s) for s in dilate.split(",")]
+    expected = official_find_smallest_padding_pair(*target, table)
+    assert table_base_size(target) == tuple(int(v) for v in expected)
+    recipe = fouriscale_recipe(preset_map("sdxl", "full"), 1024, target, guidance=False)
+    (config, *_) = recipe.passes
+    ref = config.base_size or recipe.base_resolution
+    assert tuple(ref) == tuple(int(v) for v in expected)

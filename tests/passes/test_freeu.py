@@ -22,13 +22,18 @@ from torch import nn
 from tests.conftest import preset_map
 from unet_surgery import apply
 from unet_surgery.errors import RecipeError, SelectionError
-from unet_surgery.ops.freeu import FreeUSetting, backbone_scale, fourier_filter, freeu_merge
 from unet_surgery.passes import make_plan
 from unet_surgery.passes.freeu import FreeUPass
+from unet_surgery.passes.freeu.builder import SETTINGS, freeu_recipe
+from unet_surgery.passes.freeu.skip_merge import (
+    FreeUSetting,
+    backbone_scale,
+    fourier_filter,
+    freeu_merge,
+)
 from unet_surgery.patching.patch import NoEffectWarning
 from unet_surgery.presets import build_unet, example_inputs, randomize_zero_init_
 from unet_surgery.recipes import LevelRange, Recipe, ScheduleSpec, Selector, parse_recipe
-from unet_surgery.recipes.freeu import SETTINGS, freeu_recipe
 
 # Published settings (shared reference notes: ScaleCrafter scripts for SD1.5, FreeScale for SDXL).
 SD15 = {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}

@@ -122,6 +122,35 @@ def sdxl_img2img(size: int = 256) -> tuple[Any, dict[str, Any]]:
     return pipe, {**COMMON, **_sdxl_embeds(), "image": _image(size, size, 6), "strength": 1.0}
 
 
+def _mask(height: int, width: int) -> Image.Image:
+    """White (repaint) on the right half, black (keep) on the left."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[:, width // 2:] = 255
+    return Image.fromarray(mask)
+
+
+def sd_inpaint(size: int = 128) -> tuple[Any, dict[str, Any]]:
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline(
+        vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=build_unet("sd15", size="tiny", device="cpu"),
+        scheduler=_ddim(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe, {**COMMON, **_sd_embeds(32), "image": _image(size, size, 12), "mask_image": _mask(size, size),
+                  "height": size, "width": size, "strength": 1.0}
+
+
+def sdxl_inpaint(size: int = 256) -> tuple[Any, dict[str, Any]]:
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    pipe = StableDiffusionXLInpaintPipeline(
+        vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        unet=build_unet("sdxl", size="tiny", device="cpu"), scheduler=_ddim(), requires_aesthetics_score=False,
+    )
+    return pipe, {**COMMON, **_sdxl_embeds(), "image": _image(size, size, 13), "mask_image": _mask(size, size),
+                  "height": size, "width": size, "strength": 1.0}
+
+
 def tiny_controlnet(unet: torch.nn.Module) -> Any:
     """A ControlNet copied from the tiny UNet's encoder, with small conditioning channels."""
     from diffusers import ControlNetModel
@@ -208,6 +237,7 @@ BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "sd_img2img": sd_img2img,
     "sdxl": sdxl,
     "sdxl_img2img": sdxl_img2img,
+    "sd_inpaint": sd_inpaint,
     "sd_controlnet": sd_controlnet,
     "sdxl_controlnet": sdxl_controlnet,
     "animatediff": animatediff,
@@ -216,8 +246,8 @@ BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
 }
 # The UNet preset each pipeline carries (for cached maps).
 PRESET_OF: dict[str, str] = {
-    "sd": "sd15", "sd_img2img": "sd15", "sd_controlnet": "sd15",
-    "sdxl": "sdxl", "sdxl_img2img": "sdxl", "sdxl_controlnet": "sdxl",
+    "sd": "sd15", "sd_img2img": "sd15", "sd_inpaint": "sd15", "sd_controlnet": "sd15",
+    "sdxl": "sdxl", "sdxl_img2img": "sdxl", "sdxl_inpaint": "sdxl", "sdxl_controlnet": "sdxl",
     "animatediff": "animatediff", "text_to_video": "modelscope_t2v", "svd": "svd",
 }
 

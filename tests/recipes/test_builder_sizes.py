@@ -10,9 +10,9 @@ import pytest
 from tests.conftest import preset_map
 from unet_surgery import list_recipes, load_recipe
 from unet_surgery.cli import main
+from unet_surgery.passes.fouriscale.builder import fouriscale_recipe
+from unet_surgery.passes.freeu.builder import freeu_recipe
 from unet_surgery.recipes.auto import auto_recipe
-from unet_surgery.recipes.fouriscale import fouriscale_recipe
-from unet_surgery.recipes.freeu import freeu_recipe
 from unet_surgery.recipes.hidiffusion import hidiffusion_recipe
 
 BASE, TARGET = (512, 512), (1024, 2048)  # 2048 wide, 1024 high

@@ -121,6 +121,12 @@ FREEU_PUBLISHED = {
     "freeu-sd21": {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2},
     "freeu-sdxl": {"b1": 1.1, "b2": 1.2, "s1": 0.6, "s2": 0.4},
 }
+# Typed from the FreeU README (ChenyangSi/FreeU @ 3676d36, "Parameters"), listed with its v2 code.
+FREEU_README = {
+    "freeu-v2-sd15": {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2},
+    "freeu-v2-sd21": {"b1": 1.4, "b2": 1.6, "s1": 0.9, "s2": 0.2},
+    "freeu-v2-sdxl": {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2},
+}
 FREEU_MERGES = {
     "diffusers": [f"up_blocks.{i}.resnets.{j}" for i in (0, 1) for j in range(3)],
     "ldm": [f"output_blocks.{k}.0" for k in range(6)],
@@ -144,6 +150,28 @@ def test_freeu_recipe_has_the_published_factors_and_selects_the_merges(name: str
     assert sorted(plan.entries("freeu"), key=FREEU_MERGES[layout].index) == FREEU_MERGES[layout]
 
 
+def test_every_freeu_recipe_is_listed() -> None:
+    assert sorted(n for n in list_recipes() if n.startswith("freeu-")) == sorted({**FREEU_PUBLISHED, **FREEU_README})
+
+
+@pytest.mark.parametrize("name", sorted(FREEU_README))
+def test_freeu_v2_recipe_has_the_readme_factors_and_the_v1_selection(name: str) -> None:
+    from unet_surgery.passes.freeu.builder import freeu_recipe
+
+    recipe = load_recipe(name)
+    (config,) = recipe.passes
+    assert {k: getattr(config, k) for k in ("b1", "b2", "s1", "s2")} == FREEU_README[name]
+    assert (config.backbone_scaling, config.threshold, config.schedule.tau) == ("structure", 1, None)
+    family = name.removeprefix("freeu-v2-")
+    v1 = load_recipe(f"freeu-{family}")
+    assert (recipe.model, recipe.signature, recipe.base_resolution) == (family, v1.signature, v1.base_resolution)
+    assert config.select == v1.passes[0].select  # the same two stages
+    unet_map = preset_map(family)
+    assert make_plan(recipe, unet_map).entries("freeu").keys() == make_plan(v1, unet_map).entries("freeu").keys()
+    built = freeu_recipe(unet_map, base=recipe.base_resolution, backbone_scaling="structure", **FREEU_README[name])
+    assert built.passes == recipe.passes
+
+
 # FouriScale: the official configs (LeonHLJ/FouriScale configs/*.yaml), typed here:
 # recipe -> (start_step, stop_step, latent_height, latent_width, layer list, mask floor).
 FOURISCALE_CONFIGS = {
@@ -157,8 +185,16 @@ FOURISCALE_CONFIGS = {
     "fouriscale-sd21-2048x2048": (20, 35, 256, 256, "sd", 0.0),
     "fouriscale-sdxl-2048x2048": (20, 35, 256, 256, "xl", 0.6),
     "fouriscale-sdxl-2560x2560": (20, 35, 320, 320, "xl", 0.6),
+    "fouriscale-sdxl-4096x2048": (20, 35, 256, 512, "xl", 0.6),
     "fouriscale-sdxl-4096x4096": (20, 35, 512, 512, "xl", 0.6),
 }
+# text2image_xl.py: base_size = find_smallest_padding_pair(pixel_height, pixel_width,
+# assets/base_settings/sdxl.txt), worked out by hand from the table: 2048^2 and 4096^2 -> 1024x1024
+# (no padding); 2560^2 -> 896x1088 (r = 3, padding 128 + 704, the first of four ties in file
+# order; 1024x1024 pads 512 + 512); 4096x2048 -> 704x1408 (r = 3, padding 64 + 128).
+FOURISCALE_SDXL_BASE = {"fouriscale-sdxl-2560x2560": (896, 1088), "fouriscale-sdxl-4096x2048": (704, 1408)}
+# text2image.py / text2image_xl.py: register_free_upblock2d(pipeline, b1, b2, s1, s2) unless --disable_freeu.
+FOURISCALE_FREEU = {"sd15": (1.2, 1.4, 0.9, 0.2), "sd21": (1.1, 1.2, 0.9, 0.2), "sdxl": (1.1, 1.2, 0.6, 0.4)}
 
 
 def test_every_fouriscale_recipe_is_listed() -> None:
@@ -173,16 +209,31 @@ def test_fouriscale_recipe_is_the_official_config(name: str) -> None:
     recipe = load_recipe(name)
     assert recipe.target_resolutions == ((lh * 8, lw * 8),)
     listed = OFFICIAL_SD15_LAYERS if layers == "sd" else OFFICIAL_SDXL_LAYERS
-    filtered = {p for c in recipe.passes if c.filter for p in c.select.paths}
-    plain = {p for c in recipe.passes if not c.filter for p in c.select.paths}
+    family = name.split("-")[1]
+    convs = [c for c in recipe.passes if type(c).type == "fouriscale"]
+    (guidance,) = (c for c in recipe.passes if type(c).type == "fouriscale_guidance")
+    (freeu,) = (c for c in recipe.passes if type(c).type == "freeu")
+    assert len(recipe.passes) == len(convs) + 2
+    filtered = {p for c in convs if c.filter for p in c.select.paths}
+    plain = {p for c in convs if not c.filter for p in c.select.paths}
     assert filtered | plain == set(listed) and not filtered & plain
     assert plain == {p for p in listed if "upsamplers" in p}  # apply_filter=("upsamplers" not in name)
-    for c in recipe.passes:
+    xl = layers == "xl"
+    for c in convs:
         assert (c.dilation, c.start_step, c.stop_step, c.steps, c.progressive, c.mask_value) == (
             "auto", start, stop, 50, True, value
         )
-    unet_map = preset_map(name.split("-")[1], "full")
-    assert set(make_plan(recipe, unet_map).layers) == set(listed)
+        # FouriConvProcessor_XL: weak branch at ceil(max(d / 1.5, 1)), weak scale d / stride unfloored
+        assert (c.weak_dilation_divisor, c.weak_scale_floor) == ((1.5, False) if xl else (1.0, True))
+        assert c.base_size == FOURISCALE_SDXL_BASE.get(name)
+    assert (guidance.amp_guidance, guidance.amp_stop_step, guidance.steps) == (False, start, 50)
+    assert (freeu.b1, freeu.b2, freeu.s1, freeu.s2) == FOURISCALE_FREEU[family] and recipe.model == family
+    unet_map = preset_map(family, "full")
+    plan = make_plan(recipe, unet_map)
+    assert set(plan.entries("fouriscale")) == set(listed)
+    # every attn1 gets TrainingFreeAttnProcessor (aux.py / aux_xl.py list_layers)
+    attn1 = {a.path for a in unet_map.attentions if a.path.endswith("attn1")}
+    assert set(plan.entries("fouriscale_guidance")) == attn1 and attn1
 HIDIFFUSION = sorted(n for n in list_recipes() if n.startswith("hidiffusion-"))
 # Typed from megvii-research/HiDiffusion hidiffusion.py (sd15_hidiffusion_key / sdxl_hidiffusion_key):
 # the RAU-Net convs, the transformers the RAU-Net blocks pool after (attentions.0) and resize after

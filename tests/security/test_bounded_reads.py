@@ -276,6 +276,19 @@ def test_an_init_image_claiming_20000x20000_is_refused_before_decoding(tmp_path:
         _open_init_image(file)
 
 
+@pytest.mark.parametrize(("option", "mode"), [("--mask", "L"), ("--control-image", "RGB")])
+def test_a_mask_or_control_image_claiming_20000x20000_is_refused_before_decoding(tmp_path: Path, option: str,
+                                                                                 mode: str) -> None:
+    from unet_surgery.generation.jobs import GenerationError
+    from unet_surgery.generation.run import _open_image
+
+    file = tmp_path / "big.png"
+    file.write_bytes(png_claiming(20000, 20000))
+    with pytest.raises(GenerationError) as info:
+        _open_image(file, option, mode)
+    assert str(info.value) == f"{option}: {file} claims 20000x20000 pixels, more than the limit of 67108864 (8192x8192)"
+
+
 def test_a_png_in_the_output_claiming_20000x20000_is_not_decoded(tmp_path: Path) -> None:
     from unet_surgery.generation import pngmeta
 

@@ -46,6 +46,8 @@ GENERATE = ["generate", "nowhere", "--prompt", "x", "--size", "64"]
     ("--guidance", "inf", "argument --guidance: 'inf' is not a finite number"),
     ("--guidance", "1e999", "argument --guidance: '1e999' is not a finite number"),
     ("--strength", "nan", "argument --strength: 'nan' is not a finite number"),
+    ("--control-scale", "nan", "argument --control-scale: 'nan' is not a finite number"),
+    ("--control-end", "1e999", "argument --control-end: '1e999' is not a finite number"),
     ("--threads", "²", "argument --threads: '²' is not an integer"),
 ])
 def test_numbers_are_bounded_and_finite_before_conversion(option: str, value: str, refusal: str,
@@ -64,6 +66,9 @@ def test_numbers_are_bounded_and_finite_before_conversion(option: str, value: st
     (["--device", "bogus"], "--device: 'bogus' is not a device (cpu, cuda, cuda:1, mps...)"),
     (["--threads", "0"], "--threads: 0 is not a number of threads from 1 to 1024"),
     (["--seed", "9" * 5000], "--seed: '" + "9" * 40 + "'... (5000 characters) is not a seed (use 42, 0,5,9 or 0-7)"),
+    (["--mask", "m.png"], "--mask: inpainting needs --init-image, the image whose white mask part is repainted"),
+    (["--controlnet", "cn", "--control-image", "c.png", "--control-end", "1.5"], "--control-end: 1.5 is not in (0, 1]"),
+    (["--controlnet", "cn", "--control-image", "c.png", "--control-scale", "-1"], "--control-scale: -1.0 is not in [0, 10]"),
 ])
 def test_generate_options_are_one_line_before_the_model_is_read(args: list[str], refusal: str,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,8 +34,8 @@ def test_demo_uses_derived_recipes_only() -> None:
     from unet_surgery.toy.model import TOY_NAMES
 
     assert tuple(METHODS) == CLI_METHODS == (
-        "baseline", "bicubic", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter", "auto",
-        "hidiffusion", "fouriscale", "freeu")
+        "baseline", "bicubic", "hires-0.1", "hires-0.2", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter",
+        "auto", "hidiffusion", "fouriscale", "freeu", "demofusion", "multidiffusion")
     assert CLI_TOYS == TOY_NAMES
     assert DEFAULT.methods == ("baseline", "bicubic", "scalecrafter", "auto")
     assert DEFAULT.toys == CLI_DEFAULT_TOYS == ("toy-detail", "toy4") and QUICK.sizes == (32, 64)
@@ -48,7 +49,8 @@ def test_other_methods_get_a_recipe_of_their_own_passes_on_both_toys(method: str
     from unet_surgery.toy.model import load_toy
     from unet_surgery.toy.sampling import sample_recipe
 
-    own = {"hidiffusion": {"rau_net", "msw_msa"}, "fouriscale": {"fouriscale"}, "freeu": {"freeu"}}[method]
+    own = {"hidiffusion": {"rau_net", "msw_msa"}, "fouriscale": {"fouriscale", "fouriscale_guidance"},
+           "freeu": {"freeu"}}[method]
     for name in ("toy", "toy4"):
         toy = load_toy(name)
         unet_map = map_unet(toy.unet, latent_hw=(64, 64))
@@ -125,6 +127,21 @@ def test_row_progress_matches_the_unet_calls_made(monkeypatch) -> None:
     cfg = DemoConfig(toys=("toy",), sizes=(128,), methods=("auto", "bicubic", "hires-0.3"), seeds=(0,), steps=5)
     run_demo(cfg, progress=lambda _: None)
     assert seen == [0, 0, 0, 0]  # the 1x row, the cascade, bicubic (none), hires (int(5 * 0.3) = 1)
+    seen.clear()
+    cfg = DemoConfig(toys=("toy",), sizes=(64,), methods=("multidiffusion", "demofusion"), seeds=(0,), steps=3)
+    run_demo(cfg, progress=lambda _: None)
+    assert seen == [0, 0, 0]
+
+
+def test_patchwise_progress_counts_views_by_hand() -> None:
+    # 64x64 pixels, window 32, stride 16: 3 x 3 views, one per call. DemoFusion at 128 from 32
+    # runs every whole scale: phase 2 (64x64) 9 local + 2*2 dilated views, phase 3 (96x96)
+    # 5*5 local + 3*3 dilated, phase 4 (128x128) 7*7 local + 4*4 dilated, in batches of 16:
+    # 1 + 1 + 2 + 1 + 4 + 1 calls per step, plus phase 1's single call.
+    multi = recipe_for("multidiffusion", None, 64)
+    assert _unet_calls(multi, 10) == 9 * 10
+    demo = recipe_for("demofusion", None, 128)
+    assert _unet_calls(demo, 10) == 10 + 10 * (1 + 1 + 2 + 1 + 4 + 1)
 
 
 def test_demo_cli_rejects_bad_arguments(capsys) -> None:
@@ -162,3 +179,52 @@ def test_demo_modes_write_different_files(tmp_path, monkeypatch, capsys) -> None
     assert {p.name for p in tmp_path.iterdir()} == {
         *before, "demo_grid_quick.png", "demo_quick.json", "demo_crops_quick.png"}
     assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
+
+
+def test_a_failing_row_is_recorded_and_rows_resume_from_the_cache(tmp_path) -> None:
+    def sampled(method, unet_map, size):  # a recipe whose sampling raises (its cascade ends elsewhere)
+        recipe = recipe_for(method, unet_map, size)
+        if recipe is None:
+            return None
+        return replace(recipe, sampling=SamplingSpec(stages=((8, 8),)))
+
+    cfg = DemoConfig(toys=("toy4",), sizes=(32, 64), methods=("baseline", "auto"), seeds=(0,), steps=2)
+    rows = run_demo(cfg, progress=lambda _: None, recipes=sampled, keep_going=True)
+    bad = rows[-1]
+    assert bad.method == "auto" and bad.error is not None and bad.error.startswith("ValueError")
+    assert bad.summary["frac_one"] == 0.0 and "crashed" in table(rows).splitlines()[-1]
+    with pytest.raises(ValueError):
+        run_demo(cfg, progress=lambda _: None, recipes=sampled)
+
+    cache = tmp_path / "rows"
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="1x row is not in the cache"):
+        run_demo(cfg, progress=lines.append, row_cache=cache, cached_only=True)
+    first = run_demo(cfg, progress=lines.append, row_cache=cache)
+    calls: list[int] = []
+    toy_unet_hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        again = run_demo(cfg, progress=lines.append, row_cache=cache)
+    finally:
+        toy_unet_hook.remove()
+    assert calls == []  # nothing sampled the second time
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first, again, strict=True))
+    assert [a.summary for a in first] == [b.summary for b in again]
+    assert lines[-1].endswith("(cached)")
+    more = replace(cfg, methods=("baseline", "auto", "scalecrafter"))  # scalecrafter never ran
+    report = run_demo(more, progress=lines.append, row_cache=cache, cached_only=True)
+    assert [(r.size, r.method) for r in report] == [(32, "baseline"), (64, "baseline"), (64, "auto")]
+
+
+def test_a_cached_row_is_not_reused_for_a_recipe_with_other_settings(tmp_path) -> None:
+    cfg = DemoConfig(toys=("toy4",), sizes=(32, 64), methods=("baseline", "auto"), seeds=(0,), steps=2)
+    cache = tmp_path / "rows"
+    run_demo(cfg, progress=lambda _: None, row_cache=cache)
+
+    def other(method, unet_map, size):  # same name, later restart: other images
+        recipe = recipe_for(method, unet_map, size)
+        return None if recipe is None else replace(recipe, sampling=replace(recipe.sampling, restart_step=0))
+
+    lines: list[str] = []
+    run_demo(cfg, progress=lines.append, recipes=other, row_cache=cache)
+    assert lines[0].endswith("(cached)") and not lines[-1].endswith("(cached)")

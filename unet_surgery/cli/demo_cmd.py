@@ -13,8 +13,8 @@ from unet_surgery.errors import SurgeryError
 # kept here so --help needs no torch import: toy.model.TOY_NAMES, demo.DEFAULT_TOYS, demo.METHODS
 TOYS = ("toy", "toy4", "toy-detail", "toy-eps")
 DEFAULT_TOYS = ("toy-detail", "toy4")
-METHODS = ("baseline", "bicubic", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter", "auto",
-           "hidiffusion", "fouriscale", "freeu")
+METHODS = ("baseline", "bicubic", "hires-0.1", "hires-0.2", "hires-0.3", "hires-0.5", "hires-0.7", "scalecrafter",
+           "auto", "hidiffusion", "fouriscale", "freeu", "demofusion", "multidiffusion")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

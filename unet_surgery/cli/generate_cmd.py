@@ -46,6 +46,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="image-to-image: start from this image, resized to --size (upscaling)")
     parser.add_argument("--strength", type=finite_float, default=0.6,
                         help="with --init-image: how much of the schedule is re-run (0-1, default 0.6)")
+    parser.add_argument("--mask", default=None, metavar="PATH",
+                        help="inpainting, with --init-image: repaint the mask's white part, keep its black part")
+    parser.add_argument("--controlnet", default=None, metavar="DIR",
+                        help="a diffusers ControlNet folder for MODEL's UNet (with --control-image)")
+    parser.add_argument("--control-image", default=None, metavar="PATH",
+                        help="the ControlNet's condition image (edges, depth...), resized to --size")
+    parser.add_argument("--control-scale", type=finite_float, default=None,
+                        help="ControlNet conditioning scale (0-10, default 1)")
+    parser.add_argument("--control-end", type=finite_float, default=None,
+                        help="the ControlNet acts on the first part of the steps up to this fraction "
+                        "(control_guidance_end; default 0.6 with a HiDiffusion recipe, as published, else 1)")
     parser.add_argument("--components", default=None, metavar="DIR",
                         help="pipeline folder for the other components when MODEL is a UNet folder or file")
     parser.add_argument("--device", default=None,
@@ -81,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             args.model, prompts=args.prompt, prompts_file=args.prompts, size=args.size, recipe=args.recipe,
             negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, seeds=args.seed,
             scheduler=args.scheduler, out=args.out, init_image=args.init_image, strength=args.strength,
+            mask=args.mask, controlnet=args.controlnet, control_image=args.control_image,
+            control_scale=args.control_scale, control_end=args.control_end,
             components=args.components, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
             threads=args.threads, overwrite=args.overwrite, progress=not args.quiet, split=args.split,
             force=args.force,

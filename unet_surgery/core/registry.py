@@ -164,13 +164,15 @@ class PassHandler(Generic[C]):
 
     ``type`` is the recipe's ``type:`` string, ``config`` the dataclass, ``rewrite`` the
     :class:`LayerRewrite` its layers get and ``order`` its position when several passes shape
-    one layer's setting (lower first).
+    one layer's setting (lower first). ``cfg_batches`` says the pass acts on ``[uncond, cond]``
+    batches (a guidance pass): a pipeline integration then declares them (``set_cfg_batches``).
     """
 
     type: ClassVar[str]
     config: ClassVar[builtins.type[PassConfig]]
     rewrite: ClassVar[LayerRewrite]
     order: ClassVar[int] = 0
+    cfg_batches: ClassVar[bool] = False
 
     # --- planning (pure) -------------------------------------------------------------------
     def plan(self, config: C, index: int, unet_map: UNetMap, plan: Plan, filter_fn: FilterFn | None) -> None:

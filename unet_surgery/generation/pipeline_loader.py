@@ -21,9 +21,13 @@ from unet_surgery.io import excerpt, read_bounded_json
 from unet_surgery.loading.weights import WEIGHT_SUFFIXES
 
 TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-IMAGE_TO_IMAGE = {
-    "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
+TASKS = ("text-to-image", "image-to-image", "inpainting")
+# (text-to-image class, task, with a ControlNet) -> the pipeline class that runs it
+TASK_PIPELINES = {
+    (base, task, control): f"{prefix}{'ControlNet' if control else ''}{suffix}Pipeline"
+    for base, prefix in (("StableDiffusionPipeline", "StableDiffusion"), ("StableDiffusionXLPipeline", "StableDiffusionXL"))
+    for task, suffix in zip(TASKS, ("", "Img2Img", "Inpaint"), strict=True)
+    for control in (False, True)
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -138,9 +142,42 @@ def load_pipeline(model: str | Path, *, components: str | Path | None = None,
     return pipe.to(device)
 
 
-def image_to_image(pipe: Any) -> Any:
-    """The img2img pipeline sharing ``pipe``'s components (no copy)."""
+def check_controlnet(folder: str | Path) -> Path:
+    """A ControlNet folder (``save_pretrained``: ``config.json`` naming ``ControlNetModel``),
+    its config read with the bounded reader before diffusers parses it."""
+    path = Path(folder)
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        raise GenerationError(f"--controlnet: {path} is not a diffusers ControlNet folder (no config.json)")
+    data = read_bounded_json(config, GenerationError, prefix="--controlnet: ")
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if name != "ControlNetModel":
+        shown = excerpt(name) if isinstance(name, str) else type(name).__name__
+        raise GenerationError(f"--controlnet: {path} holds a {shown}, not a ControlNetModel")
+    return path
+
+
+def load_controlnet(folder: str | Path, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> Any:
+    """The ControlNet of a local folder (safetensors only, no download), on ``device`` in ``dtype``."""
+    from diffusers import ControlNetModel
+
+    path = check_controlnet(folder)
+    try:
+        controlnet = ControlNetModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                     torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"--controlnet: cannot load {path}: {first}") from None
+    return controlnet.to(device).eval()
+
+
+def task_pipeline(pipe: Any, task: str = "text-to-image", controlnet: Any = None) -> Any:
+    """The pipeline for ``task`` (with ``controlnet`` when given) sharing ``pipe``'s components (no copy)."""
     import diffusers
 
-    cls = getattr(diffusers, IMAGE_TO_IMAGE[type(pipe).__name__])
-    return cls.from_pipe(pipe)
+    name = TASK_PIPELINES[(type(pipe).__name__, task, controlnet is not None)]
+    if name == type(pipe).__name__:
+        return pipe
+    extra = {"controlnet": controlnet} if controlnet is not None else {}
+    return getattr(diffusers, name).from_pipe(pipe, **extra)

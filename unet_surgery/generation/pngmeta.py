@@ -4,7 +4,8 @@ A PNG carries three iTXt chunks:
 
 * ``unet_surgery.settings``: canonical JSON (sorted keys) with two parts. ``request`` is what
   decides the pixels: model fingerprints, pipeline class, recipe, prompt, negative prompt, seed,
-  size, steps, guidance, scheduler, init image, dtype. ``environment`` is where it ran: versions,
+  size, steps, guidance, scheduler, init image, mask, ControlNet (fingerprint, condition image,
+  scale, end), dtype. ``environment`` is where it ran: versions,
   device type, the model path as given. A rerun skips a file whose ``request`` equals its own;
 * ``unet_surgery.recipe``: the recipe document (YAML) as applied, empty without a recipe (the
   request holds its name and sha256);
@@ -53,6 +54,12 @@ def parameters_line(request: dict[str, Any]) -> str:
     ]
     if request.get("init_image"):
         pairs.append(("Denoising strength", request["init_image"]["strength"]))
+    if request.get("mask"):
+        pairs.append(("Mask hash", request["mask"]["sha256"]))
+    if request.get("controlnet"):
+        control = request["controlnet"]
+        pairs += [("ControlNet hash", control["fingerprint"]), ("Control image hash", control["image_sha256"]),
+                  ("ControlNet scale", control["scale"]), ("ControlNet end", control["end"])]
     lines = [request["prompt"]]
     if request.get("negative_prompt"):
         lines.append(f"Negative prompt: {request['negative_prompt']}")

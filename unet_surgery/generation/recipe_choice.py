@@ -6,7 +6,8 @@ there is nothing to fix and no recipe is applied. A recipe with a ``sampling`` s
 FreeScale's self-cascade; its last stage must be the requested size, and ``steps`` replaces its
 steps per stage (an explicit ``restart_step`` is scaled by the same ratio). With an init image
 the sampling section is dropped: the image already fixes the layout the cascade's first stages
-would, and the recipe's passes act on the image-to-image run.
+would, and the recipe's passes act on the image-to-image run. With a ControlNet (text to image)
+the cascade runs the ControlNet at every stage.
 """
 
 from __future__ import annotations
@@ -85,8 +86,12 @@ def native_size(pipe: Any) -> tuple[int, int]:
 
 
 def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, width: int, steps: int,
-                   init_image: bool) -> tuple[Recipe | None, Any]:
-    """(recipe to apply or ``None``, the UNet map when one was computed)."""
+                   init_image: bool, control: bool = False) -> tuple[Recipe | None, Any]:
+    """(recipe to apply or ``None``, the UNet map when one was computed).
+
+    ``control``: a ControlNet steers the run. A cascade then runs the ControlNet at every stage;
+    patch-wise and DemoFusion samplers run no ControlNet and are refused.
+    """
     unet_map = None
     if checked is None:
         return None, None
@@ -107,6 +112,9 @@ def resolve_recipe(checked: Recipe | str | None, pipe: Any, *, height: int, widt
         assert isinstance(checked, Recipe)
         recipe = checked
     if recipe.demofusion is not None or recipe.patches is not None:
+        if control:
+            what = "demofusion" if recipe.demofusion is not None else "patches"
+            raise GenerationError(f"--controlnet: recipe {recipe.name!r} ({what}) samples without a ControlNet")
         return _patch_recipe(recipe, pipe, height=height, width=width, steps=steps, init_image=init_image), unet_map
     if recipe.sampling is None:
         if recipe.target_resolutions and (height, width) not in {tuple(t) for t in recipe.target_resolutions}:

@@ -35,9 +35,11 @@ from unet_surgery.generation.jobs import (
 )
 from unet_surgery.generation.pipeline_loader import (
     DTYPES,
+    check_controlnet,
     check_model,
-    image_to_image,
+    load_controlnet,
     load_pipeline,
+    task_pipeline,
 )
 from unet_surgery.generation.recipe_choice import check_recipe, patched_unet_folder, resolve_recipe
 from unet_surgery.generation.schedulers import SCHEDULERS, set_scheduler
@@ -93,21 +95,27 @@ def _fingerprints(pipe: Any) -> dict[str, str]:
             if isinstance(module, torch.nn.Module)}
 
 
-def _open_init_image(path: str | Path) -> tuple[Any, str]:
-    """The init image as RGB and the sha256 of its file; one clear error if unreadable."""
+def _open_image(path: str | Path, option: str, mode: str = "RGB") -> tuple[Any, str]:
+    """An input image in ``mode`` and the sha256 of its file; one clear error naming ``option``
+    if unreadable (its header's size is checked before any pixel is decoded)."""
     from PIL import UnidentifiedImageError
 
     file = Path(path)
     try:
-        with pngmeta.open_image(file) as image:  # the header's size checked before any pixel is decoded
-            rgb = image.convert("RGB")
+        with pngmeta.open_image(file) as image:
+            converted = image.convert(mode)
     except pngmeta.ImageTooLarge as exc:
-        raise GenerationError(f"--init-image: {exc}") from None
+        raise GenerationError(f"{option}: {exc}") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text
-        raise GenerationError(f"--init-image: cannot read {file}: {reason[:200]}") from None
-    return rgb, pngmeta.file_sha256(file)
+        raise GenerationError(f"{option}: cannot read {file}: {reason[:200]}") from None
+    return converted, pngmeta.file_sha256(file)
+
+
+def _open_init_image(path: str | Path) -> tuple[Any, str]:
+    """The init image as RGB and the sha256 of its file; one clear error if unreadable."""
+    return _open_image(path, "--init-image")
 
 
 def _normalised(data: Any) -> Any:
@@ -134,6 +142,11 @@ def generate(
     out: str | Path = "outputs",
     init_image: str | Path | None = None,
     strength: float = 0.6,
+    mask: str | Path | None = None,
+    controlnet: str | Path | None = None,
+    control_image: str | Path | None = None,
+    control_scale: float | None = None,
+    control_end: float | None = None,
     components: str | Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -154,7 +167,9 @@ def generate(
     ``components`` (a pipeline folder for the rest). ``recipe``: ``"auto"`` (derived from the
     UNet's map and the size), ``None``/``"none"``, a shipped recipe name, a file or a
     :class:`Recipe`. With ``init_image`` the image, resized to ``size``, is denoised from
-    ``strength``. Files already in ``out`` with the same request are kept (resume); one with
+    ``strength``; with ``mask`` as well, only the mask's white part is repainted (inpainting).
+    ``controlnet`` (a ControlNet folder) with ``control_image`` steers any of these with a
+    ControlNet. Files already in ``out`` with the same request are kept (resume); one with
     another request is an error unless ``overwrite``. ``vae_tiling=None`` decides from the
     decoder's estimated peak memory. ``threads`` sets torch's CPU threads: on the CPU the last
     bits of a result depend on it, so give the same value to runs whose bytes must agree.
@@ -178,6 +193,13 @@ def generate(
         out: the output folder.
         init_image: image-to-image: start from this image, resized to ``size``.
         strength: with ``init_image``: how much of the schedule is re-run, in (0, 1].
+        mask: inpainting (with ``init_image``): white repaints, black keeps; resized to ``size``.
+        controlnet: a diffusers ControlNet folder for the model's UNet (with ``control_image``).
+        control_image: the ControlNet's condition image (an edge or depth map...), resized to ``size``.
+        control_scale: the ControlNet's ``controlnet_conditioning_scale`` (default 1).
+        control_end: ``control_guidance_end``: the ControlNet acts on the steps ``i`` with
+            ``(i + 1) / n <= control_end`` (default 0.6 with a HiDiffusion recipe, as its official
+            code, else 1).
         components: pipeline folder for the other components when ``model`` is a UNet.
         device: ``cpu``, ``cuda``, ``cuda:1``... (default: the process's accelerate device).
         dtype: ``float32``, ``float16`` or ``bfloat16`` (default float16 on CUDA, else float32).
@@ -204,6 +226,7 @@ def generate(
         raise GenerationError(f"--guidance: {str(guidance)[:20]} is not a finite scale from 0 to {MAX_GUIDANCE}")
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
         raise GenerationError(f"--strength: {str(strength)[:20]} is not in (0, 1]")
+    _check_control_options(init_image, mask, controlnet, control_image, control_scale, control_end)
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise GenerationError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if dtype is not None and dtype not in DTYPES:
@@ -216,10 +239,14 @@ def generate(
     unet_source, _ = check_model(model, components)
     checked = check_recipe(recipe, patched_unet_folder(unet_source))
     init = _open_init_image(init_image) if init_image is not None else None
+    mask_in = _open_image(mask, "--mask", "L") if mask is not None else None
+    control_in = _open_image(control_image, "--control-image") if control_image is not None else None
+    controlnet_folder = check_controlnet(controlnet) if controlnet is not None else None
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise GenerationError(f"--out: {out_dir} exists and is not a folder")
-    inputs = [Path(model)] + ([Path(components)] if components is not None else [])
+    inputs = [Path(model)] + ([Path(components)] if components is not None else []) + (
+        [controlnet_folder] if controlnet_folder is not None else [])
     check_not_input(out_dir, inputs, GenerationError, option="--out", replaces_folder=False)
     earlier = pngmeta.read_manifest(out_dir / MANIFEST)  # refuses a manifest.jsonl we did not write
 
@@ -242,9 +269,14 @@ def generate(
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
     applied, unet_map = resolve_recipe(checked, pipe, height=height, width=width, steps=steps,
-                                       init_image=init is not None)
+                                       init_image=init is not None, control=control_in is not None)
     executor = _patch_executor(split, applied, state.num_processes, height, width, pipe, run_device)
-    runner = image_to_image(pipe) if init is not None else pipe
+    control_model = None
+    if controlnet_folder is not None:
+        with _loading_bars(show):
+            control_model = load_controlnet(controlnet_folder, dtype=torch_dtype, device=run_device)
+    task = "inpainting" if mask_in is not None else "image-to-image" if init is not None else "text-to-image"
+    runner = task_pipeline(pipe, task, control_model)
     runner.set_progress_bar_config(disable=not show, leave=False, desc="steps")
     tiling = configure_vae(pipe, height, width, vae_tiling)
     document = dump_recipe(applied) if applied is not None else ""
@@ -261,9 +293,19 @@ def generate(
         "init_image": None if init is None else {"sha256": init[1], "strength": float(strength)},
         "dtype": str(torch_dtype).removeprefix("torch."),
     }
+    # recorded only when given, so files of runs without them resume as before
+    if mask_in is not None:
+        common["mask"] = {"sha256": mask_in[1]}
+    if control_in is not None and control_model is not None:
+        from unet_surgery.export.fingerprint import fingerprint
+
+        end = control_end if control_end is not None else default_control_end(applied)
+        common["controlnet"] = {"fingerprint": fingerprint(control_model), "image_sha256": control_in[1],
+                                "scale": float(1.0 if control_scale is None else control_scale), "end": float(end)}
     environment = {"versions": _versions(), "device": run_device.type, "model_path": str(model),
                    "components_path": None if components is None else str(components)}
     image = None if init is None else init[0].resize((width, height), _lanczos())
+    extra = _pipeline_inputs(common, mask_in, control_in, image is not None)
     result = GenerateResult(out_dir, recipe=applied, vae_tiling=tiling, num_processes=state.num_processes)
     if show:
         what = f"recipe {applied.name}" if applied is not None else "no recipe"
@@ -294,7 +336,7 @@ def generate(
                     result.skipped.append(target)
                     digest = pngmeta.file_sha256(target)
                 else:
-                    picture = _one_image(runner, applied, job, common, image, strength, show, executor)
+                    picture = _one_image(runner, applied, job, common, image, strength, show, executor, extra)
                     if not writes:  # --split patches: the main process writes what all computed
                         state.wait_for_everyone()
                         continue
@@ -444,8 +486,61 @@ def _patch_executor(split: str, recipe: Recipe | None, processes: int, height: i
     return SplitViews(device) if processes > 1 else None
 
 
+MAX_CONTROL_SCALE = 10.0  # published ControlNet scales are 0.5 to 2
+
+
+def _check_control_options(init_image: Any, mask: Any, controlnet: Any, control_image: Any,
+                           control_scale: Any, control_end: Any) -> None:
+    """The inpainting and ControlNet options, checked together before anything is read."""
+    if mask is not None and init_image is None:
+        raise GenerationError("--mask: inpainting needs --init-image, the image whose white mask part is repainted")
+    if (controlnet is None) != (control_image is None):
+        given, missing = ("--controlnet", "--control-image") if control_image is None else ("--control-image", "--controlnet")
+        raise GenerationError(f"{given}: give {missing} too (a ControlNet folder and its condition image)")
+    for option, value, low, high in (("--control-scale", control_scale, 0.0, MAX_CONTROL_SCALE),
+                                     ("--control-end", control_end, 0.0, 1.0)):
+        if value is None:
+            continue
+        if controlnet is None:
+            raise GenerationError(f"{option}: only with --controlnet and --control-image")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                or (option == "--control-end" and value == 0):
+            bounds = f"({low:g}, {high:g}]" if option == "--control-end" else f"[{low:g}, {high:g}]"
+            raise GenerationError(f"{option}: {str(value)[:20]} is not in {bounds}")
+
+
+HIDIFFUSION_PASSES = ("rau_net", "msw_msa")
+HIDIFFUSION_CONTROL_END = 0.6  # controlnet_apply_steps_rate of the official hidiffusion.py
+
+
+def default_control_end(recipe: Recipe | None) -> float:
+    """``control_guidance_end`` when none is given: HiDiffusion's official code applies the
+    ControlNet for the first 60 % of the steps only; everything else, diffusers' 1."""
+    if recipe is not None and any(type(p).type in HIDIFFUSION_PASSES for p in recipe.passes):
+        return HIDIFFUSION_CONTROL_END
+    return 1.0
+
+
+def _pipeline_inputs(common: dict[str, Any], mask: tuple[Any, str] | None, control: tuple[Any, str] | None,
+                     has_init: bool) -> dict[str, Any]:
+    """The pipeline call's mask and ControlNet arguments, images resized to the requested size."""
+    from PIL import Image
+
+    size = (common["width"], common["height"])
+    extra: dict[str, Any] = {}
+    if mask is not None:  # the inpainting pipelines take the size too (else the image's)
+        extra.update(mask_image=mask[0].resize(size, Image.Resampling.NEAREST),
+                     height=common["height"], width=common["width"])
+    if control is not None:
+        settings = common["controlnet"]
+        # text-to-image ControlNet pipelines take the condition as ``image``; the others as ``control_image``
+        extra["control_image" if has_init else "image"] = control[0].resize(size, _lanczos())
+        extra.update(controlnet_conditioning_scale=settings["scale"], control_guidance_end=settings["end"])
+    return extra
+
+
 def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, Any], image: Any,
-               strength: float, show: bool, executor: Any = None) -> Any:
+               strength: float, show: bool, executor: Any = None, extra: dict[str, Any] | None = None) -> Any:
     """One PIL image for ``job``, from a CPU generator seeded with the job's seed."""
     generator = torch.Generator("cpu").manual_seed(job.seed)
     negative = common["negative_prompt"] or None
@@ -462,10 +557,12 @@ def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, A
         if recipe is not None and recipe.sampling is not None:
             from unet_surgery.sampling.pipelines import self_cascade_sample
 
+            control = {k: v for k, v in (extra or {}).items()
+                       if k in ("image", "controlnet_conditioning_scale", "control_guidance_end")}
             out = self_cascade_sample(
                 runner, recipe, prompt=job.prompt, negative_prompt=negative,
                 guidance_scale=common["guidance_scale"], generator=generator, output_type="pil", progress=show,
-                executor=executor,
+                executor=executor, **control,
             )
             return out.images[0]
         kwargs: dict[str, Any] = {
@@ -476,4 +573,5 @@ def _one_image(runner: Any, recipe: Recipe | None, job: Job, common: dict[str, A
             kwargs.update(image=image, strength=strength)
         else:
             kwargs.update(height=common["height"], width=common["width"])
+        kwargs.update(extra or {})
         return runner(**kwargs).images[0]

@@ -6,7 +6,8 @@ encoder(s)) around the tiny test UNets of :mod:`unet_surgery.presets` (built for
 vocabulary is the 256 byte symbols of CLIP's byte-level BPE and no merges, so every prompt
 tokenizes. Zero-initialised output layers are randomised so the images are not flat.
 
-``python -m unet_surgery.generation.tiny_pipeline OUT --layout sd15|sdxl`` writes one.
+``python -m unet_surgery.generation.tiny_pipeline OUT --layout sd15|sdxl`` writes one, and with
+``--controlnet`` a random ControlNet for it (to try ``generate --controlnet``).
 """
 
 from __future__ import annotations
@@ -118,14 +119,37 @@ def save_tiny_pipeline(folder: str | Path, layout: str = "sd15", seed: int = 0) 
     return path
 
 
+def tiny_controlnet(layout: str = "sd15", seed: int = 0) -> Any:
+    """A random-weight ``ControlNetModel`` for :func:`tiny_pipeline`'s UNet of ``layout``."""
+    import diffusers
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    unet = build_unet(layout, size="tiny", device="cpu")
+    controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    with torch.no_grad():
+        randomize_zero_init_(controlnet, seed + 100)  # zero output convs would give zero residuals
+    return controlnet.eval()
+
+
+def save_tiny_controlnet(folder: str | Path, layout: str = "sd15", seed: int = 0) -> Path:
+    """Write :func:`tiny_controlnet` as a diffusers folder (safetensors) and return its path."""
+    path = Path(folder)
+    tiny_controlnet(layout, seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unet_surgery.generation.tiny_pipeline",
                                      description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("out", metavar="OUT", help="folder to write")
     parser.add_argument("--layout", choices=LAYOUTS, default="sd15")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--controlnet", action="store_true",
+                        help="write a ControlNet for the layout's tiny UNet instead of a pipeline")
     args = parser.parse_args(argv)
-    print(save_tiny_pipeline(args.out, args.layout, args.seed))
+    save = save_tiny_controlnet if args.controlnet else save_tiny_pipeline
+    print(save(args.out, args.layout, args.seed))
     return 0
 
 

@@ -49,7 +49,8 @@ class LowPass:
     multiples of ``base_hw / (target_h / H)`` (the official SDXL formula, which is the
     official SD1.5 per-layer table whenever the latent divides evenly). ``value`` is the
     mask's floor (0 in the official SD1.5/2.1 scripts, 0.6 for SDXL); ``weak`` selects the
-    guidance branch's wider ramp.
+    guidance branch's wider ramp. ``scale_floor`` False drops the ``max(., 1)`` on the
+    mask's scale ``scale / stride`` (the official SDXL processor's weak mask does).
     """
 
     scale: float
@@ -57,6 +58,7 @@ class LowPass:
     target_h: int
     value: float = 0.0
     weak: bool = False
+    scale_floor: bool = True
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.scale) or self.scale <= 0:
@@ -99,7 +101,8 @@ def lowpass_filter(x: Tensor, setting: LowPass, stride: tuple[int, int]) -> Tens
     """``x`` (..., H, W) low-pass filtered for a conv of ``stride`` (returns a new tensor).
 
     The mask's scale per axis is ``max(setting.scale / stride, 1)``: a strided conv samples
-    less densely, so it needs less filtering (none at all when ``scale <= stride``).
+    less densely, so it needs less filtering (none at all when ``scale <= stride``). Without
+    ``setting.scale_floor`` it is ``setting.scale / stride`` (the official SDXL weak mask).
     """
     h, w = int(x.shape[-2]), int(x.shape[-1])
     down = setting.target_h / h
@@ -111,7 +114,8 @@ def lowpass_filter(x: Tensor, setting: LowPass, stride: tuple[int, int]) -> Tens
     work = x if dtype in (torch.float32, torch.float64) else x.float()
     if (ph, pw) != (h, w):
         work = F.pad(work, (0, pw - w, 0, ph - h))
-    scale = (max(setting.scale / stride[0], 1.0), max(setting.scale / stride[1], 1.0))
+    floor = 1.0 if setting.scale_floor else 0.0
+    scale = (max(setting.scale / stride[0], floor), max(setting.scale / stride[1], floor))
     mask = lowpass_mask((ph, pw), scale, setting.value, weak=setting.weak, dtype=work.dtype).to(work.device)
     spec = torch.fft.fftshift(torch.fft.fftn(work, dim=(-2, -1)), dim=(-2, -1)) * mask
     out = torch.fft.ifftn(torch.fft.ifftshift(spec, dim=(-2, -1)), dim=(-2, -1)).real

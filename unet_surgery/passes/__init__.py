@@ -1,4 +1,4 @@
-"""Passes: one file per pass type, each a config dataclass plus its registered handler.
+"""Passes: one folder per pass type (``passes/<pass>/``: config + handler, its own maths and builder).
 
 Importing this package registers the built-in passes (in this order, which is the order
 error messages list them in). See :mod:`unet_surgery.passes.base` and ``docs/architecture.md``.
@@ -21,11 +21,13 @@ from unet_surgery.passes.noise_damped_cfg import NoiseDampedCFGPass  # isort: sk
 from unet_surgery.passes.scale_fusion import ScaleFusionPass  # isort: skip
 from unet_surgery.passes.freeu import FreeUPass  # isort: skip
 from unet_surgery.passes.fouriscale import FouriScalePass  # isort: skip
+from unet_surgery.passes.fouriscale.guidance import FouriScaleGuidancePass  # isort: skip
 from unet_surgery.passes.rau_net import RauNetPass  # isort: skip
 from unet_surgery.passes.msw_msa import MswMsaPass  # isort: skip
 
 __all__ = [
     "DispersePass",
+    "FouriScaleGuidancePass",
     "FouriScalePass",
     "FreeUPass",
     "LayerRewrite",

@@ -22,7 +22,7 @@ def _conv_summary(setting: ConvSetting) -> dict[str, Any] | None:
         return None
     row: dict[str, Any] = {"factor": setting.factor, "dispersed": setting.use_dispersed}
     if setting.lowpass is not None:  # FouriScale; absent otherwise, so older manifests read the same
-        row["lowpass"] = asdict(setting.lowpass)
+        row["lowpass"] = {k: v for k, v in asdict(setting.lowpass).items() if k != "scale_floor" or not v}
     return row
 
 

@@ -11,7 +11,9 @@ order) before the forward: schedules work inside any unmodified sampling loop an
 What passes keep between calls (a RAU-Net pair's recorded size, a seeded generator) lives in
 the patch's :class:`~unet_surgery.patching.state.PatchState`, and model-level hooks (noise-damped
 guidance's batch split) in its :class:`~unet_surgery.patching.state.ModelHooks`: both are
-created here and cleared by ``remove()``.
+created here and cleared by ``remove()``. A ControlNet's residuals go through the patch too
+(:mod:`unet_surgery.patching.controlnet`), resized to the features they meet where a pass
+changes a feature size.
 
 Threads: a forward sees the whole patch or none of it. ``remove()`` waits for the forwards in
 flight, and a forward that starts while the patch is being removed (or before it is fully
@@ -32,6 +34,7 @@ from unet_surgery.errors import SurgeryError
 from unet_surgery.graph import UNetMap, map_unet
 from unet_surgery.ops.redilate import BatchSplit
 from unet_surgery.passes.base import LayerPlan, Plan, make_plan, no_effect_reasons
+from unet_surgery.patching.controlnet import ControlNetResiduals
 from unet_surgery.patching.state import ModelHooks, PatchState
 from unet_surgery.recipes.schema import Recipe
 from unet_surgery.runtime import MAIN, UNetCall, UNetCallTracker
@@ -146,6 +149,12 @@ class Patch:
                 self._in_flight -= 1
                 self._cond.notify_all()
 
+    @property
+    def wants_cfg_batches(self) -> bool:
+        """Whether a pass of the recipe acts on ``[uncond, cond]`` halves (noise-damped
+        guidance, FouriScale's guidance): samplers that batch so call :meth:`set_cfg_batches`."""
+        return any(part.handler.cfg_batches for layer in self.plan.layers.values() for part in layer.parts)
+
     def set_cfg_batches(self, on: bool) -> None:
         """Declare that the model's batches are ``[uncond, cond]`` halves (classifier-free
         guidance), which passes acting on the batch (noise-damped guidance) need;
@@ -175,6 +184,7 @@ class Patch:
             self.hooks.add("patch", pre=self._pre_forward)
             for handler in dict.fromkeys(part.handler for layer in self.plan.layers.values() for part in layer.parts):
                 handler.attach(self)
+            ControlNetResiduals(self).attach()  # after the passes' hooks: residuals as they left them
             self.hooks.add("patch.end", post=self._post_forward)  # added last: runs after every other post hook
             object.__setattr__(model, PATCH_ATTR, self)
             with self._cond:

@@ -55,7 +55,7 @@ PostHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]
 
 
 class ModelHooks:
-    """Named forward hooks on the patched model, removed together by ``Patch.remove()``.
+    """Named forward hooks on the patched model (and its submodules), removed together by ``Patch.remove()``.
 
     Hooks run eagerly (``torch.compiler.disable``): they read values such as the timestep,
     and a compiled forward then guards on what they decide only. Post hooks are
@@ -77,6 +77,13 @@ class ModelHooks:
         if post is not None:
             handles.append(self.model.register_forward_hook(_Eager(post), with_kwargs=True, always_call=True))
         self._handles[name] = handles
+
+    def add_many(self, name: str, pre_hooks: list[tuple[nn.Module, PreHook]]) -> None:
+        """Register forward pre hooks (with kwargs) on submodules of the model, together as ``name``."""
+        if name in self._handles:
+            raise SurgeryError(f"a model hook named {name!r} is already registered on this patch")
+        self._handles[name] = [module.register_forward_pre_hook(_Eager(hook), with_kwargs=True)
+                               for module, hook in pre_hooks]
 
     def remove(self, name: str) -> None:
         """Remove the hooks registered as ``name`` (no-op if none)."""

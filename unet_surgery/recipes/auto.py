@@ -40,8 +40,8 @@ from unet_surgery.passes import RedilatePass, ScaleFusionPass
 from unet_surgery.recipes.fit import map_signature
 from unet_surgery.recipes.schema import LevelRange, Recipe, SamplingSpec, Selector
 
-Policy = Literal["auto", "scalecrafter", "demofusion"]
-POLICIES: tuple[str, ...] = ("auto", "scalecrafter", "demofusion")
+Policy = Literal["auto", "scalecrafter", "demofusion", "multidiffusion"]
+POLICIES: tuple[str, ...] = ("auto", "scalecrafter", "demofusion", "multidiffusion")
 
 
 def size_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -97,8 +97,9 @@ def auto_recipe(
     ``policy="auto"``: self-cascade with restrained deepest-level dilation
     (:func:`cascade_recipe`); ``policy="scalecrafter"``: ScaleCrafter's re-dilation tables
     (:func:`scalecrafter_recipe`); ``policy="demofusion"``: DemoFusion's sampler
-    (:func:`~unet_surgery.recipes.demofusion.demofusion_recipe`). ``steps`` is the cascade's steps per stage (samplers may
-    override it).
+    (:func:`~unet_surgery.recipes.demofusion.demofusion_recipe`); ``policy="multidiffusion"``:
+    patch-wise denoising alone (:func:`~unet_surgery.recipes.multidiffusion.multidiffusion_recipe`).
+    ``steps`` is the cascade's steps per stage (samplers may override it).
 
     Args:
         unet_map: the map of the UNet the recipe is for (:func:`~unet_surgery.map_unet`).
@@ -106,8 +107,8 @@ def auto_recipe(
         target: size to generate at in pixels: an int (square) or (height, width).
         vae_scale_factor: pixels per latent pixel (8 for SD-style VAEs, 1 for pixel-space models).
         name: recipe name (default ``auto-{model class}-{width}x{height}``).
-        policy: ``"auto"`` or ``"scalecrafter"``.
-        steps: the cascade's denoising steps per stage (``policy="auto"``).
+        policy: ``"auto"``, ``"scalecrafter"``, ``"demofusion"`` or ``"multidiffusion"``.
+        steps: the cascade's denoising steps per stage (``policy="auto"``), DemoFusion's per phase.
     """
     if policy == "auto":
         return cascade_recipe(unet_map, base=base, target=target, vae_scale_factor=vae_scale_factor,
@@ -120,6 +121,11 @@ def auto_recipe(
 
         return demofusion_recipe(size_pair(base, "base"), size_pair(target, "target"),
                                  vae_scale_factor=vae_scale_factor, name=name, steps=steps)
+    if policy == "multidiffusion":  # a sampler too
+        from unet_surgery.recipes.multidiffusion import multidiffusion_recipe
+
+        return multidiffusion_recipe(size_pair(base, "base"), size_pair(target, "target"),
+                                     vae_scale_factor=vae_scale_factor, name=name)
     raise RecipeError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 

@@ -43,15 +43,22 @@ from unet_surgery.sampling.cascade import (
 SUPPORTED_PIPELINES: dict[str, str] = {
     "StableDiffusionPipeline": "encode_prompt",
     "StableDiffusionImg2ImgPipeline": "encode_prompt",
+    "StableDiffusionInpaintPipeline": "encode_prompt",
     "StableDiffusionControlNetPipeline": "encode_prompt",
+    "StableDiffusionControlNetImg2ImgPipeline": "encode_prompt",
+    "StableDiffusionControlNetInpaintPipeline": "encode_prompt",
     "StableDiffusionXLPipeline": "encode_prompt",
     "StableDiffusionXLImg2ImgPipeline": "encode_prompt",
+    "StableDiffusionXLInpaintPipeline": "encode_prompt",
     "StableDiffusionXLControlNetPipeline": "encode_prompt",
+    "StableDiffusionXLControlNetImg2ImgPipeline": "encode_prompt",
+    "StableDiffusionXLControlNetInpaintPipeline": "encode_prompt",
     "AnimateDiffPipeline": "encode_prompt",
     "TextToVideoSDPipeline": "encode_prompt",
     "StableVideoDiffusionPipeline": "_encode_image",
 }
-CASCADE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+CASCADE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                     "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline")
 
 
 def _supported_class(pipe: Any, names: tuple[str, ...] | list[str]) -> str:
@@ -77,7 +84,8 @@ class PipelinePatch:
         self.pipe = pipe
         self.patch = patch
         self.scheduler = pipe.scheduler
-        self.noise_damped = bool(patch.plan.entries("noise_damped_cfg"))
+        # a guidance pass (noise-damped, FouriScale's) acts once [uncond, cond] batches are declared
+        self.noise_damped = patch.wants_cfg_batches
         self.cfg: bool | None = None  # the last CFG decision the pipeline announced
         self._encoder_name = encoder_name
         self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
@@ -163,10 +171,7 @@ class PipelinePatch:
         self._set_guidance(cfg)
 
     def _set_guidance(self, on: bool) -> None:
-        if on:
-            self.patch.enable_noise_damped_cfg()
-        else:
-            self.patch.disable_noise_damped_cfg()
+        self.patch.set_cfg_batches(on)
 
     # --- removal --------------------------------------------------------------------------
     def remove(self) -> None:
@@ -255,6 +260,9 @@ def self_cascade_sample(
     progress: bool = True,
     executor: Any = None,
     force: bool = False,
+    image: Any = None,
+    controlnet_conditioning_scale: float = 1.0,
+    control_guidance_end: float = 1.0,
 ) -> CascadeOutput:
     """FreeScale generation with an SD or SDXL pipeline: recipe passes + self-cascade.
 
@@ -265,6 +273,10 @@ def self_cascade_sample(
     section denoises every step in overlapping views
     (:func:`~unet_surgery.sampling.patchwise.patchwise_denoiser`; ``executor`` spreads them over
     processes); a one-stage ``sampling`` is then plain patch-wise text-to-image.
+
+    With a ControlNet pipeline, ``image`` is the condition image: every stage runs the ControlNet
+    on that stage's latents and on the image resized to the stage's size, as the pipeline's own
+    loop does at one size (not with a ``patches`` section: views would need cropped conditions).
 
     Args:
         pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
@@ -290,6 +302,10 @@ def self_cascade_sample(
         progress: show progress bars.
         executor: how patch-wise views are run (default: all in this process).
         force: apply the recipe even to a UNet of another structure than the recipe's.
+        image: ControlNet pipelines: the condition image (PIL image, array or tensor, as the pipeline takes).
+        controlnet_conditioning_scale: ControlNet pipelines: the residuals' scale.
+        control_guidance_end: ControlNet pipelines: the ControlNet acts on the steps ``i`` of
+            ``n`` with ``(i + 1) / n <= control_guidance_end`` (the pipeline's rule), per stage.
     """
     from unet_surgery.recipes.library import load_recipe
     from unet_surgery.sampling.cascade import with_steps
@@ -307,6 +323,15 @@ def self_cascade_sample(
         )
     if num_inference_steps is not None:
         spec = with_steps(spec, num_inference_steps)
+    control = None
+    if "ControlNet" in name:
+        if image is None:
+            raise SurgeryError(f"{name} needs the ControlNet's condition image: image=...")
+        if recipe.patches is not None:
+            raise RecipeError(f"recipe {recipe.name!r} samples patch-wise, which does not run a ControlNet")
+        control = _Control(pipe, image, float(controlnet_conditioning_scale), float(control_guidance_end))
+    elif image is not None:
+        raise SurgeryError(f"image= is the ControlNet's condition image; {name} has no ControlNet")
     unet = pipe.unet
     device = getattr(pipe, "_execution_device", None) or unet.device
     dtype = unet.dtype
@@ -318,7 +343,7 @@ def self_cascade_sample(
     try:
         denoise = _pipeline_denoiser(
             pipe, name, device, dtype, spec.stages[0], guidance_scale, prompt, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, control,
         )
         batch = denoise.batch
         if recipe.patches is not None:
@@ -349,7 +374,7 @@ def self_cascade_sample(
 def _pipeline_denoiser(
     pipe: Any, name: str, device: torch.device, dtype: torch.dtype, first_stage: tuple[int, int],
     guidance_scale: float, prompt: Any, negative_prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any,
-    pooled: Any, negative_pooled: Any,
+    pooled: Any, negative_pooled: Any, control: _Control | None = None,
 ) -> Any:
     """Encode the prompt once with the pipeline and return a [uncond, cond] CFG denoiser.
 
@@ -359,7 +384,7 @@ def _pipeline_denoiser(
     """
     cfg = guidance_scale > 1
     with torch.no_grad():
-        if name == "StableDiffusionXLPipeline":
+        if name.startswith("StableDiffusionXL"):
             cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
                 prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
                 negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
@@ -404,11 +429,47 @@ def _pipeline_denoiser(
             else:
                 time_ids = per_view(added["time_ids"], views)
             kwargs["added_cond_kwargs"] = {"text_embeds": per_view(added["text_embeds"], views), "time_ids": time_ids}
+        if control is not None:
+            down, mid = control.residuals(model_input, t, stage, kwargs, batch, cfg, device)
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         out = unet(model_input, t, **kwargs)[0]
         return combine_cfg(out, guidance_scale) if cfg else out
 
     denoise.batch = batch  # type: ignore[attr-defined]
     return denoise
+
+
+class _Control:
+    """A ControlNet pipeline's ControlNet inside the self-cascade: the condition image at each
+    stage's size (prepared once per stage by the pipeline's own ``prepare_image``), and the
+    pipeline's ``control_guidance_end`` rule on the stage's schedule."""
+
+    def __init__(self, pipe: Any, image: Any, scale: float, end: float) -> None:
+        if not 0.0 < end <= 1.0:
+            raise SurgeryError(f"control_guidance_end must be in (0, 1], got {end}")
+        if type(pipe.controlnet).__name__ != "ControlNetModel":
+            raise SurgeryError(f"the self-cascade runs one ControlNetModel, not a {type(pipe.controlnet).__name__}")
+        self.pipe, self.image, self.scale, self.end = pipe, image, scale, end
+        self._prepared: dict[int, torch.Tensor] = {}
+
+    def residuals(self, model_input: torch.Tensor, t: torch.Tensor, stage: CascadeStage, kwargs: dict[str, Any],
+                  batch: int, cfg: bool, device: torch.device) -> tuple[Any, Any]:
+        if model_input.shape[0] != batch * (2 if cfg else 1):
+            raise SurgeryError("a ControlNet cannot run on patch-wise views (its condition would need cropping)")
+        cond = self._prepared.get(stage.index)
+        if cond is None:
+            cond = self._prepared[stage.index] = self.pipe.prepare_image(
+                image=self.image, width=stage.width, height=stage.height, batch_size=batch, num_images_per_prompt=1,
+                device=device, dtype=self.pipe.controlnet.dtype, do_classifier_free_guidance=cfg, guess_mode=False,
+            )
+        timesteps = self.pipe.scheduler.timesteps
+        i = int((timesteps == t).nonzero()[0, 0]) if (timesteps == t).any() else 0
+        keep = 0.0 if (i + 1) / len(timesteps) > self.end else 1.0
+        extra = {"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs else {}
+        return self.pipe.controlnet(
+            model_input, t, encoder_hidden_states=kwargs["encoder_hidden_states"], controlnet_cond=cond,
+            conditioning_scale=self.scale * keep, guess_mode=False, return_dict=False, **extra,
+        )
 
 
 def crop_time_ids(time_ids: torch.Tensor, crops: Sequence[tuple[int, int]]) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unet_surgery.core.schema import SamplingSpec
 from unet_surgery.sampling.cascade import combine_cfg
 from unet_surgery.toy.model import ToyDiffusion, make_ddim_scheduler
 
@@ -154,15 +155,19 @@ def sample_recipe(
     ``recipe`` is ``None`` (the plain model), a :class:`~unet_surgery.recipes.Recipe`, a shipped
     recipe name or a file. A recipe with a ``sampling`` section runs FreeScale's self-cascade
     through its stages (``steps`` per stage, restart at ``int(0.3 * steps)`` unless the recipe
-    sets one); a recipe with a ``noise_damped_cfg`` pass switches noise-damped guidance on. This
+    sets one); a recipe with a guidance pass (``noise_damped_cfg``, ``fouriscale_guidance``: any
+    pass whose handler works on the ``[uncond, cond]`` halves) gets those halves marked. This
     is the one place the demo, the benchmarks and the tests turn a recipe into toy samples.
+    A ``patches`` section (MultiDiffusion) denoises overlapping native-size views of every stage
+    (a recipe without ``sampling`` is one stage at ``size``); a ``demofusion`` section runs
+    DemoFusion with ``steps`` per phase, one seed per run (its re-normalisation takes the whole
+    batch's statistics), the jitter and the noise inversion seeded by the seed.
     ``callback(step_index, timestep)`` runs before each UNet call of plain (non-cascade) runs.
     """
     from dataclasses import replace
 
     from unet_surgery.patching.patch import apply
     from unet_surgery.recipes import load_recipe
-    from unet_surgery.recipes.schema import NoiseDampedCFGPass
 
     h, w = (size, size) if isinstance(size, int) else size
     if recipe is None:
@@ -170,30 +175,37 @@ def sample_recipe(
                       guidance_scale=guidance_scale, callback=callback)
     recipe = load_recipe(recipe)
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    damped = any(isinstance(p, NoiseDampedCFGPass) for p in recipe.passes)
     with apply(toy.unet, recipe, unet_map=unet_map) as patch:
-        if damped:
-            patch.enable_noise_damped_cfg()
-        if recipe.sampling is None:
+        if patch.wants_cfg_batches:
+            patch.set_cfg_batches(True)
+        if recipe.sampling is None and recipe.patches is None and recipe.demofusion is None:
             scheduler = make_ddim_scheduler(getattr(toy, "scheduler_config", None))
             scheduler.set_timesteps(steps)
             patch.set_timesteps(scheduler.timesteps)
             return sample(toy, labels, seeds=seeds, height=h, width=w, steps=steps,
                           guidance_scale=guidance_scale, callback=callback)
         from unet_surgery.sampling import cfg_denoiser, self_cascade
+        from unet_surgery.sampling.patchwise import patch_settings, patchwise_denoiser
 
-        final = tuple(recipe.sampling.stages[-1])
-        if final != (h, w):
-            raise ValueError(f"recipe {recipe.name!r} ends its cascade at {final[0]}x{final[1]}, not {h}x{w}")
-        first = recipe.sampling.stages[0]
-        restart = recipe.sampling.restart_step
-        spec = replace(recipe.sampling, steps=steps,
-                       restart_step=None if restart is None else min(restart, steps - 1))
         device = toy.class_embedding.weight.device
         cond = toy.encode(labels.to(device))
         uncond = toy.encode(torch.full_like(labels, toy.empty_class).to(device))
+        if recipe.demofusion is not None:
+            return _demofusion(toy, recipe, cond, uncond, seeds, (h, w), steps, guidance_scale, patch)
+        stages = recipe.sampling if recipe.sampling is not None else SamplingSpec(stages=((h, w),))
+        final = tuple(stages.stages[-1])
+        if final != (h, w):
+            raise ValueError(f"recipe {recipe.name!r} ends its cascade at {final[0]}x{final[1]}, not {h}x{w}")
+        first = stages.stages[0]
+        restart = stages.restart_step
+        spec = replace(stages, steps=steps, restart_step=None if restart is None else min(restart, steps - 1))
+        denoise = cfg_denoiser(toy.unet, cond, uncond, guidance_scale=guidance_scale)
+        if recipe.patches is not None:
+            window, stride = patch_settings(recipe)
+            denoise = patchwise_denoiser(denoise, window=window, stride=stride,
+                                         view_batch_size=recipe.patches.view_batch_size)
         out = self_cascade(
-            cfg_denoiser(toy.unet, cond, uncond, guidance_scale=guidance_scale),
+            denoise,
             make_ddim_scheduler(getattr(toy, "scheduler_config", None)),
             spec,
             latent_channels=3,
@@ -205,3 +217,28 @@ def sample_recipe(
             progress=False,
         )
         return out.latents.clamp(-1, 1)
+
+
+def _demofusion(toy: ToyDiffusion, recipe: Any, cond: torch.Tensor, uncond: torch.Tensor, seeds: Sequence[int],
+                size: tuple[int, int], steps: int, guidance_scale: float, patch: Any) -> torch.Tensor:
+    """DemoFusion on the toy, one seed at a time (see :func:`sample_recipe`)."""
+    from dataclasses import replace
+
+    from unet_surgery.sampling import cfg_denoiser
+    from unet_surgery.sampling.demofusion import demofusion, phases
+
+    base = recipe.base_resolution[0]
+    spec = replace(recipe.demofusion, steps=steps)
+    first = phases(size[0], size[1], base, recipe.vae_scale_factor)[0].latent_hw
+    images = []
+    for i, seed in enumerate(seeds):
+        out = demofusion(
+            cfg_denoiser(toy.unet, cond[i : i + 1], uncond[i : i + 1], guidance_scale=guidance_scale),
+            make_ddim_scheduler(getattr(toy, "scheduler_config", None)), spec,
+            height=size[0], width=size[1], base=base, latent_channels=3, batch_size=1,
+            vae_scale_factor=recipe.vae_scale_factor,
+            latents=initial_noise([seed], *first).to(cond.device),
+            generator=torch.Generator().manual_seed(int(seed)), jitter_seed=int(seed), patch=patch, progress=False,
+        )
+        images.append(out.latents)
+    return torch.cat(images).clamp(-1, 1)

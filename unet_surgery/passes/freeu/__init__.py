@@ -22,7 +22,6 @@ from unet_surgery.core.schema import PassConfig, Recipe, ScheduleSpec, Selector,
 from unet_surgery.core.selectors import closest_paths, is_pattern, path_matches
 from unet_surgery.errors import SelectionError
 from unet_surgery.graph.records import SkipRecord, UNetMap
-from unet_surgery.ops.freeu import FreeUSetting, freeu_, restore_freeu_
 from unet_surgery.passes.base import (
     FilterFn,
     LayerRewrite,
@@ -33,6 +32,7 @@ from unet_surgery.passes.base import (
     register_pass,
     window_is_empty,
 )
+from unet_surgery.passes.freeu.skip_merge import FreeUSetting, freeu_, restore_freeu_
 from unet_surgery.runtime import UNetCall
 
 STAGES = 2
@@ -122,7 +122,7 @@ MERGE = LayerRewrite(
     restore=restore_freeu_,
     summary=_summary,
 )
-"""The module receiving a skip concatenation, FreeU'd (:func:`~unet_surgery.ops.freeu.freeu_`)."""
+"""The module receiving a skip concatenation, FreeU'd (:func:`~unet_surgery.passes.freeu.skip_merge.freeu_`)."""
 
 
 def _common_module(paths: list[str]) -> str:

@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 import torch
 
 from unet_surgery.core.schema import OnMissing, PassConfig, Recipe, ScheduleSpec, Selector, doc
-from unet_surgery.errors import SurgeryError
 from unet_surgery.passes.base import (
     AUTO,
     FactorPlan,
@@ -36,6 +35,7 @@ from unet_surgery.passes.base import (
     register_pass,
     window_is_empty,
 )
+from unet_surgery.passes.cfg_batch import end_split, map_sample, split_batch
 from unet_surgery.passes.redilate import FactorPassHandler, check_factors
 from unet_surgery.runtime import DAMPED, MAIN, UNetCall
 
@@ -63,6 +63,7 @@ class NoiseDampedCFGHandler(FactorPassHandler):
     config = NoiseDampedCFGPass
     order = 20
     branch = DAMPED
+    cfg_batches = True
 
     def guidance_active(self, patch: Any, call: UNetCall | None) -> bool:
         """Whether the damped branch differs from plain on ``call`` (guidance splits the batch)."""
@@ -109,25 +110,6 @@ def _same_branches(damped: dict[str, FactorPlan], main: dict[str, FactorPlan]) -
     return True
 
 
-def _expand(value: Any, batch: int) -> Any:
-    """[u, c] -> [u, u, c] along dim 0 for every per-sample tensor.
-
-    Recurses into dicts (SDXL's added conditioning) and lists/tuples (ControlNet residuals,
-    IP-adapter embeddings).
-    """
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0 or value.shape[0] % batch or value.shape[0] < 2:
-            return value
-        half = value.shape[0] // 2
-        return torch.cat([value[:half], value[:half], value[half:]])
-    if isinstance(value, dict):
-        return {k: _expand(v, batch) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_expand(v, batch) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
-
-
 def _combine(sample: torch.Tensor, rows: int) -> torch.Tensor:
     k = sample.shape[0] // (3 * rows)
     n = rows * k
@@ -146,28 +128,13 @@ class _BatchSplitHooks:
         call = patch.tracker.current
         if call is None or not patch.cfg_batches or not self.handler.guidance_active(patch, call):
             return None
-        if call.batch % 2:
-            raise SurgeryError(
-                f"noise-damped guidance needs a [uncond, cond] batch of even size, got {call.batch}"
-            )
-        rows = call.batch // 2
-        call.groups = ((rows, DAMPED), (2 * rows, MAIN))
-        call.batch = 3 * rows
-        patch.resolve_settings()
-        return tuple(_expand(a, 2 * rows) for a in args), {k: _expand(v, 2 * rows) for k, v in kwargs.items()}
+        layout = ((0, DAMPED), (0, MAIN), (1, MAIN))  # [u, c] -> [u, u, c]
+        return split_batch(patch, call, args, kwargs, layout, "noise-damped guidance")
 
     def post(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         call = self.patch.tracker.current
         if call is None or call.groups is None:
             return None
         rows = call.groups[0][0]
-        call.groups = None
-        call.settings = None  # resolved for the split batch; later reads resolve live
-        if isinstance(output, torch.Tensor):
-            return _combine(output, rows)
-        if isinstance(output, tuple):
-            return (_combine(output[0], rows), *output[1:])
-        if hasattr(output, "sample"):
-            output.sample = _combine(output.sample, rows)
-            return output
-        raise SurgeryError(f"cannot apply noise-damped guidance to a UNet returning {type(output).__name__}")
+        end_split(call)
+        return map_sample(output, lambda sample: _combine(sample, rows), "noise-damped guidance")
