@@ -41,9 +41,15 @@ switching_threshold_ratio_dict = {
     "sd15_2048": {"T1_ratio": 0.7, "T2_ratio": 0.3},
     "sdxl_2048": {"T1_ratio": 0.4, "T2_ratio": 0.0},
     "sdxl_4096": {"T1_ratio": 0.7, "T2_ratio": 0.3},
+    "sdxl_turbo_1024": {"T1_ratio": 0.5, "T2_ratio": 0.0},
+}
+text_to_img_controlnet_switching_threshold_ratio_dict = {
+    "sdxl_2048": {"T1_ratio": 0.5, "T2_ratio": 0.0},
 }
 is_aggressive_raunet = True
 aggressive_step = 8
+inpainting_is_aggressive_raunet = False
+playground_is_aggressive_raunet = False
 # The latent side from which the official code uses its "4x" rows (``ori_H < 256`` for SD1.5,
 # ``< 512`` for SDXL). A test of the 4x rows lowers them to its tiny latent (a 2048-pixel
 # SD1.5 latent has 65536 tokens at the windowed level, too large for a CPU test); the rest of
@@ -82,8 +88,13 @@ def sdxl_hidiffusion_key() -> dict[str, list[str]]:
     }
 
 
+def sdxl_turbo_hidiffusion_key() -> dict[str, list[str]]:
+    keys = sdxl_hidiffusion_key()
+    return {k: keys[k] for k in ("down_module_key", "up_module_key", "windown_attn_module_key")}
+
+
 def _switching_ratio(self: Any) -> None:
-    """The threshold block every official forward repeats (not inpainting, not playground)."""
+    """The threshold block every official forward repeats."""
     self.max_timestep = self.info["pipeline"]._num_timesteps
     ori_H, ori_W = self.info["size"]
     if self.model == "sd15":
@@ -93,10 +104,20 @@ def _switching_ratio(self: Any) -> None:
             self.T1_ratio = switching_threshold_ratio_dict["sd15_2048"][self.switching_threshold_ratio]
     elif self.model == "sdxl":
         if ori_H < FOUR_X_FROM["sdxl"] or ori_W < FOUR_X_FROM["sdxl"]:
-            self.T1_ratio = switching_threshold_ratio_dict["sdxl_2048"][self.switching_threshold_ratio]
-            self.aggressive_raunet = is_aggressive_raunet
+            if self.info["text_to_img_controlnet"]:
+                self.T1_ratio = text_to_img_controlnet_switching_threshold_ratio_dict["sdxl_2048"][self.switching_threshold_ratio]
+            else:
+                self.T1_ratio = switching_threshold_ratio_dict["sdxl_2048"][self.switching_threshold_ratio]
+            if self.info["is_inpainting_task"]:
+                self.aggressive_raunet = inpainting_is_aggressive_raunet
+            elif self.info["is_playground"]:
+                self.aggressive_raunet = playground_is_aggressive_raunet
+            else:
+                self.aggressive_raunet = is_aggressive_raunet
         else:
             self.T1_ratio = switching_threshold_ratio_dict["sdxl_4096"][self.switching_threshold_ratio]
+    elif self.model == "sdxl_turbo":
+        self.T1_ratio = switching_threshold_ratio_dict["sdxl_turbo_1024"][self.switching_threshold_ratio]
 
 
 def _block_thresholds(self: Any) -> None:
@@ -295,11 +316,14 @@ def make_upsampler_block(block_class):
     return upsampler_block
 
 
-def apply_hidiffusion(diffusion_model, model: str, num_steps: int = 50, apply_raunet=True, apply_window_attn=True):
-    """``apply_hidiffusion`` for a bare UNet of a known family (``model``: sd15 or sdxl)."""
+def apply_hidiffusion(diffusion_model, model: str, num_steps: int = 50, apply_raunet=True, apply_window_attn=True,
+                      *, controlnet: bool = False, inpainting: bool = False, playground: bool = False):
+    """``apply_hidiffusion`` for a bare UNet of a known family (``model``: sd15, sdxl or
+    sdxl_turbo); the flags are what the official code reads from the pipeline (``hasattr(model,
+    'controlnet')``, ``'inpainting'`` / ``'playground'`` in its ``name_or_path``)."""
     diffusion_model.num_upsamplers += 12
-    info = {"size": None, "upsample_size": None, "hooks": [], "text_to_img_controlnet": False,
-            "is_inpainting_task": False, "is_playground": False,
+    info = {"size": None, "upsample_size": None, "hooks": [], "text_to_img_controlnet": controlnet,
+            "is_inpainting_task": inpainting, "is_playground": playground,
             "pipeline": types.SimpleNamespace(_num_timesteps=num_steps)}
     diffusion_model.info = info
 
@@ -307,6 +331,20 @@ def apply_hidiffusion(diffusion_model, model: str, num_steps: int = 50, apply_ra
         module.info["size"] = (args[0].shape[2], args[0].shape[3])
 
     info["hooks"].append(diffusion_model.register_forward_pre_hook(hook))
+    if model == "sdxl_turbo":  # the official turbo branch: the pooling pair on T1, windows
+        keys = sdxl_turbo_hidiffusion_key()
+        for key, module in diffusion_model.named_modules():
+            if apply_raunet and key in keys["down_module_key"]:
+                module.__class__ = make_cross_attn_down_block(module.__class__)
+                module.switching_threshold_ratio = "T1_ratio"
+            if apply_raunet and key in keys["up_module_key"]:
+                module.__class__ = make_cross_attn_up_block(module.__class__)
+                module.switching_threshold_ratio = "T1_ratio"
+            if apply_window_attn and key in keys["windown_attn_module_key"]:
+                module.__class__ = make_transformer_block(module.__class__)
+            module.model = model
+            module.info = info
+        return diffusion_model
     keys = sd15_hidiffusion_key() if model == "sd15" else sdxl_hidiffusion_key()
     # sd15: convs switch on T1, blocks on T2; sdxl: blocks on T1, convs on T2.
     conv_ratio, block_ratio = ("T1_ratio", "T2_ratio") if model == "sd15" else ("T2_ratio", "T1_ratio")
@@ -446,6 +484,114 @@ def test_builder_at_4x_area_equals_official_code(name, base, target, hw, steps, 
             out = patched_out(model, inputs, step, seed=step)
             expected = official_out(ref, inputs, step, seed=step)
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+# Latents that halve evenly to the deepest level but not once RAU-Net reduced them, so the
+# plain 2x upsampling misses a skip (diffusers forwards no sizes: every side is a multiple
+# of 2**num_upsamplers). sd15 40x56: 40 -4x-> 10 -pool-> 5 -> 3 -> 2, and 2 * 2 != 3; at step
+# 20 (downsampler alone) 10 -> 5 -> 3, 2 * 3 != 5. sdxl 36x44: 36 -> 18 -pool-> 9 -> 5 at
+# step 20 (pooling alone), 2 * 5 != 9; at step 0 the downsampler pair reduces 9 -4x-> 3.
+UNEVEN = [("sd15", 512, 2048, (40, 56), [0, 20]), ("sdxl", 1024, 4096, (36, 44), [0, 20])]
+
+
+@pytest.mark.parametrize(("name", "base", "target", "hw", "steps"), UNEVEN)
+def test_builder_at_4x_area_on_sizes_that_halve_unevenly_equals_official_code(
+    name, base, target, hw, steps, monkeypatch
+) -> None:
+    """The official code forwards every skip size to its upsampler (``num_upsamplers += 12``);
+    the samplers below a RAU-Net pair keep their level's size, which is the same computation."""
+    monkeypatch.setitem(FOUR_X_FROM, name, min(hw))
+    model = tiny(name)
+    ref = apply_hidiffusion(copy.deepcopy(model), name)
+    inputs = inputs_for(model, hw)
+    unet_map = preset_map(name, "tiny")
+    with apply(model, hidiffusion_recipe(unet_map, base, target), unet_map=unet_map) as patch:
+        patch.set_timesteps(TIMESTEPS)
+        for step in steps:
+            out = patched_out(model, inputs, step, seed=step)
+            expected = official_out(ref, inputs, step, seed=step)
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_toy_eps_at_4x_per_side_restores_before_the_first_unpooled_skip() -> None:
+    """toy-eps has one transformer per down stage (layers_per_block 1), two per up stage. The
+    pooled skip of down transformer 0 is taken by up resnet 0; up resnet 1 takes the level's
+    unpooled input, so the size must be back after up transformer 0 (the published ``i == 1``
+    fits only two transformers per down stage). Sampled as the demo does, 128x128 from 32."""
+    from unet_surgery.demo import recipe_for
+    from unet_surgery.graph import map_unet
+    from unet_surgery.toy.model import load_toy
+    from unet_surgery.toy.sampling import sample_recipe
+
+    toy = load_toy("toy-eps")
+    unet_map = map_unet(toy.unet, latent_hw=(64, 64))
+    recipe = recipe_for("hidiffusion", unet_map, 128)
+    pool_pass = next(i for i, p in enumerate(recipe.passes) if "attention" in (p.select.op or ()))
+    blocks = set(make_plan(recipe, unet_map).planned_by(pool_pass))
+    assert {"down_blocks.1.attentions.0", "up_blocks.2.attentions.0"} <= blocks
+    assert "up_blocks.2.attentions.1" not in blocks
+    steps = 4  # int(4 * 0.3) = 1: step 0 has both pairs, steps 1-1 the downsampler alone
+    plain = sample_recipe(toy, None, torch.tensor([1]), seeds=[5], size=128, steps=steps)
+    patched = sample_recipe(toy, recipe, torch.tensor([1]), seeds=[5], size=128, steps=steps, unet_map=unet_map)
+    assert patched.shape == plain.shape == (1, 3, 128, 128)
+    assert torch.isfinite(patched).all() and not patched.equal(plain)
+
+
+# The official settings picked from the pipeline. Official windows: sdxl-turbo at 4 steps:
+# pooling while step < int(4 * 0.5) = 2; inpainting / playground at 2048: pooling while
+# step < 20, no downsampler (T2 0, not aggressive); controlnet at 2048: downsampler while
+# step < 8, pooling on [8, 25); at 4x area the flags change nothing (sdxl_4096 row). SD1.5
+# reads no flag. ``differs`` is a step where the variant's setting is not the standard one.
+VARIANT_CASES = [
+    ("sdxl", "sdxl-turbo", 512, 1024, (32, 32), 4, [0, 1, 2, 3], 1),
+    ("sdxl", "inpainting", 1024, 2048, (32, 32), 50, [0, 8, 19, 20], 0),
+    ("sdxl", "playground", 1024, 2048, (32, 40), 50, [7, 19, 20], 7),
+    ("sdxl", "controlnet", 1024, 2048, (32, 32), 50, [7, 8, 24, 25], 22),
+    ("sdxl", "controlnet", 1024, 4096, (32, 32), 50, [14, 15, 35], None),
+    ("sd15", "inpainting", 512, 1024, (16, 32), 50, [0, 19, 20], None),
+]
+OFFICIAL_FLAGS = {"inpainting": {"inpainting": True}, "playground": {"playground": True},
+                  "controlnet": {"controlnet": True}, "sdxl-turbo": {}}
+
+
+@pytest.mark.parametrize(("name", "variant", "base", "target", "hw", "num_steps", "steps", "differs"), VARIANT_CASES)
+def test_builder_variant_equals_official_code(name, variant, base, target, hw, num_steps, steps, differs,
+                                              monkeypatch) -> None:
+    if target >= 4 * base:
+        monkeypatch.setitem(FOUR_X_FROM, name, min(hw))
+    model = tiny(name)
+    official_model = "sdxl_turbo" if variant == "sdxl-turbo" else name
+    ref = apply_hidiffusion(copy.deepcopy(model), official_model, num_steps, **OFFICIAL_FLAGS[variant])
+    timesteps = torch.linspace(999, 0, num_steps).round().long()
+    inputs = inputs_for(model, hw)
+    unet_map = preset_map(name, "tiny")
+
+    def call(unet, step, official):
+        kwargs = {**inputs, "timestep": torch.full((1,), int(timesteps[step]))}
+        if official:
+            for module in unet.modules():
+                if hasattr(type(module), "_parent"):
+                    module.timestep = step
+        torch.manual_seed(step)
+        with torch.no_grad():
+            return _sample(unet(kwargs.pop("sample"), kwargs.pop("timestep"), **kwargs) if official else unet(**kwargs))
+
+    outs = {}
+    for which in (variant, "standard"):
+        with apply(model, hidiffusion_recipe(unet_map, base, target, variant=which), unet_map=unet_map) as patch:
+            patch.set_timesteps(timesteps)
+            outs[which] = {step: call(model, step, False) for step in [*steps, differs] if step is not None}
+    for step in steps:
+        torch.testing.assert_close(outs[variant][step], call(ref, step, True), rtol=0, atol=1e-6)
+    if differs is not None:  # the variant is a setting of its own there
+        assert (outs[variant][differs] - outs["standard"][differs]).abs().max() > 1e-3
+
+
+def test_turbo_setting_needs_an_sdxl_like_map() -> None:
+    with pytest.raises(SelectionError, match=r"sdxl-turbo.*SD1\.5-like"):
+        hidiffusion_recipe(preset_map("sd15", "tiny"), 512, 1024, variant="sdxl-turbo")
+    with pytest.raises(SelectionError, match="unknown variant 'turbo'"):
+        hidiffusion_recipe(preset_map("sdxl", "tiny"), 512, 1024, variant="turbo")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
@@ -686,9 +832,12 @@ def test_composed_with_noise_damped_guidance(name, hw, step) -> None:
 def selected(recipe, unet_map) -> dict[str, set[str]]:
     """What a plan rewrites, in the official code's terms (blocks, convs, transformer blocks)."""
     plan = make_plan(recipe, unet_map)
-    out: dict[str, set[str]] = {"conv": set(), "block": set(), "window": set()}
+    out: dict[str, set[str]] = {"conv": set(), "block": set(), "window": set(), "size": set()}
     for path, layer in plan.layers.items():
-        if layer.rewrite.name == "window_attention":
+        rau = layer.entry("rau_net")
+        if rau is not None and all(role.level is not None for role in rau.roles):
+            out["size"].add(path)
+        elif layer.rewrite.name == "window_attention":
             assert path.endswith(".attn1")
             out["window"].add(path.removesuffix(".attn1"))
         elif layer.record is not None:
@@ -705,7 +854,12 @@ def official_selection(name: str, with_blocks: bool = True) -> dict[str, set[str
     # The official block forwards pool after attentions[0] (i == 0) and resize after attentions[1] (i == 1).
     down_block, up_block = sorted(p for p in every if not p.endswith(".conv"))
     blocks = {f"{down_block}.attentions.0", f"{up_block}.attentions.1"} if with_blocks else set()
-    return {"conv": convs, "block": blocks, "window": set(keys["windown_attn_module_key"])}
+    # The official code forwards every skip size to its upsampler (``num_upsamplers += 12``);
+    # ours keeps the sizes of the levels below the RAU-Net pair: SD1.5 levels 1 and 2 (their
+    # downsamplers and the upsamplers into them); SDXL's only such level, 1, is the pair's own.
+    size = {"down_blocks.1.downsamplers.0.conv", "down_blocks.2.downsamplers.0.conv",
+            "up_blocks.0.upsamplers.0.conv", "up_blocks.1.upsamplers.0.conv"} if name == "sd15" else set()
+    return {"conv": convs, "block": blocks, "window": set(keys["windown_attn_module_key"]), "size": size}
 
 
 @pytest.mark.slow
@@ -736,11 +890,18 @@ def test_builder_uses_the_official_thresholds(name, base, target, expected) -> N
     assert got == expected
 
 
-@pytest.mark.parametrize("recipe", ["hidiffusion-sd15-1024x1024", "hidiffusion-sd21-1024x1024", "hidiffusion-sdxl-2048x2048"])
+SHIPPED_VARIANTS = {"hidiffusion-sdxl-turbo-1024x1024": "sdxl-turbo", "hidiffusion-sdxl-inpainting-2048x2048": "inpainting",
+                    "hidiffusion-playground-2048x2048": "playground", "hidiffusion-sdxl-controlnet-2048x2048": "controlnet"}
+
+
+@pytest.mark.parametrize("recipe", [
+    "hidiffusion-sd15-1024x1024", "hidiffusion-sd21-1024x1024", "hidiffusion-sdxl-2048x2048",
+    "hidiffusion-sd15-2048x2048", "hidiffusion-sd21-2048x2048", "hidiffusion-sdxl-4096x4096", *SHIPPED_VARIANTS])
 def test_shipped_recipe_is_the_builder_recipe(recipe) -> None:
     shipped = load_recipe(recipe)
     unet_map = preset_map(shipped.model, "tiny")
-    built = hidiffusion_recipe(unet_map, shipped.base_resolution, shipped.target_resolutions[0])
+    built = hidiffusion_recipe(unet_map, shipped.base_resolution, shipped.target_resolutions[0],
+                               variant=SHIPPED_VARIANTS.get(recipe, "standard"))  # type: ignore[arg-type]
     assert selected(shipped, unet_map) == selected(built, unet_map)
     assert [to_data(p) for p in shipped.passes] == [to_data(p) for p in built.passes]
 
@@ -752,6 +913,9 @@ def test_ldm_layout_selects_the_same_roles() -> None:
     unet_map = preset_map("ldm_sd15", "tiny")
     got = selected(load_recipe(RECIPES["sd15"]), unet_map)
     assert got["conv"] == {"input_blocks.3.0.op", "output_blocks.8.2.conv"}
+    # levels 1 and 2 keep their sizes: their downsamplers and the upsamplers into them
+    assert got["size"] == {"input_blocks.6.0.op", "input_blocks.9.0.op", "output_blocks.2.1.conv",
+                           "output_blocks.5.2.conv"}
     assert got["window"] == {f"{b}.1.transformer_blocks.0" for b in ("input_blocks.1", "input_blocks.2",
                                                                      "output_blocks.9", "output_blocks.10",
                                                                      "output_blocks.11")}

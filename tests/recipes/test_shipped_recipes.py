@@ -237,9 +237,13 @@ def test_fouriscale_recipe_is_the_official_config(name: str) -> None:
 HIDIFFUSION = sorted(n for n in list_recipes() if n.startswith("hidiffusion-"))
 # Typed from megvii-research/HiDiffusion hidiffusion.py (sd15_hidiffusion_key / sdxl_hidiffusion_key):
 # the RAU-Net convs, the transformers the RAU-Net blocks pool after (attentions.0) and resize after
-# (attentions.1), and the attn1 of every MSW-MSA transformer block.
+# (attentions.1), and the attn1 of every MSW-MSA transformer block. The official code forwards
+# skip sizes to every upsampler (num_upsamplers += 12); on SD1.5 the samplers of levels 1 and 2,
+# below the RAU-Net pair, keep their sizes (their downsamplers and the upsamplers into them).
 HIDIFFUSION_LAYERS = {
     "sd15": {"down_blocks.0.downsamplers.0.conv", "up_blocks.2.upsamplers.0.conv",
+             "down_blocks.1.downsamplers.0.conv", "down_blocks.2.downsamplers.0.conv",
+             "up_blocks.0.upsamplers.0.conv", "up_blocks.1.upsamplers.0.conv",
              *(f"down_blocks.0.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1)),
              *(f"up_blocks.3.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1, 2))},
     "sdxl": {"down_blocks.1.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv",
@@ -249,17 +253,44 @@ HIDIFFUSION_LAYERS = {
 }
 
 
+# The settings the official README runs (model, size): SD1.5/SD2.1 at 1024 and "set height = 2048",
+# SDXL at 2048 and "set height = 4096", SDXL-Turbo at 1024, the SDXL ControlNet and inpainting
+# examples at 2048, and Playground v2 (SDXL layout) at 2048.
 def test_hidiffusion_recipes_are_shipped() -> None:
-    assert HIDIFFUSION == ["hidiffusion-sd15-1024x1024", "hidiffusion-sd21-1024x1024", "hidiffusion-sdxl-2048x2048"]
+    assert HIDIFFUSION == [
+        "hidiffusion-playground-2048x2048",
+        "hidiffusion-sd15-1024x1024", "hidiffusion-sd15-2048x2048",
+        "hidiffusion-sd21-1024x1024", "hidiffusion-sd21-2048x2048",
+        "hidiffusion-sdxl-2048x2048", "hidiffusion-sdxl-4096x4096",
+        "hidiffusion-sdxl-controlnet-2048x2048", "hidiffusion-sdxl-inpainting-2048x2048",
+        "hidiffusion-sdxl-turbo-1024x1024",
+    ]
+
+
+# The SD1.5 4x setting adds the pooling pair down_blocks.1 (attentions.0) / up_blocks.2 (attentions.1).
+SD15_4X = HIDIFFUSION_LAYERS["sd15"] | {"down_blocks.1.attentions.0", "up_blocks.2.attentions.1"}
+HIDIFFUSION_RECIPE_LAYERS = {"hidiffusion-sd15-2048x2048": SD15_4X, "hidiffusion-sd21-2048x2048": SD15_4X}
+# sdxl_turbo_hidiffusion_key has no downsampler pair, and T2 0 without the aggressive form
+# (inpainting, playground at 2048) leaves it out too: its convs only keep level 1's size under
+# the pooling pair (the official forwarded upsample size).
+SDXL_SIZE_ONLY = {"hidiffusion-sdxl-turbo-1024x1024", "hidiffusion-sdxl-inpainting-2048x2048",
+                  "hidiffusion-playground-2048x2048"}
 
 
 @pytest.mark.parametrize("name", HIDIFFUSION)
 def test_hidiffusion_recipe_maps_and_applies_to_the_official_layers(name: str) -> None:
     recipe = load_recipe(name)
     model = build_unet(recipe.model, device="meta")
+    expected = HIDIFFUSION_RECIPE_LAYERS.get(name, HIDIFFUSION_LAYERS["sdxl" if recipe.model == "sdxl" else "sd15"])
     with apply(model, recipe, unet_map=preset_map(recipe.model)) as patch:
-        assert set(patch.plan.layers) == HIDIFFUSION_LAYERS["sdxl" if recipe.model == "sdxl" else "sd15"]
+        assert set(patch.plan.layers) == expected
         assert not patch.plan.missing
+        size_only = {p for p, layer in patch.plan.layers.items()
+                     if layer.entry("rau_net") and all(r.level is not None for r in layer.entry("rau_net").roles)}
+    if name in SDXL_SIZE_ONLY:
+        assert size_only == {"down_blocks.1.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv"}
+    elif recipe.model == "sdxl":
+        assert size_only == set()
 
 
 @pytest.mark.parametrize(("config", "target"), [("1024x1024", 1024), ("2048x2048", 2048), ("2048x1024", (1024, 2048))])

@@ -176,11 +176,14 @@ class RauSetting:
     """An active RAU-Net layer: its side of the pair and the link it shares with the other.
 
     The link takes part in equality (by identity), so the settings of two pairs never
-    compare equal and never share one link.
+    compare equal and never share one link. ``reduce`` False is a down side that only
+    records its input size (a sampler below the pair, whose up side then restores that
+    size, as the official forwarded upsample sizes do).
     """
 
     side: Literal["down", "up"]
     link: SizeLink
+    reduce: bool = True
 
 
 def _resolve(module: nn.Module, kind: type) -> Any:
@@ -241,6 +244,8 @@ class _RauConvMixin(rewrite.Rewritten):
             return self._rewrite_base.forward(self, x)
         if setting.side == "down":
             setting.link.size = (int(x.shape[-2]), int(x.shape[-1]))
+            if not setting.reduce:
+                return self._rewrite_base.forward(self, x)
             return F.conv2d(x, conv.weight, conv.bias, (4, 4), (2, 2), (2, 2), conv.groups)
         size, setting.link.size = setting.link.size, None
         if size is not None and tuple(x.shape[-2:]) != size:

@@ -14,6 +14,14 @@ the up side is found in the map:
 
 The window follows the official switching rule: active while
 ``int(n * start) <= step < int(n * switch)`` on an ``n``-step sampler.
+
+Below the pair every level sees a size derived from the reduced one, which need not halve
+evenly (a 264-pixel SD1.5 latent reaches 33 at level 1 under the 4x downsampler, then 17
+and 9). The plain 2x upsampling then misses the skip it is concatenated with. The official
+code forwards the skip sizes to every upsampler (``num_upsamplers += 12``); here each
+deeper level's downsampler conv records the size it saw and the upsampler conv into that
+level resizes (nearest) to it, while the pair is active: a *size role*, a no-op wherever the
+2x upsampling already matches.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ RAU_NET = LayerRewrite(
     off=None,
     install=_install,
     restore=rewrite.restore,
-    summary=lambda s: None if s is None else {"rau_net": s.side},
+    summary=lambda s: None if s is None else {"rau_net": s.side if s.reduce else f"{s.side}, keeps the size"},
 )
 """A RAU-Net conv or transformer (:mod:`unet_surgery.ops.hidiffusion`); None is plain."""
 
@@ -72,14 +80,19 @@ class RauNetPass(PassConfig):
         "first active step as a ratio: int(steps * start) <= step (aggressive RAU-Net: 8/50)", default=0.0
     )
     pool_after: int = doc("pooling form: pool after this transformer of the down stage (0 = first)", default=0)
-    restore_after: int = doc("pooling form: restore after this transformer of the up stage (1 = second)", default=1)
+    restore_after: int | None = doc(
+        "pooling form: restore after this transformer of the up stage; default (and the only value "
+        "whose skips fit): the last one before the up stage takes an unpooled skip, "
+        "n_down - 1 - pool_after (SD1.5/SDXL: 1, as published)",
+        default=None,
+    )
     steps: int = doc("steps assumed when the sampler's timestep list is unknown", default=50)
 
     def validate(self, where: str) -> None:
         for name in ("switch", "start"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(f"{where}.{name}", f"must be a ratio in [0, 1], got {getattr(self, name)}")
-        if self.pool_after < 0 or self.restore_after < 0:
+        if self.pool_after < 0 or (self.restore_after is not None and self.restore_after < 0):
             fail(where, "pool_after and restore_after must be >= 0")
         if self.steps < 1:
             fail(f"{where}.steps", f"must be >= 1, got {self.steps}")
@@ -87,12 +100,33 @@ class RauNetPass(PassConfig):
 
 @dataclass(frozen=True)
 class RauEntry:
-    """One side of a RAU-Net pair: the pass config, the side and the pass index (the pair key)."""
+    """One side of a RAU-Net pair: the pass config, the side and the pass index (the pair key).
+
+    ``level`` is None for the pair itself; for a size role (a sampler conv below the pair,
+    see the module docstring) it is the level whose size the role keeps.
+    """
 
     config: RauNetPass
     side: str
     index: int
     min_latent: int  # 2**(D+1), D the map's deepest level: see room_to_shrink
+    level: int | None = None
+
+
+@dataclass(frozen=True)
+class RauLayer:
+    """Every RAU-Net role one layer has: pair sides first, then size roles, each in pass order.
+
+    Several passes may give one conv a role (SDXL at 4x: the level-1 downsampler is the
+    downsampler pair's down side and, for the pooling pair, the sampler that keeps level
+    1's size); the first role whose pass is active decides the layer's setting.
+    """
+
+    roles: tuple[RauEntry, ...]
+
+    def with_role(self, role: RauEntry) -> RauLayer:
+        roles = [*self.roles, role]
+        return RauLayer(tuple(sorted(roles, key=lambda r: (r.level is not None, r.index))))
 
 
 def _link(patch: Any, index: int) -> SizeLink:
@@ -102,6 +136,16 @@ def _link(patch: Any, index: int) -> SizeLink:
     link = slot.get("link")
     if link is None:
         link = slot["link"] = SizeLink()
+    return link
+
+
+def _size_link(patch: Any, level: int) -> SizeLink:
+    """The size link of ``level``'s samplers, shared by the passes of this type (only one role
+    acts on a call, and its down and up side decide alike)."""
+    slot = patch.state.slot(RauNetPass.type)
+    link = slot.get(level)
+    if link is None:
+        link = slot[level] = SizeLink()
     return link
 
 
@@ -159,6 +203,26 @@ def upsampler_conv(unet_map: UNetMap, level: int) -> ConvRecord:
     raise SelectionError(f"no upsampler conv into level {level} found in {unet_map.model_class}")
 
 
+def downsampler_conv(unet_map: UNetMap, level: int) -> ConvRecord | None:
+    """The stride-2 3x3 conv that takes ``level`` one level deeper (None: the level has none,
+    e.g. the deepest one, or a model that downsamples by pooling)."""
+    found = [c for c in unet_map.convs if c.axis == "spatial" and c.stage == "down" and c.level == level
+             and c.spatial_kernel == (3, 3) and c.spatial_stride == (2, 2)]
+    return found[0] if len(found) == 1 else None
+
+
+def restore_point(n_down: int, pool_after: int) -> int:
+    """The up transformer after which the pooled size is restored.
+
+    The down stage's skips after transformer ``pool_after`` are pooled; the up stage takes
+    them in reverse, so up resnet ``j`` takes down skip ``n_down - 1 - j`` (``j = n_down``: the
+    level's input). The first unpooled skip is taken by resnet ``n_down - pool_after``, so
+    the size is restored after the transformer before it. SD1.5/SDXL (two per down stage,
+    pooling after the first): 1, the published ``i == 1``.
+    """
+    return n_down - 1 - pool_after
+
+
 @register_pass
 class RauNetHandler(PassHandler[RauNetPass]):
     """Plans the down layer and its up partner; both act while the switching window is open."""
@@ -181,7 +245,8 @@ class RauNetHandler(PassHandler[RauNetPass]):
             if (down.op, down.spatial_kernel, down.spatial_stride, down.stage) != ("conv2d", (3, 3), (2, 2), "down"):
                 raise SelectionError(f"{where}: {down.path} is not a stride-2 3x3 conv2d of the down stage")
             assert down.level is not None
-            up = upsampler_conv(unet_map, down.level)
+            level = down.level
+            up = upsampler_conv(unet_map, level)
             pair: list[tuple[str, ConvRecord | None, str]] = [(down.path, down, "down"), (up.path, up, "up")]
         else:
             levels = {r.level for r in attns}
@@ -189,27 +254,54 @@ class RauNetHandler(PassHandler[RauNetPass]):
                 raise SelectionError(
                     f"{where}: the pooling form selects spatial self-attention of one level's down stage"
                 )
-            level = levels.pop()
+            only = levels.pop()
+            assert only is not None
+            level = only
             downs = transformers(attns)
             ups = transformers([a for a in unet_map.attentions if _spatial_self(a) and a.stage == "up" and a.level == level])
-            if config.pool_after >= len(downs) or config.restore_after >= len(ups):
+            restore = restore_point(len(downs), config.pool_after) if config.pool_after < len(downs) else -1
+            if restore < 0 or restore >= len(ups) or config.restore_after not in (None, restore):
                 raise SelectionError(
                     f"{where}: level {level} has {len(downs)} down and {len(ups)} up transformers; "
-                    f"pool_after={config.pool_after}, restore_after={config.restore_after} do not fit"
+                    f"pool_after={config.pool_after}, restore_after={config.restore_after} do not fit "
+                    f"(the up stage takes its first unpooled skip after transformer {restore})"
                 )
-            pair = [(downs[config.pool_after], None, "down"), (ups[config.restore_after], None, "up")]
+            pair = [(downs[config.pool_after], None, "down"), (ups[restore], None, "up")]
         deepest = max((r.level for r in unet_map.convs if r.level is not None), default=0)
+        min_latent = 2 ** (deepest + 1)
         for path, rec, side in pair:
-            plan.add(path, rec, self, RauEntry(config, side, index, 2 ** (deepest + 1)), index)
+            self._add(plan, path, rec, RauEntry(config, side, index, min_latent), index)
+        # Size roles: the samplers of every level whose size derives from the reduced one.
+        first = level + 1 if convs else level
+        for kept in range(first, deepest):
+            down_conv = downsampler_conv(unet_map, kept)
+            if down_conv is None:
+                continue
+            up_conv = upsampler_conv(unet_map, kept)
+            for rec, side in ((down_conv, "down"), (up_conv, "up")):
+                self._add(plan, rec.path, rec, RauEntry(config, side, index, min_latent, kept), index)
 
-    def describe(self, entry: RauEntry) -> str:
-        c = entry.config
-        return f"{entry.side}, steps [{c.start:g}, {c.switch:g}) of the trajectory"
+    def _add(self, plan: Plan, path: str, rec: ConvRecord | None, role: RauEntry, index: int) -> None:
+        layer = plan.layers.get(path)
+        prior = layer.entry(self.type) if layer is not None else None
+        plan.add(path, rec, self, (prior or RauLayer(())).with_role(role), index)
 
-    def setting(self, patch: Any, entry: RauEntry, branch: str, call: UNetCall | None, current: Any) -> RauSetting | None:
-        if not step_window_open(patch, entry.config, call) or not room_to_shrink(entry, call):
-            return current
-        return RauSetting(side=entry.side, link=_link(patch, entry.index))  # type: ignore[arg-type]
+    def describe(self, entry: RauLayer) -> str:
+        rows = []
+        for role in entry.roles:
+            c = role.config
+            what = role.side if role.level is None else f"{role.side} sampler keeping level {role.level}'s size"
+            rows.append(f"{what}, steps [{c.start:g}, {c.switch:g}) of the trajectory")
+        return "; ".join(rows)
+
+    def setting(self, patch: Any, entry: RauLayer, branch: str, call: UNetCall | None, current: Any) -> RauSetting | None:
+        for role in entry.roles:
+            if not step_window_open(patch, role.config, call) or not room_to_shrink(role, call):
+                continue
+            if role.level is None:
+                return RauSetting(side=role.side, link=_link(patch, role.index))  # type: ignore[arg-type]
+            return RauSetting(side=role.side, link=_size_link(patch, role.level), reduce=False)  # type: ignore[arg-type]
+        return current
 
     def no_effect_reasons(self, config: RauNetPass, index: int, recipe: Recipe, plan: Plan | None) -> list[str]:
         if config.switch <= config.start:
