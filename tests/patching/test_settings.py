@@ -16,13 +16,17 @@ import pkgutil
 import pytest
 
 import unet_surgery.ops as ops
+import unet_surgery.passes as passes
 
 
 def setting_classes() -> list[type]:
-    """Every dataclass of ``unet_surgery.ops`` a rewritten layer reads as its setting."""
+    """Every dataclass a rewritten layer reads as its setting: in ``unet_surgery.ops`` (shared
+    maths) and in the pass folders (a pass's own maths, e.g. FreeU's)."""
     found = {}
-    for info in pkgutil.iter_modules(ops.__path__):
-        module = importlib.import_module(f"unet_surgery.ops.{info.name}")
+    modules = [info.name for package in (ops, passes)
+               for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")]
+    for name in modules:
+        module = importlib.import_module(name)
         for name, obj in vars(module).items():
             if (isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__
                     and (name.endswith("Setting") or name in ("LowPass", "BatchSplit", "SizeLink"))):
