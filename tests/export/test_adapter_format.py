@@ -69,7 +69,7 @@ def model(dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def saved(tmp_path: Path, dtype: torch.dtype = torch.float32) -> Path:
-    with apply(model(dtype), RECIPE, unet_map=preset_map("sd15", "tiny")) as patch:
+    with apply(model(dtype), RECIPE, unet_map=preset_map("sd15", "tiny"), force=True) as patch:
         save_patch(patch, tmp_path / "adapter")
     return tmp_path / "adapter"
 
@@ -146,7 +146,7 @@ def test_format_2_adapters_load_and_their_kernels_are_checked_then_ignored(tmp_p
     write_v2(v2, model(dtype), R)
     inputs = example_inputs(model(dtype), height=128, width=128, dtype=dtype)
     reference = model(dtype)
-    with apply(reference, RECIPE, unet_map=preset_map("sd15", "tiny")):
+    with apply(reference, RECIPE, unet_map=preset_map("sd15", "tiny"), force=True):
         expected = run(reference, inputs)
     for adapter in (folder, v2):
         base = model(dtype)
