@@ -284,3 +284,32 @@ def test_inspect_takes_the_tiny_single_files_export_takes_and_refuses_broken_one
     save_file(state, str(tmp_path / "broken.safetensors"))
     code, err = cli("inspect", str(tmp_path / "broken.safetensors"))
     assert code == 2 and len(err) == 1 and "fit no shipped architecture" in err[0], err
+
+
+# --- a pipeline folder's model_index.json names what diffusers imports -------------------------------
+
+@pytest.mark.parametrize(("entry", "refusal"), [
+    # diffusers imports the library a component names: "this" prints the Zen of Python on import
+    ({"safety_checker": ["this", "Anything"]}, "component 'safety_checker' names '[\"this\", \"Anything\"]', not a "
+     "[library, class] pair of diffusers, transformers or a diffusers pipeline module"),
+    ({"unet": ["os", "system"]}, "component 'unet' names '[\"os\", \"system\"]', not a [library, class] pair of "
+     "diffusers, transformers or a diffusers pipeline module"),
+    ({"../../elsewhere": ["diffusers", "AutoencoderKL"]}, "component name '../../elsewhere' is not a plain name"),
+])
+def test_model_index_may_name_only_diffusers_and_transformers_components(
+        entry: dict[str, Any], refusal: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the second hostile run: `generate` on a folder whose model_index.json named
+    `["antigravity", "X"]` imported that module (running its import-time code) and exit 0."""
+    import sys
+
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+             "feature_extractor": [None, None], "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             **entry}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    sys.modules.pop("this", None)
+    code = main(["generate", str(folder), "--prompt", "x", "--size", "64", "-q", "-o", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "this" not in sys.modules and "Beautiful is better" not in out
+    assert err == f"unet-surgery generate: error: MODEL: {folder / 'model_index.json'}: {refusal}\n"
