@@ -19,7 +19,7 @@ import torch
 
 from unet_surgery.errors import CheckpointError
 from unet_surgery.generation.jobs import GenerationError
-from unet_surgery.io import excerpt, read_bounded_json
+from unet_surgery.io import MAX_JSON_BYTES, excerpt, read_bounded_json
 from unet_surgery.loading.weights import WEIGHT_SUFFIXES
 
 TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -117,19 +117,24 @@ def check_component_json(folder: Path) -> None:
     with the bounded reader before diffusers and transformers parse them unbounded: over-deep
     nesting, huge integers or ``NaN`` (e.g. ``"norm_eps": NaN``) are one line naming the file.
     A model component's ``config.json`` gets the UNet's size bounds (numbers up to 1e6, widths,
-    an estimated size), so a VAE or text encoder config cannot ask for terabytes; a scheduler
-    config its own (:func:`check_scheduler_config`)."""
+    an estimated size, ``sample_size`` a positive integer), so a VAE or text encoder config
+    cannot ask for terabytes; a scheduler config its own (:func:`check_scheduler_config`). A
+    tokenizer's files (``merges.txt``, ``vocab.json``...) are at most 16 MiB each, as JSON."""
     from unet_surgery.errors import PresetError
     from unet_surgery.presets import check_config_bounds
 
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name.startswith("tokenizer"):
+            for file in sorted(sub.iterdir()):
+                if file.is_file() and file.stat().st_size > MAX_JSON_BYTES:
+                    raise GenerationError(f"MODEL: {file} is larger than {MAX_JSON_BYTES} bytes (a tokenizer file is a few MiB)")
         for file in sorted(sub.glob("*.json")):
             data = read_bounded_json(file, GenerationError, prefix="MODEL: ")
             if not isinstance(data, dict):
                 continue
             if file.name == "scheduler_config.json":
                 check_scheduler_config(data, file)
-            elif file.name == "config.json" and sub.name != "unet":  # the UNet's is checked by its loader
+            elif file.name == "config.json":  # diffusers builds the folder's UNet itself: checked here too
                 try:
                     check_config_bounds({k: v for k, v in data.items() if not k.startswith("_")}, str(file))
                 except PresetError as exc:
@@ -143,12 +148,12 @@ def check_scheduler_config(config: dict[str, Any], file: Path) -> None:
     steps = config.get("num_train_timesteps", 1000)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
         raise GenerationError(
-            f"MODEL: {file}: num_train_timesteps {excerpt(str(steps))} is not an integer from 1 to {MAX_TRAIN_TIMESTEPS}"
+            f"MODEL: {file}: num_train_timesteps {str(steps)[:40]} is not an integer from 1 to {MAX_TRAIN_TIMESTEPS}"
         )
     betas = [config.get(k) for k in ("beta_start", "beta_end")]
     for key, beta in zip(("beta_start", "beta_end"), betas, strict=True):
         if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1):
-            raise GenerationError(f"MODEL: {file}: {key} {excerpt(str(beta))} is not a number in (0, 1)")
+            raise GenerationError(f"MODEL: {file}: {key} {str(beta)[:40]} is not a number in (0, 1)")
     if None not in betas and betas[0] > betas[1]:
         raise GenerationError(f"MODEL: {file}: beta_start {betas[0]} is above beta_end {betas[1]}")
 
@@ -213,7 +218,19 @@ def load_pipeline(model: str | Path, *, components: str | Path | None = None,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"MODEL: cannot load {folder} as a {cls.__name__}: {excerpt(first, 300)}") from None
     _check_schedule(pipe.scheduler, folder)
+    _check_finite(pipe, folder)
     return pipe.to(device)
+
+
+def _check_finite(pipe: Any, folder: Path) -> None:
+    """Every weight of every model component finite: a NaN in the VAE or text encoder gave an
+    all-black PNG and exit 0 (the UNet loader checks its own weights the same way)."""
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for key, tensor in component.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"MODEL: {folder}: {name} weight {key} holds NaN or infinity")
 
 
 def _check_schedule(scheduler: Any, folder: Path) -> None:
