@@ -182,3 +182,20 @@ def test_toy_export_follows_the_one_rule(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2 and err == [f"unet-surgery toy export: error: DIR: {shipped / 'toy'} is inside the input "
                                  f"{shipped}; write the output somewhere else"]
     assert tree(shipped) == before
+
+
+def test_disperse_follows_the_one_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the second hostile run: `disperse -o FILE` replaced any file silently."""
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"my own weights")
+    code, err = cli(capsys, "disperse", "-o", str(mine))
+    assert code == 2 and err == [f"unet-surgery disperse: error: --output: {mine} holds a file that is not a "
+                                 "dispersion transform; refusing to replace it (pass --overwrite, or choose another output)"]
+    assert mine.read_bytes() == b"my own weights"
+    out = tmp_path / "R.safetensors"
+    assert cli(capsys, "disperse", "-o", str(out))[0] == 0
+    first = out.read_bytes()
+    assert cli(capsys, "disperse", "-o", str(out))[0] == 0 and out.read_bytes() == first  # the same: kept
+    code, err = cli(capsys, "disperse", "--eta", "0.1", "-o", str(out))
+    assert code == 2 and "holds another transform" in err[0] and out.read_bytes() == first
+    assert cli(capsys, "disperse", "--eta", "0.1", "--overwrite", "-o", str(out))[0] == 0 and out.read_bytes() != first
