@@ -100,7 +100,7 @@ def test_fingerprint_and_recipe_mismatches_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_patch(sdxl, tmp_path / "a")
     # without the fingerprint check, the recipe's own structure still refuses the other UNet
-    with pytest.raises(RecipeError, match=r"was made for sd15 \(4 levels, attention 0-3, image\), not this"):
+    with pytest.raises(RecipeError, match=r"was made for sd15 \(4 levels, attention 0-3, image\) at 512x512, not this sdxl "):
         load_patch(sdxl, tmp_path / "a", unet_map=preset_map("sdxl", "tiny"), verify_fingerprint=False)
     assert not any(is_rewritten(m) for m in sdxl.modules())  # nothing left applied
     meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
