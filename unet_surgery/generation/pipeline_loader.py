@@ -154,8 +154,9 @@ def check_scheduler_config(config: dict[str, Any], file: Path) -> None:
     for key, beta in zip(("beta_start", "beta_end"), betas, strict=True):
         if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1):
             raise GenerationError(f"MODEL: {file}: {key} {str(beta)[:40]} is not a number in (0, 1)")
-    if None not in betas and betas[0] > betas[1]:
-        raise GenerationError(f"MODEL: {file}: beta_start {betas[0]} is above beta_end {betas[1]}")
+    start, end = betas
+    if start is not None and end is not None and start > end:
+        raise GenerationError(f"MODEL: {file}: beta_start {start} is above beta_end {end}")
 
 
 def check_model(model: str | Path, components: str | Path | None) -> tuple[Path, Path]:
