@@ -166,3 +166,15 @@ def test_freeu_at_the_top_of_its_range_stays_finite() -> None:
         out = model(**example_inputs(model))
     patch.remove()
     assert bool(torch.isfinite(out.sample if hasattr(out, "sample") else out[0]).all())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e15])
+def test_a_builder_gets_the_bounds_a_recipe_file_gets(value: float) -> None:
+    """Found by the second hostile run: `freeu_recipe(map, b1=nan)` built a recipe no file could
+    state (the parser refuses NaN, and FreeU scales above 10); builders now go through it."""
+    from tests.conftest import preset_map
+    from unet_surgery.recipes.freeu import freeu_recipe
+
+    with pytest.raises(RecipeError, match=r"^passes\[0\]\.b1: "):
+        freeu_recipe(preset_map("sd15", "tiny"), base=64, b1=value)
+    assert freeu_recipe(preset_map("sd15", "tiny"), base=64, b1=1.5).passes[0].b1 == 1.5

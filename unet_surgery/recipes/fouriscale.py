@@ -29,7 +29,7 @@ from unet_surgery.graph.records import ConvRecord, UNetMap
 from unet_surgery.passes.fouriscale import FouriScalePass
 from unet_surgery.recipes.auto import size_pair
 from unet_surgery.recipes.fit import map_signature
-from unet_surgery.recipes.schema import Recipe, Selector
+from unet_surgery.recipes.schema import Recipe, Selector, checked
 
 # num_levels -> (down/mid min level, up min level, upsampler min level)
 _OFFICIAL_LEVELS = {4: (2, 1, 0), 3: (2, 1, 1)}
@@ -89,7 +89,7 @@ def fouriscale_recipe(
     passes = [FouriScalePass(select=Selector(paths=tuple(filtered)), **common)]  # type: ignore[arg-type]
     if upsamplers:
         passes.append(FouriScalePass(select=Selector(paths=tuple(upsamplers)), filter=False, **common))  # type: ignore[arg-type]
-    return Recipe(
+    return checked(Recipe(
         name=name or f"fouriscale-{unet_map.model_class}-{tw}x{th}",
         description=f"FouriScale (dilation {dilation} with low-pass filtering), {bw}x{bh} -> {tw}x{th} (WxH).",
         source="LeonHLJ/FouriScale official code (layer_settings, configs, model.py)",
@@ -97,4 +97,4 @@ def fouriscale_recipe(
         target_resolutions=((th, tw),),
         passes=tuple(passes),
         signature=map_signature(unet_map),
-    )
+    ))
