@@ -94,6 +94,9 @@ def model_family(model: Any) -> str | None:
     config matches a preset carries the tag; an untagged diffusers model is matched by its
     config (a fine-tune of SD1.5 keeps SD1.5's config). Widths do not decide it alone: SD1.5
     and SD2.1 have the same structure and base size and differ in their text width.
+
+    Args:
+        model: the UNet to tell.
     """
     preset = getattr(model, "unet_surgery_preset", None)
     if not isinstance(preset, str):
