@@ -149,7 +149,7 @@ def step_variant(size: str, variant: str, pixels: int) -> dict[str, Any]:
     base_rss = rss_bytes()
     patch = None
     if variant != "plain":
-        patch = apply(model, RECIPES["sd15"])
+        patch = apply(model, RECIPES["sd15"], force=size == "tiny")  # tiny: a scaled-down proxy
         patch.set_timesteps(scheduler.timesteps)
         if variant == "stored":
             store_kernels(patch)

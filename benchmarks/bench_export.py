@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     unet_map = map_unet(build_unet("sd15", size=args.size, device="meta"))
     build_s, model = timed(lambda: build_unet("sd15", size=args.size, device="cpu", dtype=dtype))
     params = sum(p.numel() for p in model.parameters())
-    patch = apply(model, RECIPE, unet_map=unet_map)
+    patch = apply(model, RECIPE, unet_map=unet_map, force=args.size == "tiny")  # tiny: a scaled-down proxy
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     rows: list[dict[str, Any]] = []
     try:

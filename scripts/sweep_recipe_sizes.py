@@ -48,7 +48,8 @@ def main() -> None:
                 counts["plain_fails"] += 1
                 continue
             try:
-                with apply(model, recipe, unet_map=unet_map) as patch:
+                # the tiny variant (64x64) as a scaled-down proxy of the recipe's full-size preset
+                with apply(model, recipe, unet_map=unet_map, force=True) as patch:
                     patch.set_timesteps([999, 500, 1])
                     for t in (999, 1):
                         with torch.no_grad():

@@ -69,7 +69,7 @@ def model(dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def saved(tmp_path: Path, dtype: torch.dtype = torch.float32) -> Path:
-    with apply(model(dtype), RECIPE, unet_map=preset_map("sd15", "tiny")) as patch:
+    with apply(model(dtype), RECIPE, unet_map=preset_map("sd15", "tiny"), force=True) as patch:
         save_patch(patch, tmp_path / "adapter")
     return tmp_path / "adapter"
 
@@ -101,9 +101,9 @@ def test_a_changed_R_is_refused_even_rehashed_and_rounding_is_accepted(tmp_path:
     R = load_file(str(folder / "adapter.safetensors"))[KEY]
     reseal(folder, {KEY: torch.nextafter(R, R + 1)}, 3)  # one float64 ulp: a LAPACK difference
     load(folder)
-    load(folder, verify_fingerprint=False)
+    load(folder, verify_fingerprint=False, force=True)
     reseal(folder, {KEY: R + 1e-6}, 3)
-    for kwargs in ({}, {"verify_fingerprint": False}):  # R does not depend on the weights: always checked
+    for kwargs in ({}, {"verify_fingerprint": False, "force": True}):  # R does not depend on the weights: always checked
         with pytest.raises(CheckpointError, match=f"{KEY} computed by this unet-surgery .* differs from the stored one"):
             load(folder, **kwargs)
     reseal(folder, {KEY: R.float()}, 3)  # R rounded to float32: not float64 rounding
@@ -146,7 +146,7 @@ def test_format_2_adapters_load_and_their_kernels_are_checked_then_ignored(tmp_p
     write_v2(v2, model(dtype), R)
     inputs = example_inputs(model(dtype), height=128, width=128, dtype=dtype)
     reference = model(dtype)
-    with apply(reference, RECIPE, unet_map=preset_map("sd15", "tiny")):
+    with apply(reference, RECIPE, unet_map=preset_map("sd15", "tiny"), force=True):
         expected = run(reference, inputs)
     for adapter in (folder, v2):
         base = model(dtype)
@@ -155,4 +155,4 @@ def test_format_2_adapters_load_and_their_kernels_are_checked_then_ignored(tmp_p
     write_v2(v2, model(dtype), R, scale=1.001)  # kernels of other weights than the fingerprinted base
     with pytest.raises(CheckpointError, match=r"\.dispersed_weight computed by this unet-surgery .* export the adapter again"):
         load(v2, dtype)
-    load(v2, dtype, verify_fingerprint=False)  # as in format 2: no kernel check without the fingerprint check
+    load(v2, dtype, verify_fingerprint=False, force=True)  # as in format 2: no kernel check without the fingerprint check

@@ -27,7 +27,7 @@ RECIPE = "scalecrafter-sd15-2048x2048-disperse-active"
 @functools.cache
 def patched_sd15():
     model = build_unet("sd15", size="tiny", device="cpu")
-    return apply(model, RECIPE, unet_map=preset_map("sd15", "tiny"))
+    return apply(model, RECIPE, unet_map=preset_map("sd15", "tiny"), force=True)
 
 
 def fresh_sd15(seed: int = 0):
@@ -100,7 +100,7 @@ def test_fingerprint_and_recipe_mismatches_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_patch(sdxl, tmp_path / "a")
     # without the fingerprint check, the recipe's own structure still refuses the other UNet
-    with pytest.raises(RecipeError, match=r"was made for sd15 \(4 levels, attention 0-3, image\), not this"):
+    with pytest.raises(RecipeError, match=r"was made for sd15 \(4 levels, attention 0-3, image\) at 512x512, not this sdxl "):
         load_patch(sdxl, tmp_path / "a", unet_map=preset_map("sdxl", "tiny"), verify_fingerprint=False)
     assert not any(is_rewritten(m) for m in sdxl.modules())  # nothing left applied
     meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
@@ -122,11 +122,11 @@ def test_cli_apply_out_writes_a_patched_folder_and_errors_exit_2(tmp_path: Path,
     ldm = build_unet("ldm_sd15", size="tiny", device="cpu")
     checkpoint = tmp_path / "tiny-sd15.safetensors"
     safetensors.torch.save_file({LDM_PREFIX + k: v.contiguous() for k, v in ldm.state_dict().items()}, str(checkpoint))
-    assert main(["apply", "--recipe", RECIPE, "--out", str(tmp_path / "out"), "--quiet", str(checkpoint)]) == 0
+    assert main(["apply", "--recipe", RECIPE, "--force", "--out", str(tmp_path / "out"), "--quiet", str(checkpoint)]) == 0
     model, patch = load_patched(tmp_path / "out", unet_map=preset_map("sd15", "tiny"))
     reference = fresh_sd15()
     reference.load_state_dict(model.state_dict())
-    with apply(reference, RECIPE, unet_map=preset_map("sd15", "tiny")):
+    with apply(reference, RECIPE, unet_map=preset_map("sd15", "tiny"), force=True):
         inputs = example_inputs(reference, height=128, width=128)
         with torch.no_grad():
             assert torch.equal(model(**inputs).sample, reference(**inputs).sample)
@@ -138,7 +138,7 @@ def test_cli_apply_out_writes_a_patched_folder_and_errors_exit_2(tmp_path: Path,
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     assert "not a valid safetensors" in one_error_line(capsys, ["export", "-f", "pt2", "-r", RECIPE, "-o", str(tmp_path / "x"), str(truncated)])
     assert "is a preset" in one_error_line(capsys, ["apply", "-r", RECIPE, "--out", str(tmp_path / "x"), "sd15"])
-    assert "WIDTHxHEIGHT" in one_error_line(capsys, ["export", "-f", "pt2", "-r", RECIPE, "--resolution", "big", "-o", str(tmp_path / "x"), str(checkpoint)])
+    assert "WIDTHxHEIGHT" in one_error_line(capsys, ["export", "-f", "pt2", "-r", RECIPE, "--force", "--resolution", "big", "-o", str(tmp_path / "x"), str(checkpoint)])
     assert not (tmp_path / "x").exists()
     with pytest.raises(SurgeryError, match="not an unet-surgery export"):
         save_patch(patch, tmp_path)  # a non-empty folder of other files is never overwritten

@@ -51,7 +51,7 @@ def patched(name: str) -> tuple[Patch, dict[str, Any], torch.Tensor]:
     model = build_unet(name, size="tiny", device="cpu")
     unet_map = preset_map(name, "tiny")
     recipe = RECIPES[name] or auto_recipe(unet_map, base=(64, 64), target=(128, 128), policy="scalecrafter")
-    patch = apply(model, recipe, unet_map=unet_map)
+    patch = apply(model, recipe, unet_map=unet_map, force=True)
     inputs = example_inputs(model, height=128, width=128)
     return patch, inputs, run(model, inputs)
 

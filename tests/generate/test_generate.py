@@ -110,7 +110,7 @@ def test_single_process_sdxl_shipped_recipe(sdxl_folder: Path, tmp_path: Path, c
     """A shipped recipe by name: the document in the PNG is the shipped file's passes."""
     out = tmp_path / "out"
     code = main(["generate", str(sdxl_folder), "--size", "128x64", "--prompts", str(_prompt_file(tmp_path)),
-                 "--recipe", "freeu-sdxl", "--seed", "5", "--steps", "2", "--out", str(out), "--quiet",
+                 "--recipe", "freeu-sdxl", "--force", "--seed", "5", "--steps", "2", "--out", str(out), "--quiet",
                  "--scheduler", "euler", "--threads", "1"])
     assert code == 0
     files = check_run(out, PROMPTS, [5], 128, 64, 2, 7.5, "")

@@ -45,7 +45,7 @@ def test_tracker_reads_positional_timesteps_and_refuses_unbindable_calls(tiny_sd
     tracker.record(tiny_sd15, (inputs["sample"], torch.tensor([500])), {"encoder_hidden_states": inputs["encoder_hidden_states"]})
     assert tracker.current is not None
     assert (tracker.current.timestep, tracker.current.latent_hw, tracker.current.batch) == (500.0, (16, 8), 1)
-    patch = apply(tiny_sd15, "scalecrafter-sd15-2048x2048", unet_map=preset_map("sd15", "tiny"))
+    patch = apply(tiny_sd15, "scalecrafter-sd15-2048x2048", unet_map=preset_map("sd15", "tiny"), force=True)
     with pytest.raises(SurgeryError, match="cannot read this UNet2DConditionModel call"):
         tiny_sd15(inputs["sample"], 500, inputs["encoder_hidden_states"], None, None, None, None, None, None,
                   None, None, None, None, None, "one too many")

@@ -362,7 +362,7 @@ def test_pass_matches_head(target, fast, jitter):
               "passes": [{"type": "scale_fusion", "select": {"op": ["attention"], "kind": ["self"], "axis": ["spatial"]},
                           "jitter": jitter, "fast_mode": fast}]}
     inputs = example_inputs(model, height=target[0], width=target[1], dtype=torch.float64)
-    with apply(model, recipe, unet_map=preset_map("sdxl", "tiny")), torch.no_grad():
+    with apply(model, recipe, unet_map=preset_map("sdxl", "tiny"), force=True), torch.no_grad():
         model(**inputs)
     for p in LAYERS:
         x, out = seen[p]

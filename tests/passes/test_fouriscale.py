@@ -320,7 +320,7 @@ def test_patched_unet_equals_official_transcription(name: str, latent: tuple[int
     inputs = _double(example_inputs(model, batch=2, height=latent[0] * 8, width=latent[1] * 8))
     dilation = max(math.ceil(latent[0] / base_latent[0]), math.ceil(latent[1] / base_latent[1]))
     recipe = _recipe(layers, (base_latent[0] * 8, base_latent[1] * 8), start=start, stop=stop, value=value)
-    patch = apply(model, recipe, unet_map=preset_map(name, "tiny"))
+    patch = apply(model, recipe, unet_map=preset_map(name, "tiny"), force=True)
     patch.set_timesteps(TIMESTEPS)
     for i in (27, 40):  # inside the window (progressive: fractional dilation), outside it
         step_inputs = dict(inputs, timestep=torch.tensor(TIMESTEPS[i], dtype=torch.float64))

@@ -197,7 +197,7 @@ def test_pass_equals_diffusers_enable_freeu_in_float64(name: str, settings: dict
     finally:
         blocks.apply_freeu = original
     unet_map = preset_map(name, "tiny")
-    with apply(model, freeu_recipe(unet_map, base=512, **settings), unet_map=unet_map) as patch:
+    with apply(model, freeu_recipe(unet_map, base=512, **settings), unet_map=unet_map, force=True) as patch:
         assert {p: e.stage for p, e in patch.plan.entries("freeu").items()} == DIFFUSERS_STAGES
         ours = run(model, inputs)
     assert (expected - plain).abs().max() > 1e-2  # FreeU really changes the output
@@ -250,7 +250,7 @@ def test_structure_scaling_equals_diffusers_blocks_with_the_v2_code() -> None:
     finally:
         blocks.apply_freeu = original
     unet_map = preset_map("sd15", "tiny")
-    with apply(model, recipe_of(FreeUPass(backbone_scaling="structure", **SD15)), unet_map=unet_map):
+    with apply(model, recipe_of(FreeUPass(backbone_scaling="structure", **SD15)), unet_map=unet_map, force=True):
         ours = run(model, inputs)
     constant = run(with_diffusers_freeu(model, SD15), inputs)
     assert (expected - constant).abs().max() > 1e-3  # v2 is not v1
@@ -265,7 +265,7 @@ def test_apply_remove_is_bit_exact() -> None:
     plain = run(model, inputs)
     unet_map = preset_map("sd15", "tiny")
     for _ in range(2):
-        patch = apply(model, "freeu-sd15", unet_map=unet_map)
+        patch = apply(model, "freeu-sd15", unet_map=unet_map, force=True)
         assert not torch.equal(run(model, inputs), plain)
         patch.remove()
         assert torch.equal(run(model, inputs), plain)
@@ -280,7 +280,7 @@ def test_schedule_window_follows_the_sampler_steps() -> None:
     inputs = example_inputs(model, height=64, width=64, dtype=torch.float64)
     unet_map = preset_map("sd15", "tiny")
     config = FreeUPass(schedule=ScheduleSpec(tau=1, steps=2), **SD15)
-    with apply(model, recipe_of(config), unet_map=unet_map) as patch:
+    with apply(model, recipe_of(config), unet_map=unet_map, force=True) as patch:
         patch.set_timesteps([999, 499])
         first = run(model, {**inputs, "timestep": torch.tensor([999])})
         second = run(model, {**inputs, "timestep": torch.tensor([499])})
@@ -374,7 +374,7 @@ def test_selection_errors_and_no_effect() -> None:
                       "passes": [{"type": "freeu", "select": {"kernel": [3]}}]})
     model = build_unet("sd15", size="tiny", device="meta")
     with pytest.warns(NoEffectWarning, match="factor of the selected stages is 1"):
-        apply(model, recipe_of(FreeUPass(b1=1.0, b2=1.0, s1=1.0, s2=1.0)), unet_map=unet_map).remove()
+        apply(model, recipe_of(FreeUPass(b1=1.0, b2=1.0, s1=1.0, s2=1.0)), unet_map=unet_map, force=True).remove()
 
 
 @pytest.mark.slow
@@ -386,7 +386,7 @@ def test_video_unets_equal_diffusers_enable_freeu(name: str) -> None:
     inputs = example_inputs(model, height=128, width=128, dtype=torch.float64)
     expected = run(with_diffusers_freeu(model, SD15), inputs)
     unet_map = preset_map(name, "tiny")
-    with apply(model, freeu_recipe(unet_map, base=512, **SD15), unet_map=unet_map) as patch:
+    with apply(model, freeu_recipe(unet_map, base=512, **SD15), unet_map=unet_map, force=True) as patch:
         assert {p: e.stage for p, e in patch.plan.entries("freeu").items()} == DIFFUSERS_STAGES
         ours = run(model, inputs)
     assert (expected - run(model, inputs)).abs().max() > 1e-2
@@ -399,7 +399,7 @@ def test_adapter_round_trip(tmp_path) -> None:
     model = tiny64("sd15")
     inputs = example_inputs(model, height=64, width=64, dtype=torch.float64)
     unet_map = preset_map("sd15", "tiny")
-    with apply(model, "freeu-sd15", unet_map=unet_map) as patch:
+    with apply(model, "freeu-sd15", unet_map=unet_map, force=True) as patch:
         expected = run(model, inputs)
         save_patch(patch, tmp_path / "adapter")
     with load_patch(model, tmp_path / "adapter", unet_map=unet_map) as reloaded:
@@ -415,7 +415,7 @@ def test_pt2_phases_equal_the_eager_model(tmp_path) -> None:
     model = build_unet("sd15", size="tiny", device="cpu")
     inputs = example_inputs(model, height=128, width=128)
     config = FreeUPass(schedule=ScheduleSpec(tau=1, steps=2), **SD15)
-    with apply(model, recipe_of(config), unet_map=preset_map("sd15", "tiny")) as patch:
+    with apply(model, recipe_of(config), unet_map=preset_map("sd15", "tiny"), force=True) as patch:
         export_pt2(patch, tmp_path / "pt2", height=128, width=128, num_steps=2)
         runner = Pt2Runner(tmp_path / "pt2")
         assert runner.manifest["step_phase"] == [0, 1]
@@ -441,7 +441,7 @@ def test_builder_on_the_toy_unet_equals_enable_freeu() -> None:
     context = torch.randn(1, 1, unet.config.cross_attention_dim, generator=gen, dtype=torch.float64)
     inputs = {"sample": x, "timestep": torch.tensor([500]), "encoder_hidden_states": context}
     expected = run(with_diffusers_freeu(unet, SD15), inputs)
-    with apply(unet, freeu_recipe(unet_map, base=64, vae_scale_factor=1, **SD15), unet_map=unet_map) as patch:
+    with apply(unet, freeu_recipe(unet_map, base=64, vae_scale_factor=1, **SD15), unet_map=unet_map, force=True) as patch:
         assert sorted(patch.plan.entries("freeu")) == [f"up_blocks.{i}.resnets.{j}" for i in (0, 1) for j in (0, 1)]
         ours = run(unet, inputs)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)

@@ -452,7 +452,7 @@ def test_shipped_recipe_equals_official_code(name, hw, steps) -> None:
     model = tiny(name)
     ref = official_copy(model, name)
     inputs = inputs_for(model, hw)
-    with apply(model, RECIPES[name], unet_map=preset_map(name, "tiny")) as patch:
+    with apply(model, RECIPES[name], unet_map=preset_map(name, "tiny"), force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         for step in steps:
             out = patched_out(model, inputs, step, seed=step)
@@ -478,7 +478,7 @@ def test_builder_at_4x_area_equals_official_code(name, base, target, hw, steps, 
     unet_map = preset_map(name, "tiny")
     recipe = hidiffusion_recipe(unet_map, base, target)
     assert len([p for p in recipe.passes if type(p).type == "rau_net"]) == 2
-    with apply(model, recipe, unet_map=unet_map) as patch:
+    with apply(model, recipe, unet_map=unet_map, force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         for step in steps:
             out = patched_out(model, inputs, step, seed=step)
@@ -608,7 +608,7 @@ def test_each_pass_alone_equals_the_official_switch(name) -> None:
         ref = official_copy(model, name, **official_kwargs)
         step = 10 if (name, keep) == ("sdxl", "rau_net") else 0  # sdxl pooling window [8, 20)
         unpatched = patched_out_plain(model, inputs, step)
-        with apply(model, parse_recipe(doc), unet_map=preset_map(name, "tiny")) as patch:
+        with apply(model, parse_recipe(doc), unet_map=preset_map(name, "tiny"), force=True) as patch:
             patch.set_timesteps(TIMESTEPS)
             out = patched_out(model, inputs, step, seed=5)
         torch.testing.assert_close(out, official_out(ref, inputs, step, seed=5), rtol=0, atol=1e-6)
@@ -629,7 +629,7 @@ def test_seeded_shift_draws_the_official_stream() -> None:
     inputs = inputs_for(model, (16, 16))
     doc = to_data(load_recipe(RECIPES["sd15"]))
     doc["passes"][1]["seed"] = 7
-    with apply(model, parse_recipe(doc), unet_map=preset_map("sd15", "tiny")) as patch:
+    with apply(model, parse_recipe(doc), unet_map=preset_map("sd15", "tiny"), force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         torch.manual_seed(123)
         with torch.no_grad():
@@ -677,10 +677,10 @@ def test_two_seeded_passes_draw_from_their_own_generators() -> None:
              for stage, seed in (("down", 1), ("up", 2))
              for path, q in zip(paths[stage], quarters(seed, len(paths[stage])), strict=True)]
     assert len({f["shift"] for f in fixed}) > 1  # the draws differ, so the order matters
-    with apply(model, seeded, unet_map=unet_map) as patch:
+    with apply(model, seeded, unet_map=unet_map, force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         out = patched_out(model, inputs, 0)
-    with apply(model, parse_recipe({**base, "passes": fixed}), unet_map=unet_map) as patch:
+    with apply(model, parse_recipe({**base, "passes": fixed}), unet_map=unet_map, force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         expected = patched_out(model, inputs, 0)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -694,7 +694,7 @@ def test_fixed_shift_is_the_official_rule_for_that_quarter(shift) -> None:
     inputs = inputs_for(model, (16, 16))
     doc = to_data(load_recipe(RECIPES["sd15"]))
     doc["passes"] = [dict(doc["passes"][1], shift=shift)]
-    with apply(model, parse_recipe(doc), unet_map=preset_map("sd15", "tiny")) as patch:
+    with apply(model, parse_recipe(doc), unet_map=preset_map("sd15", "tiny"), force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         out = patched_out(model, inputs, 0)
     original = torch.rand
@@ -721,7 +721,7 @@ def test_apply_remove_is_bit_exact(recipe) -> None:
     before = patched_out(model, inputs, 0)
     outs = []
     for _ in range(2):
-        with apply(model, recipe, unet_map=preset_map(name, "tiny")) as patch:
+        with apply(model, recipe, unet_map=preset_map(name, "tiny"), force=True) as patch:
             patch.set_timesteps(TIMESTEPS)
             outs.append(patched_out(model, inputs, 10, seed=3))
         assert {n: type(m) for n, m in model.named_modules()} == classes
@@ -746,7 +746,7 @@ def test_rau_net_stays_off_where_the_deepest_level_cannot_halve_again(name) -> N
     edge = inputs_for(model, (2 ** (deepest + 1),) * 2)
     plain_smalls = [patched_out(model, small, 0) for small in smalls]
     plain_edge = patched_out(model, edge, 0)
-    with apply(model, recipe, unet_map=preset_map(name, "tiny")) as patch:
+    with apply(model, recipe, unet_map=preset_map(name, "tiny"), force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         for small, plain in zip(smalls, plain_smalls, strict=True):
             assert torch.equal(patched_out(model, small, 0), plain)
@@ -766,7 +766,7 @@ def test_window_grid_where_the_official_ratio_rule_misses() -> None:
     model = tiny("sdxl")
     inputs = inputs_for(model, (17, 9))
     plain = patched_out(model, inputs, 0)
-    with apply(model, RECIPES["sdxl"], unet_map=preset_map("sdxl", "tiny")) as patch:
+    with apply(model, RECIPES["sdxl"], unet_map=preset_map("sdxl", "tiny"), force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         for step in (0, 10, 30):  # RAU-Net conv, RAU-Net pooling, MSW-MSA alone
             out = patched_out(model, inputs, step)
@@ -797,7 +797,7 @@ def test_composed_with_noise_damped_guidance(name, hw, step) -> None:
     ref = official_copy(model, name)
     inputs = inputs_for(model, hw, batch=2, seed=4)
     inputs["sample"] = inputs["sample"][:1].repeat(2, 1, 1, 1)
-    with apply(model, parse_recipe(doc), unet_map=preset_map(name, "tiny")) as patch:
+    with apply(model, parse_recipe(doc), unet_map=preset_map(name, "tiny"), force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         patch.enable_noise_damped_cfg()
         damped_paths = sorted(patch.plan.entries("noise_damped_cfg"))
@@ -959,7 +959,7 @@ def test_export_phases_freeze_a_fixed_shift_and_refuse_a_random_one() -> None:
     for shift in (2, None):
         doc = to_data(load_recipe(RECIPES["sd15"]))
         doc["passes"][1] = dict(doc["passes"][1], shift=shift)
-        with apply(model, parse_recipe(doc), unet_map=unet_map) as patch:
+        with apply(model, parse_recipe(doc), unet_map=unet_map, force=True) as patch:
             phases, table = enumerate_phases(patch, timesteps, (16, 16))
             errors = [e for phase in phases for e in phase.freeze_errors(patch)]
             windows = [s for phase in phases for _, s in phase.layers if isinstance(s, WindowSetting)]

@@ -37,7 +37,7 @@ def test_apply_then_remove_is_bit_exact_and_shares_weights(name: str) -> None:
     unet_map = preset_map(name, "tiny")
     h, w = inputs["x" if "x" in inputs else "sample"].shape[-2:]
     recipe = auto_recipe(unet_map, base=(h * 8, w * 8), target=(h * 16, w * 16), policy="scalecrafter")
-    patch = apply(model, recipe, unet_map=unet_map)
+    patch = apply(model, recipe, unet_map=unet_map, force=True)
     patched_state = model.state_dict()
     assert patched_state.keys() == before.keys()
     assert all(patched_state[k].data_ptr() == before[k][0] for k in before)  # no copies
@@ -62,7 +62,7 @@ def test_apply_twice_is_refused_and_with_form_removes(tiny_sd15) -> None:
     unet_map = preset_map("sd15", "tiny")
     inputs = example_inputs(tiny_sd15)
     base = run(tiny_sd15, inputs)
-    with apply(tiny_sd15, "scalecrafter-sd15-1024x1024", unet_map=unet_map):
+    with apply(tiny_sd15, "scalecrafter-sd15-1024x1024", unet_map=unet_map, force=True):
         with pytest.raises(SurgeryError, match="already patched with recipe 'scalecrafter-sd15-1024x1024'"):
             apply(tiny_sd15, "scalecrafter-sd15-2048x2048", unet_map=unet_map)
         assert not torch.equal(run(tiny_sd15, inputs), base)
@@ -72,7 +72,7 @@ def test_apply_twice_is_refused_and_with_form_removes(tiny_sd15) -> None:
 def test_dtype_change_while_patched(tiny_sd15) -> None:
     unet_map = preset_map("sd15", "tiny")
     inputs = example_inputs(tiny_sd15, height=128, width=128)
-    patch = apply(tiny_sd15, "scalecrafter-sd15-2048x2048-disperse-active", unet_map=unet_map)
+    patch = apply(tiny_sd15, "scalecrafter-sd15-2048x2048-disperse-active", unet_map=unet_map, force=True)
     fp32 = run(tiny_sd15, inputs)
     tiny_sd15.to(torch.float64)
     conv = tiny_sd15.get_submodule("down_blocks.3.resnets.0.conv1")
@@ -101,7 +101,7 @@ def test_schedule_matches_hand_written_redilation_at_every_step(give_timesteps: 
     patched_model = build_unet("sd15", size="tiny", device="cpu")
     manual_model = build_unet("sd15", size="tiny", device="cpu")
     unet_map = preset_map("sd15", "tiny")
-    patch = apply(patched_model, recipe_name, unet_map=unet_map)
+    patch = apply(patched_model, recipe_name, unet_map=unet_map, force=True)
     # The expectation comes from the published settings, not from the patch's plan.
     cfg = published_config(recipe_name)
     table = published_table(cfg["dilate_settings"])

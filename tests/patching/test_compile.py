@@ -63,7 +63,7 @@ def _inputs(unet, batch: int) -> dict:
 def test_two_phase_schedule_compiles_twice_with_fullgraph(toy_unet_and_map) -> None:
     model, unet_map = toy_unet_and_map
     inputs = _inputs(model, 1)
-    patch = apply(model, _recipe([REDILATE]), unet_map=unet_map)
+    patch = apply(model, _recipe([REDILATE]), unet_map=unet_map, force=True)
     patch.set_timesteps(TIMESTEPS)
     eager = _run(model, inputs)
     compiled = _run(torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False), inputs)
@@ -97,7 +97,7 @@ def test_inductor_compiles_a_patched_diffusers_unet_with_fullgraph() -> None:
 def test_dispersion_and_noise_damped_guidance_compile_once_per_phase(toy_unet_and_map) -> None:
     model, unet_map = toy_unet_and_map
     inputs = _inputs(model, 2)  # [uncond, cond] as a pipeline batches it under CFG
-    patch = apply(model, _recipe([REDILATE, DISPERSE, DAMPED]), unet_map=unet_map)
+    patch = apply(model, _recipe([REDILATE, DISPERSE, DAMPED]), unet_map=unet_map, force=True)
     patch.set_timesteps(TIMESTEPS)
     patch.enable_noise_damped_cfg()
     eager = _run(model, inputs)
@@ -117,7 +117,7 @@ def test_eager_layers_see_the_settings_resolved_before_the_forward(toy_unet_and_
     inputs = _inputs(model, 1)
     conv_path = "down_blocks.1.resnets.0.conv1"
     factors = []
-    patch = apply(model, _recipe([REDILATE]), unet_map=unet_map)
+    patch = apply(model, _recipe([REDILATE]), unet_map=unet_map, force=True)
     patch.set_timesteps(TIMESTEPS)
 
     def spy(module, args):

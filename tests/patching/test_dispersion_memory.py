@@ -62,7 +62,7 @@ def test_tiny_sd15_holds_no_extra_bytes_in_or_out_of_the_window() -> None:
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(50)
     inputs = example_inputs(model, height=128, width=128)
-    with apply(model, RECIPE, unet_map=preset_map("sd15", "tiny")) as patch:
+    with apply(model, RECIPE, unet_map=preset_map("sd15", "tiny"), force=True) as patch:
         patch.set_timesteps(scheduler.timesteps)
         assert held(model) == plain
         with torch.no_grad():

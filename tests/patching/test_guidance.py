@@ -81,7 +81,7 @@ def test_pipeline_combination_equals_the_published_formula(name, timestep, step,
     inputs["sample"] = inputs["sample"][:1].repeat(2, 1, 1, 1)  # same x for u and c
     inputs["timestep"] = torch.tensor([timestep, timestep])
     assert math.floor(50 * (1 - timestep / 1000)) == step
-    patch = apply(model, recipe, unet_map=preset_map(name, "tiny"))
+    patch = apply(model, recipe, unet_map=preset_map(name, "tiny"), force=True)
     patch.enable_noise_damped_cfg()
     out = unet_out(model, inputs, return_dict)
     combined = out[:1] + w * (out[1:] - out[:1])
@@ -127,7 +127,7 @@ def test_odd_batch_is_refused(tiny_sd15) -> None:
 
 
 def test_recipe_without_ndcfg_pass_cannot_enable_it(tiny_sd15) -> None:
-    patch = apply(tiny_sd15, "scalecrafter-sd15-1024x1024", unet_map=preset_map("sd15", "tiny"))
+    patch = apply(tiny_sd15, "scalecrafter-sd15-1024x1024", unet_map=preset_map("sd15", "tiny"), force=True)
     with pytest.raises(SurgeryError, match="has no noise_damped_cfg pass"):
         patch.enable_noise_damped_cfg()
     patch.remove()

@@ -172,7 +172,7 @@ def test_a_real_noise_damped_recipe_is_not_warned_about(tiny_sd15) -> None:
     branch re-dilates fewer layers), so nothing is reported and no warning is raised."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", NoEffectWarning)
-        patch = apply(tiny_sd15, "scalecrafter-sd15-2048x2048", unet_map=preset_map("sd15", "tiny"))
+        patch = apply(tiny_sd15, "scalecrafter-sd15-2048x2048", unet_map=preset_map("sd15", "tiny"), force=True)
     try:
         damped, main = patch.plan.entries("noise_damped_cfg"), patch.plan.entries("redilate")
         assert damped and main and {p: e.factor for p, e in damped.items()} != {p: e.factor for p, e in main.items()}

@@ -11,12 +11,14 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import preset_map
 from unet_surgery import RecipeError, apply, auto_recipe, list_recipes, load_recipe
 from unet_surgery.cli import main
+from unet_surgery.patching.patch import current_patch
 from unet_surgery.presets import PRESETS, build_unet, preset_config
-from unet_surgery.recipes.fit import BaseSizeWarning, RecipeMismatchError, map_signature
+from unet_surgery.recipes.fit import RecipeMismatchError, map_signature
 
 SDXL_RECIPE = "scalecrafter-sdxl-2048x2048"
 
@@ -91,11 +93,40 @@ def test_a_recipe_without_signature_is_checked_through_its_model_preset() -> Non
         apply(build_unet("sd15", device="meta"), recipe, unet_map=preset_map("sd15"))
 
 
-def test_another_stated_base_size_warns() -> None:
-    tiny = build_unet("sd15", size="tiny")  # config.sample_size 8: a 64x64 model
-    with pytest.warns(BaseSizeWarning, match="512x512"):
-        patch = apply(tiny, "scalecrafter-sd15-2048x2048", unet_map=preset_map("sd15", "tiny"))
+def test_another_stated_base_size_is_refused_unless_forced() -> None:
+    tiny = build_unet("sd15", size="tiny")  # config.sample_size 8 x VAE factor 8: a 64x64 model
+    recipe = "scalecrafter-sd15-2048x2048"  # published for SD1.5 at 512x512
+    with pytest.raises(RecipeMismatchError) as caught:
+        apply(tiny, recipe, unet_map=preset_map("sd15", "tiny"))
+    message = str(caught.value)
+    assert "\n" not in message and "at 512x512" in message and "at 64x64" in message
+    assert "another base size" in message and "structure" not in message.split(":")[-1]
+    assert current_patch(tiny) is None  # refused before anything was installed
+    patch = apply(tiny, recipe, unet_map=preset_map("sd15", "tiny"), force=True)
+    assert patch.plan.layers
     patch.remove()
+
+
+def test_another_family_of_the_same_structure_and_size_is_refused() -> None:
+    """SD1.5 and SD2.1 share levels, attention levels and 512x512: only the family tells them apart."""
+    model = build_unet("sd21", device="meta")
+    assert map_signature(preset_map("sd21")) == map_signature(preset_map("sd15"))
+    with pytest.raises(RecipeMismatchError, match=r"made for sd15 .* not this sd21 .*another family;"):
+        apply(model, "scalecrafter-sd15-2048x2048", unet_map=preset_map("sd21"))
+    apply(model, "scalecrafter-sd21-2048x2048", unet_map=preset_map("sd21")).remove()
+
+
+def test_an_untagged_model_is_told_by_its_config() -> None:
+    """A diffusers UNet built from SD2.1's config without the preset tag (as `from_pretrained` gives)."""
+    import diffusers
+
+    from unet_surgery.recipes.fit import model_family
+
+    with torch.device("meta"):
+        model = diffusers.UNet2DConditionModel.from_config(preset_config("sd21"))
+    assert not hasattr(model, "unet_surgery_preset") and model_family(model) == "sd21"
+    with pytest.raises(RecipeMismatchError, match="another family"):
+        apply(model, "scalecrafter-sd15-2048x2048", unet_map=preset_map("sd21"))
 
 
 def test_recipes_validate_with_model_refuses_the_other_family(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

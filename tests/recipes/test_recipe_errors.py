@@ -159,10 +159,10 @@ def test_selector_matching_nothing_lists_closest_paths(tiny_sd15) -> None:
     doc = copy.deepcopy(VALID)
     doc["passes"] = [{"type": "redilate", "select": {"paths": ["down_blocks.1.resnet.0.conv1"]}, "factor": 2}]
     with pytest.raises(SelectionError, match=r"closest: down_blocks\.1\.resnets\.0\.conv1"):
-        apply(tiny_sd15, doc, unet_map=unet_map)
+        apply(tiny_sd15, doc, unet_map=unet_map, force=True)
     doc["passes"] = [{"type": "redilate", "select": {"level": 9}, "factor": 2}]
     with pytest.raises(SelectionError, match="matched no layer"):
-        apply(tiny_sd15, doc, unet_map=unet_map)
+        apply(tiny_sd15, doc, unet_map=unet_map, force=True)
 
 
 def test_recipe_version_is_checked_and_defaults_to_one() -> None:

@@ -31,7 +31,7 @@ RECIPE = "scalecrafter-sd15-2048x2048-disperse-active"
 @functools.cache
 def saved(root: str) -> Path:
     model = build_unet("sd15", size="tiny", device="cpu")
-    patch = apply(model, RECIPE, unet_map=preset_map("sd15", "tiny"))
+    patch = apply(model, RECIPE, unet_map=preset_map("sd15", "tiny"), force=True)
     folder = Path(root) / "adapter"
     save_patch(patch, folder)
     patch.remove()
@@ -116,7 +116,7 @@ def test_an_untampered_adapter_loads_and_runs_as_the_saved_patch(adapter: Path) 
     inputs = example_inputs(fresh(), height=128, width=128)
     inputs["timestep"] = torch.tensor([999])
     direct_model = fresh()
-    with apply(direct_model, RECIPE, unet_map=preset_map("sd15", "tiny")) as direct, torch.no_grad():
+    with apply(direct_model, RECIPE, unet_map=preset_map("sd15", "tiny"), force=True) as direct, torch.no_grad():
         expected, layers = direct_model(**inputs).sample, sorted(direct.plan.layers)
     model = fresh()
     with load_patch(model, adapter, unet_map=preset_map("sd15", "tiny")) as loaded, torch.no_grad():

@@ -168,6 +168,44 @@ def test_a_recipe_in_json_is_read_bounded(tmp_path: Path) -> None:
         load_recipe(file)
 
 
+@pytest.mark.parametrize("kind", ["deep nesting", "5000-digit integer", "over the size limit", "FIFO"])
+def test_a_hostile_map_cache_entry_is_ignored_and_rebuilt(kind: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The map cache reads its entries through the bounded reader: an entry planted in the user
+    cache under the right key is never parsed unbounded (a RecursionError, or a wait on a FIFO,
+    before); it is ignored, the map built again and a regular entry repaired."""
+    from unet_surgery.graph import cache
+    from unet_surgery.graph.records import UNetMap
+
+    monkeypatch.setenv("UNET_SURGERY_CACHE", str(tmp_path))
+    monkeypatch.delenv("UNET_SURGERY_NO_MAP_CACHE", raising=False)
+    cache.clear_memory()
+    model, probe = torch.nn.Conv2d(4, 4, 3), {"latent_hw": [8, 8]}
+    built = UNetMap(model_class="Conv2d", method="export", convs=[], attentions=[], skips=[], num_levels=1,
+                    probe_latent=(1, 4, 8, 8))
+    entry = tmp_path / "maps" / f"{cache.map_key(model, probe)}.json"
+    entry.parent.mkdir(parents=True)
+    if kind == "FIFO":
+        os.mkfifo(entry)
+    elif kind == "over the size limit":  # a valid entry of another map, padded past the bound
+        other = UNetMap(model_class="Planted", method="export", convs=[], attentions=[], skips=[], num_levels=1,
+                        probe_latent=(1, 4, 8, 8)).to_json()
+        entry.write_text(other + " " * (cache.MAX_MAP_BYTES + 1 - len(other)))
+    else:
+        entry.write_text(HOSTILE_JSON[kind][0])
+    found: list[UNetMap] = []
+    worker = threading.Thread(target=lambda: found.append(cache.cached_map(model, probe, lambda: built)), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # release the reader blocked on the FIFO, then fail
+        os.close(os.open(entry, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the lookup waited on a FIFO")
+    cache.clear_memory()
+    assert found and found[0].to_dict() == built.to_dict()  # built again, not read from the entry
+    if kind != "FIFO":  # a regular file is replaced by the rebuilt entry
+        assert json.loads(entry.read_text()) == built.to_dict()
+
+
 # --- a shard index names files inside its folder ---------------------------------------------------
 
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])

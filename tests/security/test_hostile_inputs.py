@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -284,3 +285,90 @@ def test_inspect_takes_the_tiny_single_files_export_takes_and_refuses_broken_one
     save_file(state, str(tmp_path / "broken.safetensors"))
     code, err = cli("inspect", str(tmp_path / "broken.safetensors"))
     assert code == 2 and len(err) == 1 and "fit no shipped architecture" in err[0], err
+
+
+# --- a pipeline folder's model_index.json names what diffusers imports -------------------------------
+
+@pytest.mark.parametrize(("entry", "refusal"), [
+    # diffusers imports the library a component names: "this" prints the Zen of Python on import
+    ({"safety_checker": ["this", "Anything"]}, "component 'safety_checker' names '[\"this\", \"Anything\"]', not a "
+     "[library, class] pair of diffusers, transformers or a diffusers pipeline module"),
+    ({"unet": ["os", "system"]}, "component 'unet' names '[\"os\", \"system\"]', not a [library, class] pair of "
+     "diffusers, transformers or a diffusers pipeline module"),
+    ({"../../elsewhere": ["diffusers", "AutoencoderKL"]}, "component name '../../elsewhere' is not a plain name"),
+])
+def test_model_index_may_name_only_diffusers_and_transformers_components(
+        entry: dict[str, Any], refusal: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the second hostile run: `generate` on a folder whose model_index.json named
+    `["antigravity", "X"]` imported that module (running its import-time code) and exit 0."""
+    import sys
+
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+             "feature_extractor": [None, None], "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             **entry}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    sys.modules.pop("this", None)
+    code = main(["generate", str(folder), "--prompt", "x", "--size", "64", "-q", "-o", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "this" not in sys.modules and "Beautiful is better" not in out
+    assert err == f"unet-surgery generate: error: MODEL: {folder / 'model_index.json'}: {refusal}\n"
+
+
+def _edited(folder: Path, file: str, **changes: Any) -> None:
+    data = json.loads((folder / file).read_text())
+    data.update(changes)
+    (folder / file).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(("file", "changes", "refusal"), [
+    # 10**9 timesteps allocated gigabytes of betas (a traceback at best); 0 an IndexError later
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": 10**9},
+     "num_train_timesteps 1000000000 is not an integer from 1 to 100000"),
+    # betas above 1 made every image NaN, written as a black PNG, exit 0
+    ("scheduler/scheduler_config.json", {"beta_end": 5.0}, "beta_end 5.0 is not a number in (0, 1)"),
+    # diffusers builds a pipeline folder's UNet itself: "8" as sample_size was a ValueError
+    ("unet/config.json", {"sample_size": "8"}, "sample_size must hold integers in [1, 16384], got 8"),
+    # the VAE asked for 1.4 TB
+    ("vae/config.json", {"block_out_channels": [200000, 200000]},
+     "block_out_channels must hold integers in [1, 16384], got [200000, 200000]"),
+])
+def test_pipeline_component_configs_are_bounded_before_loading(file: str, changes: dict[str, Any], refusal: str,
+                                                               sd15_folder: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the second hostile run: only the UNet's config was bounded."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(sd15_folder, folder)
+    _edited(folder, file, **changes)
+    code = main(["generate", str(folder), "--prompt", "x", "--size", "64", "-q", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("unet-surgery generate: error: MODEL: ")
+    assert str(folder / file) in err and err.rstrip().endswith(refusal), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_tokenizer_files_and_component_weights_are_checked(sd15_folder: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A tokenizer file over 16 MiB was read whole; a NaN in the VAE gave a black PNG and exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(sd15_folder, folder)
+    merges = folder / "tokenizer" / "tokenizer.json"
+    original = merges.read_bytes()
+    merges.write_bytes(b"a" * (16 * 2**20 + 1))
+    command = ["generate", str(folder), "--prompt", "x", "--size", "64", "--steps", "1", "-q", "-o", str(tmp_path / "out")]
+    assert main(command) == 2
+    assert capsys.readouterr().err == (f"unet-surgery generate: error: MODEL: {merges} is larger than 16777216 bytes "
+                                       "(a tokenizer file is a few MiB)\n")
+    merges.write_bytes(original)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    key = sorted(state)[0]
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(weights))
+    assert main(command) == 2
+    assert capsys.readouterr().err == (f"unet-surgery generate: error: MODEL: {folder}: vae weight {key} "
+                                       "holds NaN or infinity\n")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))

@@ -69,11 +69,27 @@ def test_numbers_are_bounded_and_finite_before_conversion(option: str, value: st
     (["--mask", "m.png"], "--mask: inpainting needs --init-image, the image whose white mask part is repainted"),
     (["--controlnet", "cn", "--control-image", "c.png", "--control-end", "1.5"], "--control-end: 1.5 is not in (0, 1]"),
     (["--controlnet", "cn", "--control-image", "c.png", "--control-scale", "-1"], "--control-scale: -1.0 is not in [0, 10]"),
+    # second hostile run: two ranges each under the bound used to be expanded whole
+    (["--seed", "0-999999,1000000-1000001"], "--seed: '0-999999,1000000-1000001' holds more than a million seeds"),
+    # diffusers' image-to-image runs int(steps x strength) steps: 0 raised deep inside the pipeline
+    (["--init-image", "x.png", "--steps", "1", "--strength", "0.6"],
+     "--steps 1 with --strength 0.6 leaves no denoising step (image-to-image runs int(steps x strength) = 0); "
+     "raise --steps or --strength"),
 ])
 def test_generate_options_are_one_line_before_the_model_is_read(args: list[str], refusal: str,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     line = one_error(capsys, *GENERATE[:-2], *(["--size", "64"] if "--size" not in args else []), *args)
     assert line == f"unet-surgery generate: error: {refusal}"  # MODEL 'nowhere' would be the next error
+
+
+def test_prompts_times_seeds_is_bounded_before_the_jobs_are_built(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """100 000 prompts x 100 000 seeds used to build a list of 10**10 jobs (a hang, then memory)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n" * 100_000)
+    line = one_error(capsys, "generate", "nowhere", "--prompts", str(prompts), "--size", "64", "--seed", "0-99999")
+    assert line == ("unet-surgery generate: error: 100000 prompt(s) x 100000 seed(s) is 10000000000 images, "
+                    "more than 1000000 in one run; split the prompts or seeds between runs")
 
 
 def test_a_size_below_what_the_unet_can_halve_is_refused(sd15_folder: Path, tmp_path: Path,
@@ -105,7 +121,7 @@ def tiny_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ])
 def test_pt2_export_options_are_checked(args: list[str], refusal: str, tiny_unet: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    line = one_error(capsys, "export", "-q", "-f", "pt2", "-r", "scalecrafter-sd15-1024x1024", "-o", str(tmp_path / "o"),
+    line = one_error(capsys, "export", "-q", "--force", "-f", "pt2", "-r", "scalecrafter-sd15-1024x1024", "-o", str(tmp_path / "o"),
                      *args, str(tiny_unet))
     assert line == f"unet-surgery export: error: {refusal}"
     assert not (tmp_path / "o").exists()
@@ -155,3 +171,15 @@ def test_freeu_at_the_top_of_its_range_stays_finite() -> None:
         out = model(**example_inputs(model))
     patch.remove()
     assert bool(torch.isfinite(out.sample if hasattr(out, "sample") else out[0]).all())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e15])
+def test_a_builder_gets_the_bounds_a_recipe_file_gets(value: float) -> None:
+    """Found by the second hostile run: `freeu_recipe(map, b1=nan)` built a recipe no file could
+    state (the parser refuses NaN, and FreeU scales above 10); builders now go through it."""
+    from tests.conftest import preset_map
+    from unet_surgery.recipes.freeu import freeu_recipe
+
+    with pytest.raises(RecipeError, match=r"^passes\[0\]\.b1: "):
+        freeu_recipe(preset_map("sd15", "tiny"), base=64, b1=value)
+    assert freeu_recipe(preset_map("sd15", "tiny"), base=64, b1=1.5).passes[0].b1 == 1.5

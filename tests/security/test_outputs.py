@@ -56,9 +56,9 @@ def umask_022() -> Iterator[None]:
 def test_an_export_over_its_own_input_is_refused_and_the_input_kept(command: str, tiny_unet: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     model = tmp_path / "patched"  # an export of ours: the folder rule alone would let it be replaced
-    assert cli(capsys, "apply", "-q", "-r", RECIPE, "--out", str(model), str(tiny_unet))[0] == 0
+    assert cli(capsys, "apply", "-q", "--force", "-r", RECIPE, "--out", str(model), str(tiny_unet))[0] == 0
     before = tree(model)
-    head = ["apply", "-q", "-r", OTHER] if command == "apply" else ["export", "-q", "-f", command.split("-")[1], "-r", OTHER]
+    head = ["apply", "-q", "--force", "-r", OTHER] if command == "apply" else ["export", "-q", "--force", "-f", command.split("-")[1], "-r", OTHER]
     for out, words in [(model, "is the input"), (model / "sub", "is inside the input"), (tmp_path, "holds the input")]:
         code, err = cli(capsys, *head, "-o", str(out), "--overwrite", str(model))
         assert code == 2 and len(err) == 1 and words in err[0], err
@@ -70,16 +70,16 @@ def test_an_export_over_its_own_input_is_refused_and_the_input_kept(command: str
 def test_apply_out_keeps_the_same_export_refuses_another_recipe_and_overwrite_replaces(
         tiny_unet: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], umask_022: None) -> None:
     out = tmp_path / "out"
-    assert cli(capsys, "apply", "-q", "-r", RECIPE, "--out", str(out), str(tiny_unet))[0] == 0
+    assert cli(capsys, "apply", "-q", "--force", "-r", RECIPE, "--out", str(out), str(tiny_unet))[0] == 0
     first = tree(out)
     inode = (out / "diffusion_pytorch_model.safetensors").stat().st_ino
-    assert cli(capsys, "apply", "-q", "-r", RECIPE, "--out", str(out), str(tiny_unet))[0] == 0  # the same: kept
+    assert cli(capsys, "apply", "-q", "--force", "-r", RECIPE, "--out", str(out), str(tiny_unet))[0] == 0  # the same: kept
     assert tree(out) == first and (out / "diffusion_pytorch_model.safetensors").stat().st_ino == inode
-    code, err = cli(capsys, "apply", "-q", "-r", OTHER, "--out", str(out), str(tiny_unet))
+    code, err = cli(capsys, "apply", "-q", "--force", "-r", OTHER, "--out", str(out), str(tiny_unet))
     assert code == 2 and err == [f"unet-surgery apply: error: {out} holds an earlier export made with another recipe "
                                  f"('{RECIPE}'); refusing to replace it (pass --overwrite, or choose another output)"]
     assert tree(out) == first
-    assert cli(capsys, "apply", "-q", "-r", OTHER, "--out", str(out), "--overwrite", str(tiny_unet))[0] == 0
+    assert cli(capsys, "apply", "-q", "--force", "-r", OTHER, "--out", str(out), "--overwrite", str(tiny_unet))[0] == 0
     assert json.loads((out / "adapter.json").read_text())["recipe"] == OTHER
 
 
@@ -101,7 +101,7 @@ def test_an_earlier_export_with_other_content_under_the_same_recipe_is_refused(t
 def test_exported_files_have_a_new_files_permissions(fmt: str, tiny_unet: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str], umask_022: None) -> None:
     out = tmp_path / fmt
-    assert cli(capsys, "export", "-q", "-f", fmt, "-r", RECIPE, "-o", str(out), str(tiny_unet))[0] == 0
+    assert cli(capsys, "export", "-q", "--force", "-f", fmt, "-r", RECIPE, "-o", str(out), str(tiny_unet))[0] == 0
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes  # 0o666 & ~0o022
     assert out.stat().st_mode & 0o777 == 0o755
@@ -157,3 +157,45 @@ def test_generate_into_its_model_folder_is_refused(sd15_folder: Path, capsys: py
     code, err = cli(capsys, "generate", str(sd15_folder), "--size", "64", "--prompt", "x", "-o", str(sd15_folder / "unet"))
     assert code == 2 and len(err) == 1 and "is inside the input" in err[0], err
     assert sorted(p.name for p in sd15_folder.rglob("*")) == before
+
+
+def test_toy_export_follows_the_one_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the second hostile run: `toy export DIR --toy toy4` over an earlier export of
+    `toy` replaced it silently; the same export is kept, another toy's needs --overwrite, and
+    the shipped weights the toys come from are never an output."""
+    from importlib import resources
+
+    out = tmp_path / "toy-unet"
+    assert cli(capsys, "toy", "export", str(out), "--toy", "toy")[0] == 0
+    first = tree(out)
+    assert cli(capsys, "toy", "export", str(out), "--toy", "toy")[0] == 0  # the same: kept
+    assert tree(out) == first
+    code, err = cli(capsys, "toy", "export", str(out), "--toy", "toy4")
+    assert code == 2 and err == [f"unet-surgery toy export: error: {out} holds an earlier export with other content; "
+                                 "refusing to replace it (pass --overwrite, or choose another output)"]
+    assert tree(out) == first and sorted(p.name for p in tmp_path.iterdir()) == ["toy-unet"]
+    assert cli(capsys, "toy", "export", str(out), "--toy", "toy4", "--overwrite")[0] == 0
+    assert json.loads((out / "toy.json").read_text())["name"] == "toy4"
+    shipped = Path(str(resources.files("unet_surgery.toy.weights")))
+    before = tree(shipped)
+    code, err = cli(capsys, "toy", "export", str(shipped / "toy"))
+    assert code == 2 and err == [f"unet-surgery toy export: error: DIR: {shipped / 'toy'} is inside the input "
+                                 f"{shipped}; write the output somewhere else"]
+    assert tree(shipped) == before
+
+
+def test_disperse_follows_the_one_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the second hostile run: `disperse -o FILE` replaced any file silently."""
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"my own weights")
+    code, err = cli(capsys, "disperse", "-o", str(mine))
+    assert code == 2 and err == [f"unet-surgery disperse: error: --output: {mine} holds a file that is not a "
+                                 "dispersion transform; refusing to replace it (pass --overwrite, or choose another output)"]
+    assert mine.read_bytes() == b"my own weights"
+    out = tmp_path / "R.safetensors"
+    assert cli(capsys, "disperse", "-o", str(out))[0] == 0
+    first = out.read_bytes()
+    assert cli(capsys, "disperse", "-o", str(out))[0] == 0 and out.read_bytes() == first  # the same: kept
+    code, err = cli(capsys, "disperse", "--eta", "0.1", "-o", str(out))
+    assert code == 2 and "holds another transform" in err[0] and out.read_bytes() == first
+    assert cli(capsys, "disperse", "--eta", "0.1", "--overwrite", "-o", str(out))[0] == 0 and out.read_bytes() != first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from unet_surgery.cli.options import bounded_int, finite_float
@@ -28,7 +29,31 @@ def register(subparsers: Any) -> None:
         "--input-size", type=bounded_int, default=3, help="side of the probe input (default 3)"
     )
     parser.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output holding something else (default: refuse it)")
     parser.set_defaults(func=run)
+
+
+def _may_write(target: Path, transform: Any, params: Any, *, overwrite: bool) -> bool:
+    """The one overwrite rule (:func:`unet_surgery.io.may_replace`): an existing file holding
+    this very transform is kept, anything else (another transform, a file of the user's) is
+    refused unless ``overwrite``."""
+    import numpy as np
+
+    from unet_surgery.io import may_replace
+    from unet_surgery.ops.dispersion import load_transform
+
+    if not target.exists() or target.is_dir():  # a folder is the OS's "Is a directory" on write
+        return True
+    try:
+        old, old_params = load_transform(target)
+    except TransformError:  # not a transform: a file of the user's
+        return may_replace(target, same=False, overwrite=overwrite, error=TransformError,
+                           what="a file that is not a dispersion transform", prefix="--output: ")
+    same = old_params == params and old.shape == transform.shape and bool(np.array_equal(old, transform))
+    what = "another transform"
+    return may_replace(target, same=same, overwrite=overwrite, error=TransformError, what=what,
+                       prefix="--output: ")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     transform = dispersion_transform(
         params.small, params.large, params.scale, params.input_size, params.eta
     )
+    if not _may_write(Path(args.output), transform, params, overwrite=args.overwrite):
+        print(f"kept {args.output}: it already holds this transform")
+        return 0
     save_transform(args.output, transform, params)
     dc_gain = float(np.sum(transform))
     print(

@@ -30,7 +30,7 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace an earlier export with other content (default: keep one with the "
                         "same files, refuse one with other content)")
     parser.add_argument("--force", action="store_true",
-                        help="apply a recipe made for another UNet structure (default: refuse it)")
+                        help="apply a recipe made for another UNet structure, family or base size (default: refuse it)")
 
 
 def check_out(out: str, model: str, recipe: str, overwrite: bool) -> None:

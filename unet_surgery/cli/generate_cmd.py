@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="under accelerate launch: share the list of images between processes (default), "
                         "or the views of every image (patch-wise and DemoFusion recipes; same bytes)")
     parser.add_argument("--force", action="store_true",
-                        help="apply a recipe made for another UNet structure (default: refuse it)")
+                        help="apply a recipe made for another UNet structure, family or base size (default: refuse it)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 

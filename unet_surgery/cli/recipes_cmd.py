@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="also check the recipes fit this preset, folder or checkpoint (its structure; "
                           "mapped on meta) and plan them on it")
     validate.add_argument("--force", action="store_true",
-                          help="with --model: plan a recipe made for another UNet structure instead of refusing it")
+                          help="with --model: plan a recipe made for another UNet structure, family or base size instead of refusing it")
     validate.set_defaults(func=run_validate)
 
 

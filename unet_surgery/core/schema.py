@@ -132,7 +132,7 @@ class Recipe:
     )
     signature: str | None = doc(
         "structure of the UNet it was made for, as `inspect` prints it (e.g. '4 levels, attention 0-3, image'); "
-        "apply refuses a UNet of another structure or stated base size unless forced",
+        "apply refuses a UNet of another structure, family or stated base size unless forced",
         default=None,
     )
     vae_scale_factor: int = doc("pixels per latent pixel (8 for SD-style VAEs, 1 for pixel-space models)", default=8)

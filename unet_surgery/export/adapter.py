@@ -232,6 +232,7 @@ def load_patch(
     *,
     unet_map: UNetMap | None = None,
     verify_fingerprint: bool = True,
+    force: bool = False,
 ) -> Patch:
     """Re-apply the adapter in ``directory`` to ``model`` (in place) and return the :class:`Patch`.
 
@@ -246,6 +247,11 @@ def load_patch(
         directory: an adapter folder written by :func:`save_patch` (or a patched folder).
         unet_map: the model's map, when the caller has one (skips mapping).
         verify_fingerprint: refuse base weights other than the ones the adapter was made for.
+            The fingerprint is the stronger fit check: a base it accepts is the one the recipe
+            was applied to when saved (forced or not), so the recipe's fit is not asked again.
+        force: without ``verify_fingerprint``, apply the recipe even to a UNet of another
+            structure, family or base size than the recipe's
+            (:func:`~unet_surgery.recipes.fit.check_fit`).
     """
     from safetensors.torch import load_file
 
@@ -275,6 +281,7 @@ def load_patch(
         unet_map=unet_map,
         filter_fn=(lambda path, op: path in keep) if meta["filtered"] else None,
         num_train_timesteps=meta["num_train_timesteps"],
+        force=force or verify_fingerprint,
     )
     try:
         groups = patch.plan.groups()

@@ -16,6 +16,7 @@ from unet_surgery.errors import SurgeryError
 from unet_surgery.io import excerpt, read_bounded_text
 
 MAX_PROMPT_FILE_BYTES = 16 << 20
+MAX_IMAGES = 1_000_000  # prompts x seeds of one run: a million PNGs is already days of GPU time
 
 
 class GenerationError(SurgeryError):
@@ -42,8 +43,13 @@ def make_jobs(prompts: Sequence[str], seeds: Sequence[int]) -> list[Job]:
         raise GenerationError("no prompt given (--prompt TEXT or --prompts FILE)")
     if not seeds:
         raise GenerationError("--seed: no seed given")
+    if len(prompts) * len(seeds) > MAX_IMAGES:  # checked before the list is built
+        raise GenerationError(
+            f"{len(prompts)} prompt(s) x {len(seeds)} seed(s) is {len(prompts) * len(seeds)} images, more than "
+            f"{MAX_IMAGES} in one run; split the prompts or seeds between runs"
+        )
     if len(set(seeds)) != len(seeds):
-        raise GenerationError(f"--seed: seeds repeat ({', '.join(map(str, seeds))}); each names one file")
+        raise GenerationError(f"--seed: seeds repeat ({excerpt(', '.join(map(str, seeds[:20])))}); each names one file")
     return [Job(i, p, s) for i, p in enumerate(prompts) for s in seeds]
 
 
@@ -61,8 +67,10 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
             match = _RANGE.match(part)
             if match:
                 lo, hi = int(match[1]), int(match[2])
-                if hi < lo or hi - lo >= 1_000_000:
+                if hi < lo or hi - lo >= MAX_IMAGES:
                     raise GenerationError(f"--seed: range {part!r} must go upwards and hold at most a million seeds")
+                if len(items) + hi - lo + 1 > MAX_IMAGES:  # many ranges, each under the bound
+                    raise GenerationError(f"--seed: {excerpt(spec)} holds more than a million seeds")
                 items.extend(range(lo, hi + 1))
             elif re.fullmatch(r"[0-9]{1,19}", part):
                 items.append(int(part))

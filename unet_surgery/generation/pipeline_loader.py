@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 
 from unet_surgery.errors import CheckpointError
 from unet_surgery.generation.jobs import GenerationError
-from unet_surgery.io import excerpt, read_bounded_json
+from unet_surgery.io import MAX_JSON_BYTES, excerpt, read_bounded_json
 from unet_surgery.loading.weights import WEIGHT_SUFFIXES
 
 TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -71,17 +73,94 @@ def pipeline_class_name(folder: Path) -> str:
         raise GenerationError(
             f"MODEL: {folder} holds a {shown}; generate supports {', '.join(TEXT_TO_IMAGE)} folders"
         )
+    check_components(data, index)
     check_component_json(folder)
     return str(name)
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+
+
+def _known_library(library: Any) -> bool:
+    """A library diffusers may import a component from: ``diffusers``, ``transformers`` or one
+    of diffusers' own pipeline modules (``stable_diffusion`` holds SD1.5's safety checker)."""
+    if library in (None, "diffusers", "transformers"):
+        return True
+    if not isinstance(library, str) or not _NAME.fullmatch(library):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
+
+
+def check_components(index: dict[str, Any], where: Path) -> None:
+    """Refuse a ``model_index.json`` entry diffusers would act on unchecked: a component name
+    that is not a plain name (it is a subfolder path), or a ``[library, class]`` pair naming a
+    library other than diffusers, transformers or a diffusers pipeline module. diffusers
+    imports whatever module the library names, so ``["antigravity", "X"]`` would run that
+    module's import-time code."""
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list):
+            continue
+        if not _NAME.fullmatch(key):
+            raise GenerationError(f"MODEL: {where}: component name {excerpt(key)} is not a plain name")
+        if len(value) != 2 or not _known_library(value[0]) or not (
+            value[1] is None or (isinstance(value[1], str) and _NAME.fullmatch(value[1]))
+        ):
+            raise GenerationError(
+                f"MODEL: {where}: component {key!r} names {excerpt(json.dumps(value))}, not a [library, class] pair "
+                "of diffusers, transformers or a diffusers pipeline module"
+            )
+
+
+MAX_TRAIN_TIMESTEPS = 100_000  # SD's schedulers use 1000; 10**9 allocated gigabytes of betas
 
 
 def check_component_json(folder: Path) -> None:
     """Read every JSON file of a pipeline folder's components (configs, scheduler, tokenizer)
     with the bounded reader before diffusers and transformers parse them unbounded: over-deep
-    nesting, huge integers or ``NaN`` (e.g. ``"norm_eps": NaN``) are one line naming the file."""
+    nesting, huge integers or ``NaN`` (e.g. ``"norm_eps": NaN``) are one line naming the file.
+    A model component's ``config.json`` gets the UNet's size bounds (numbers up to 1e6, widths,
+    an estimated size, ``sample_size`` a positive integer), so a VAE or text encoder config
+    cannot ask for terabytes; a scheduler config its own (:func:`check_scheduler_config`). A
+    tokenizer's files (``merges.txt``, ``vocab.json``...) are at most 16 MiB each, as JSON."""
+    from unet_surgery.errors import PresetError
+    from unet_surgery.presets import check_config_bounds
+
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name.startswith("tokenizer"):
+            for file in sorted(sub.iterdir()):
+                if file.is_file() and file.stat().st_size > MAX_JSON_BYTES:
+                    raise GenerationError(f"MODEL: {file} is larger than {MAX_JSON_BYTES} bytes (a tokenizer file is a few MiB)")
         for file in sorted(sub.glob("*.json")):
-            read_bounded_json(file, GenerationError, prefix="MODEL: ")
+            data = read_bounded_json(file, GenerationError, prefix="MODEL: ")
+            if not isinstance(data, dict):
+                continue
+            if file.name == "scheduler_config.json":
+                check_scheduler_config(data, file)
+            elif file.name == "config.json":  # diffusers builds the folder's UNet itself: checked here too
+                try:
+                    check_config_bounds({k: v for k, v in data.items() if not k.startswith("_")}, str(file))
+                except PresetError as exc:
+                    raise GenerationError(f"MODEL: {exc}") from None
+
+
+def check_scheduler_config(config: dict[str, Any], file: Path) -> None:
+    """Refuse a schedule that cannot be built or gives NaN: ``num_train_timesteps`` 1 to
+    :data:`MAX_TRAIN_TIMESTEPS`, ``beta_start`` and ``beta_end`` in (0, 1) with start <= end
+    (``beta_end: 5`` made alphas negative and every image NaN, written as black)."""
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
+        raise GenerationError(
+            f"MODEL: {file}: num_train_timesteps {str(steps)[:40]} is not an integer from 1 to {MAX_TRAIN_TIMESTEPS}"
+        )
+    betas = [config.get(k) for k in ("beta_start", "beta_end")]
+    for key, beta in zip(("beta_start", "beta_end"), betas, strict=True):
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1):
+            raise GenerationError(f"MODEL: {file}: {key} {str(beta)[:40]} is not a number in (0, 1)")
+    start, end = betas
+    if start is not None and end is not None and start > end:
+        raise GenerationError(f"MODEL: {file}: beta_start {start} is above beta_end {end}")
 
 
 def check_model(model: str | Path, components: str | Path | None) -> tuple[Path, Path]:
@@ -136,10 +215,39 @@ def load_pipeline(model: str | Path, *, components: str | Path | None = None,
         pipe = cls.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True, dtype=dtype, **extra
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, AttributeError,
+            NotImplementedError, ImportError, MemoryError) as exc:
+        # diffusers and transformers build every component from files someone else wrote; what
+        # they raise on a bad one (a schedule they do not know, a size they cannot allocate) is
+        # one line naming the folder, not their traceback.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"MODEL: cannot load {folder} as a {cls.__name__}: {first}") from None
+        raise CheckpointError(f"MODEL: cannot load {folder} as a {cls.__name__}: {excerpt(first, 300)}") from None
+    _check_schedule(pipe.scheduler, folder)
+    _check_finite(pipe, folder)
     return pipe.to(device)
+
+
+def _check_finite(pipe: Any, folder: Path) -> None:
+    """Every weight of every model component finite: a NaN in the VAE or text encoder gave an
+    all-black PNG and exit 0 (the UNet loader checks its own weights the same way)."""
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for key, tensor in component.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"MODEL: {folder}: {name} weight {key} holds NaN or infinity")
+
+
+def _check_schedule(scheduler: Any, folder: Path) -> None:
+    """The built schedule's cumulative alphas must be finite and in (0, 1]: a custom
+    ``trained_betas`` list or ``beta_schedule`` can still give NaN or negative ones."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if isinstance(alphas, torch.Tensor) and alphas.numel() and not (
+        bool(torch.isfinite(alphas).all()) and float(alphas.min()) > 0 and float(alphas.max()) <= 1
+    ):
+        raise CheckpointError(
+            f"MODEL: {folder}: the scheduler's cumulative alphas leave (0, 1] (its betas are not a noise schedule)"
+        )
 
 
 def check_controlnet(folder: str | Path) -> Path:

@@ -161,7 +161,7 @@ def generate(
 
     ``size`` is a ``"WIDTHxHEIGHT"`` string (``"1024x768"``, as ``--size``), one side for a
     square, or a ``(height, width)`` pair as in ``pipe(height=, width=)``. ``force`` applies a
-    recipe made for another UNet structure.
+    recipe made for another UNet structure, family or base size.
 
     ``model`` is a diffusers SD/SDXL pipeline folder, or a single-file UNet checkpoint with
     ``components`` (a pipeline folder for the rest). ``recipe``: ``"auto"`` (derived from the
@@ -207,7 +207,7 @@ def generate(
         threads: CPU threads per process.
         overwrite: regenerate files that exist.
         progress: show progress bars.
-        force: apply a recipe made for another UNet structure.
+        force: apply a recipe made for another UNet structure, family or base size.
         split: ``"images"`` or ``"patches"`` (under ``accelerate launch``).
     """
     # --- everything that can be checked without a model, before a process group or a load
@@ -227,6 +227,11 @@ def generate(
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
         raise GenerationError(f"--strength: {str(strength)[:20]} is not in (0, 1]")
     _check_control_options(init_image, mask, controlnet, control_image, control_scale, control_end)
+    if init_image is not None and int(steps * strength) < 1:  # diffusers' img2img runs int(steps * strength)
+        raise GenerationError(
+            f"--steps {steps} with --strength {strength:g} leaves no denoising step (image-to-image runs "
+            f"int(steps x strength) = 0); raise --steps or --strength"
+        )
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise GenerationError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if dtype is not None and dtype not in DTYPES:
@@ -237,7 +242,8 @@ def generate(
         raise GenerationError(f"--threads: {str(threads)[:20]} is not a number of threads from 1 to 1024")
     requested_device = _parse_device(device)
     unet_source, _ = check_model(model, components)
-    checked = check_recipe(recipe, patched_unet_folder(unet_source))
+    own = patched_unet_folder(unet_source)
+    checked = check_recipe(recipe, own)
     init = _open_init_image(init_image) if init_image is not None else None
     mask_in = _open_image(mask, "--mask", "L") if mask is not None else None
     control_in = _open_image(control_image, "--control-image") if control_image is not None else None
@@ -318,7 +324,9 @@ def generate(
     if applied is not None:
         from unet_surgery.sampling.pipelines import apply_to_pipeline
 
-        patch = apply_to_pipeline(runner, applied, unet_map=unet_map, force=force)
+        # A patched folder's own recipe was checked (or forced) when `apply --out` wrote it
+        # onto these very weights: its fit is not asked again.
+        patch = apply_to_pipeline(runner, applied, unet_map=unet_map, force=force or own is not None)
     try:
         share = contextlib.nullcontext(list(enumerate(jobs))) if split == "patches" else (
             state.split_between_processes(list(enumerate(jobs))))

@@ -13,7 +13,9 @@ cached under a key that hashes everything a map can depend on:
 
 Lookups go memory -> user cache folder -> maps shipped with the package (the presets' maps,
 under ``unet_surgery/architectures/maps/``, built by ``scripts/ship_maps.py``). Entries are
-JSON written atomically; an unreadable one is ignored and rebuilt. ``UNET_SURGERY_CACHE``
+JSON written atomically and read through the project's bounded JSON reader
+(:func:`unet_surgery.io.read_bounded_json`'s limits, at most :data:`MAX_MAP_BYTES`); an
+unreadable, oversized, over-deep or malformed one is ignored and rebuilt. ``UNET_SURGERY_CACHE``
 moves the user folder, ``UNET_SURGERY_NO_MAP_CACHE=1`` switches the cache off.
 """
 
@@ -25,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from importlib import metadata, resources
 from pathlib import Path
@@ -35,7 +36,9 @@ import torch
 from torch import nn
 
 from unet_surgery.graph.records import UNetMap
+from unet_surgery.io import atomic_write_text, parse_bounded_json, read_bounded_bytes
 
+MAX_MAP_BYTES = 4 << 20  # the largest shipped map (ModelScope T2V) is under 100 KiB
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 _memory: dict[str, str] = {}
 
@@ -100,25 +103,26 @@ def shipped_dir() -> Path:
     return Path(str(resources.files("unet_surgery.architectures").joinpath("maps")))
 
 
+class _UnusableEntry(Exception):
+    """A cache entry that cannot be used (the lookup then maps the model again)."""
+
+
 def _read(path: Path) -> str | None:
+    """The text of the entry at ``path`` if it is a regular file within the bounds and a valid
+    map; None otherwise (missing, a FIFO, oversized, over-deep, not a map...)."""
+    if not path.is_file():
+        return None
     try:
-        text = path.read_text("utf-8")
-        UNetMap.from_dict(json.loads(text))
-    except (OSError, ValueError, TypeError, KeyError):
+        text = read_bounded_bytes(path, MAX_MAP_BYTES, _UnusableEntry).decode("utf-8")
+        UNetMap.from_dict(parse_bounded_json(text, str(path), _UnusableEntry))
+    except (_UnusableEntry, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, IndexError):
         return None
     return text
 
 
 def _write(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:  # a read-only or full cache folder only costs the next lookup a re-map
-        if "tmp" in locals():
-            Path(tmp).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a read-only or full cache folder only costs the next lookup a re-map
+        atomic_write_text(path, text)
 
 
 def lookup(key: str) -> UNetMap | None:

@@ -304,7 +304,7 @@ def apply(
     """Apply ``recipe`` to ``model`` in place and return the :class:`Patch`.
 
     The model must not already be patched, and must have the structure the recipe was made
-    for (:func:`~unet_surgery.recipes.fit.check_fit`; another stated base size warns).
+    for: structure, family and stated base size (:func:`~unet_surgery.recipes.fit.check_fit`).
 
     Args:
         model: the UNet to patch (diffusers, LDM or any module the mapper reads).
@@ -312,7 +312,7 @@ def apply(
         unet_map: the model's map, when the caller has one (saves mapping).
         filter_fn: ``filter_fn(path, op)`` narrows the selection further.
         num_train_timesteps: length of the training schedule, to read steps off timesteps.
-        force: apply even to a UNet of another structure than the recipe's.
+        force: apply even to a UNet of another structure, family or base size than the recipe's.
     """
     from unet_surgery.recipes.fit import check_fit
     from unet_surgery.recipes.library import load_recipe

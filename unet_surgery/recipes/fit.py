@@ -4,13 +4,12 @@ A recipe's layer tables and factors only mean something on the architecture and 
 size they were written for: an SDXL table applied to SD1.5 still finds layers of the same names
 and changes them, silently wrong. So a recipe states its ``model`` (family), its
 ``signature`` (the structure of that UNet's map, :func:`map_signature`) and its
-``base_resolution``. :func:`check_fit` refuses a UNet whose map differs, in one line naming
-both, unless the caller forces it, and warns when the UNet states another base size.
+``base_resolution``. :func:`check_fit` refuses a UNet whose map, family or stated base size
+differs, in one line naming both, unless the caller forces it.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from unet_surgery.errors import RecipeError
@@ -22,12 +21,7 @@ _DEFAULT_BASE = {"UNetSpatioTemporalConditionModel": (576, 1024)}
 
 
 class RecipeMismatchError(RecipeError):
-    """The recipe was made for another UNet structure (pass ``force=True``)."""
-
-
-class BaseSizeWarning(UserWarning):
-    """The UNet states another base size than the recipe's (a warning: the tiny test variants
-    of every preset state 64x64 and run the presets' recipes as scaled-down proxies)."""
+    """The recipe was made for another UNet: structure, family or base size (pass ``force=True``)."""
 
 
 def _ranges(levels: list[int]) -> str:
@@ -92,34 +86,74 @@ def size_text(hw: tuple[int, int]) -> str:
     return f"{hw[1]}x{hw[0]}"
 
 
-def check_fit(recipe: Recipe, unet_map: Any, model: Any = None, *, force: bool = False) -> None:
-    """Refuse ``recipe`` on a UNet of another structure unless ``force``; warn on another base size.
+def model_family(model: Any) -> str | None:
+    """The preset family ``model`` is (``sd15``, ``sdxl``...; an LDM layout counts as its diffusers
+    twin), or None when it cannot be told.
 
-    The recipe's structure is its ``signature``, else the signature of the preset its ``model``
-    names; a recipe stating neither is checked on base size only.
+    A model built by :func:`~unet_surgery.presets.build_unet` or loaded from a folder whose
+    config matches a preset carries the tag; an untagged diffusers model is matched by its
+    config (a fine-tune of SD1.5 keeps SD1.5's config). Widths do not decide it alone: SD1.5
+    and SD2.1 have the same structure and base size and differ in their text width.
+
+    Args:
+        model: the UNet to tell.
+    """
+    preset = getattr(model, "unet_surgery_preset", None)
+    if not isinstance(preset, str):
+        from unet_surgery.loading.weights import match_preset
+
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "items"):
+            return None
+        found = match_preset(type(model).__name__, config)
+        preset = found[0] if found is not None else None
+    return preset.removeprefix("ldm_") if preset is not None else None
+
+
+def check_fit(recipe: Recipe, unet_map: Any, model: Any = None, *, force: bool = False) -> None:
+    """Refuse ``recipe`` on a UNet it was not made for, in one line naming both, unless ``force``.
+
+    Three things must agree where both sides state them: the structure (the recipe's
+    ``signature``, else the signature of the preset its ``model`` names; the UNet's map), the
+    family (the recipe's ``model``; :func:`model_family`) and the base size (the recipe's
+    ``base_resolution``; the size the UNet states, :func:`stated_base`). A recipe's layer table,
+    factors and thresholds are written for one family at one base size: on another they
+    still find layers and change them, silently wrong.
 
     Args:
         recipe: the recipe about to be applied.
         unet_map: the map of the UNet it is applied to.
-        model: that UNet, for the base size it states (None: not checked).
-        force: skip the check (the caller knows better).
+        model: that UNet, for its family and the base size it states (None: only the
+            structure is checked).
+        force: skip the check (the caller knows better: e.g. a recipe run on a tiny test
+            variant as a scaled-down proxy).
     """
     if force:
         return
     made_for = recipe.signature or (preset_signature(recipe.model) if recipe.model else None)
     found = map_signature(unet_map)
-    family = f"{recipe.model} " if recipe.model else ""
-    if made_for is not None and made_for != found:
-        raise RecipeMismatchError(
-            f"recipe {recipe.name!r} was made for {family}({made_for}), not this "
-            f"{unet_map.model_class} ({found}); pass force=True (--force) to apply it anyway"
-        )
+    family = model_family(model) if model is not None else None
     base = stated_base(model, recipe.vae_scale_factor) if model is not None else None
-    if base is not None and tuple(base) != tuple(recipe.base_resolution):
-        made = size_text(recipe.base_resolution)
-        warnings.warn(
-            f"recipe {recipe.name!r} was made for {family + 'at ' if family else ''}{made} (WxH), this "
-            f"{unet_map.model_class} says {size_text(base)} (config.sample_size): its factors assume {made}",
-            BaseSizeWarning,
-            stacklevel=3,
-        )
+    made_base = (int(recipe.base_resolution[0]), int(recipe.base_resolution[1]))
+    differs = []
+    if made_for is not None and made_for != found:
+        differs.append("structure")
+    if recipe.model and family is not None and recipe.model in _presets() and family != recipe.model:
+        differs.append("family")
+    if base is not None and tuple(base) != made_base:
+        differs.append("base size")
+    if not differs:
+        return
+    recipe_side = f"{recipe.model + ' ' if recipe.model else ''}({made_for or 'any structure'}) at {size_text(made_base)}"
+    model_side = (f"{family + ' ' if family else ''}{unet_map.model_class} ({found})"
+                  + (f" at {size_text(base)} (config.sample_size)" if base is not None else ""))
+    raise RecipeMismatchError(
+        f"recipe {recipe.name!r} was made for {recipe_side}, not this {model_side}: another "
+        f"{', '.join(differs[:-1]) + ' and ' if len(differs) > 1 else ''}{differs[-1]}; pass force=True (--force) to apply it anyway"
+    )
+
+
+def _presets() -> frozenset[str]:
+    from unet_surgery.presets import PRESETS
+
+    return frozenset(name.removeprefix("ldm_") for name in PRESETS)

@@ -390,6 +390,12 @@ def parse_recipe(document: Any) -> Recipe:
     return recipe
 
 
+def checked(recipe: Recipe) -> Recipe:
+    """``recipe`` as the parser would give it from its document: a builder's arguments get the
+    same bounds as a file's (``freeu_recipe(b1=nan)`` built a recipe no file could state)."""
+    return parse_recipe(to_data(recipe))
+
+
 # --- back to data -----------------------------------------------------------------------------
 
 

@@ -320,6 +320,7 @@ def demofusion_sample(
     output_type: str = "latent",
     executor: ViewExecutor | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> CascadeOutput:
     """DemoFusion with an SD1.5/SD2.1 or SDXL pipeline (``recipe.demofusion``; its passes applied too).
 
@@ -328,6 +329,8 @@ def demofusion_sample(
     crop, as the official pipeline does; SD1.5 runs the same sampler without size conditioning
     (the community ports). ``guidance_scale`` defaults to the official 5.0. With ``output_type``
     other than ``"latent"`` the last phase is decoded, in tiles when ``multi_decoder`` is on.
+    The recipe must fit the UNet (structure, family, base size: ``check_fit``), passes or not,
+    unless ``force``.
     """
     from unet_surgery.errors import RecipeError
     from unet_surgery.patching.patch import current_patch
@@ -354,8 +357,13 @@ def demofusion_sample(
     owned = None
     patch = current_patch(unet)
     if patch is None and recipe.passes:
-        owned = apply_to_pipeline(pipe, recipe)
+        owned = apply_to_pipeline(pipe, recipe, force=force)
         patch = owned.patch
+    elif patch is None:
+        from unet_surgery.graph import map_unet
+        from unet_surgery.recipes.fit import check_fit
+
+        check_fit(recipe, map_unet(unet), unet, force=force)
     try:
         denoise = _pipeline_denoiser(pipe, name, device, unet.dtype, (height, width), guidance_scale, prompt,
                                      negative_prompt, None, None, None, None)

@@ -217,7 +217,7 @@ def apply_to_pipeline(
         pipe: a supported diffusers pipeline (``SUPPORTED_PIPELINES``).
         recipe: a :class:`Recipe`, a shipped recipe name, a file path or a parsed document.
         unet_map: the UNet's map, when the caller has one (skips mapping).
-        force: apply even to a UNet of another structure than the recipe's.
+        force: apply even to a UNet of another structure, family or base size than the recipe's.
     """
     encoder = SUPPORTED_PIPELINES[_supported_class(pipe, list(SUPPORTED_PIPELINES))]
     if getattr(pipe, "unet", None) is None or getattr(pipe, "scheduler", None) is None:
@@ -301,7 +301,7 @@ def self_cascade_sample(
             ``"pt"``) to decode into ``CascadeOutput.images``.
         progress: show progress bars.
         executor: how patch-wise views are run (default: all in this process).
-        force: apply the recipe even to a UNet of another structure than the recipe's.
+        force: apply the recipe even to a UNet of another structure, family or base size than the recipe's.
         image: ControlNet pipelines: the condition image (PIL image, array or tensor, as the pipeline takes).
         controlnet_conditioning_scale: ControlNet pipelines: the residuals' scale.
         control_guidance_end: ControlNet pipelines: the ControlNet acts on the steps ``i`` of

@@ -13,15 +13,18 @@ schedule and the sampler defaults)::
       class_embedding.safetensors          {"weight": (num_classes + 1, cross_attention_dim)}
       toy.json                             name, classes, schedules, sampler defaults, provenance
 
-``toy.json`` is written last and lists every file of the export: writing again to such a folder
-replaces it when it holds exactly those files; any other non-empty folder is refused (like the
-other exports, :mod:`unet_surgery.export.staging`).
+``toy.json`` is written last and lists every file of the export. Writing again to such a folder
+follows the rule of every output (:func:`unet_surgery.io.may_replace`): the same export is kept,
+one with other content (another toy) is replaced only with ``overwrite``; any other non-empty
+folder is refused (like the other exports, :mod:`unet_surgery.export.staging`), and so is a
+folder that is, holds or lies inside the shipped weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,13 @@ import torch
 from unet_surgery.errors import CheckpointError
 from unet_surgery.export.staging import export_files, staged_folder
 from unet_surgery.io import atomic_write_text, read_json_object
-from unet_surgery.toy.model import TOY_NAMES, ToyDiffusion, load_toy, make_ddim_scheduler
+from unet_surgery.toy.model import (
+    TOY_NAMES,
+    WEIGHTS_PACKAGE,
+    ToyDiffusion,
+    load_toy,
+    make_ddim_scheduler,
+)
 
 __all__ = [
     "CLASS_EMBEDDING_FILE",
@@ -98,22 +107,27 @@ def _sidecar(toy: ToyDiffusion) -> dict[str, Any]:
     }
 
 
-def export_toy(toy: str | ToyDiffusion, folder: str | os.PathLike[str]) -> Path:
+def export_toy(toy: str | ToyDiffusion, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write toy ``toy`` (a shipped name, or a loaded :class:`ToyDiffusion`) to ``folder``.
 
     The UNet goes through ``save_pretrained`` (safetensors, in its dtype: float32 for a shipped
     toy), so loading the folder gives the in-memory UNet bit for bit. The folder is built beside
-    the target and renamed into place; ``folder`` must be new, empty or an earlier toy export
-    (which is replaced). Returns ``folder``.
+    the target and renamed into place; ``folder`` must be new, empty or an earlier toy export.
+    An earlier export with the same files is kept; one with other content is refused unless
+    ``overwrite``. Returns ``folder``.
     """
     from safetensors.torch import save_file
 
+    from unet_surgery.errors import SurgeryError
+    from unet_surgery.io import check_not_input
     from unet_surgery.presets import _quiet_diffusers
 
     target = Path(folder)
     _check_name(toy)
+    shipped = Path(str(resources.files(WEIGHTS_PACKAGE)))
+    check_not_input(target, [shipped], SurgeryError, option="DIR", replaces_folder=True)
     # Entering the staging refuses a foreign folder before the (slower) load.
-    with staged_folder(target) as stage:
+    with staged_folder(target, overwrite=overwrite) as stage:
         model = _resolve(toy)
         sidecar = _sidecar(model)
         with _quiet_diffusers():

@@ -33,7 +33,7 @@ from unet_surgery.passes.fouriscale.guidance import FouriScaleGuidancePass
 from unet_surgery.passes.freeu.builder import SETTINGS, freeu_pass
 from unet_surgery.recipes.auto import size_pair
 from unet_surgery.recipes.fit import map_signature
-from unet_surgery.recipes.schema import Recipe, Selector
+from unet_surgery.recipes.schema import Recipe, Selector, checked
 
 # num_levels -> (down/mid min level, up min level, upsampler min level)
 _OFFICIAL_LEVELS = {4: (2, 1, 0), 3: (2, 1, 1)}
@@ -163,7 +163,7 @@ def fouriscale_recipe(
             raise RecipeError(f"freeu: no published FreeU factors for model {model!r} (known: {', '.join(SETTINGS)})")
         passes.append(freeu_pass(unet_map, **SETTINGS[model]))  # type: ignore[arg-type]
     extras = [w for w, on in (("guidance", guidance), ("amplified guidance", amp_guidance), ("FreeU", freeu)) if on]
-    return Recipe(
+    return checked(Recipe(
         name=name or f"fouriscale-{unet_map.model_class}-{tw}x{th}",
         description=f"FouriScale (dilation {dilation} with low-pass filtering"
         + "".join(f", {w}" for w in extras)
@@ -175,4 +175,4 @@ def fouriscale_recipe(
         passes=tuple(passes),
         signature=map_signature(unet_map),
         model=model,
-    )
+    ))

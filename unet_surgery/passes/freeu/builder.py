@@ -14,7 +14,7 @@ from unet_surgery.graph.records import UNetMap
 from unet_surgery.passes.freeu import FreeUPass, stage_levels
 from unet_surgery.recipes.auto import size_pair
 from unet_surgery.recipes.fit import map_signature
-from unet_surgery.recipes.schema import LevelRange, Recipe, ScheduleSpec, Selector
+from unet_surgery.recipes.schema import LevelRange, Recipe, ScheduleSpec, Selector, checked
 
 SETTINGS: dict[str, dict[str, float]] = {
     # ScaleCrafter's official scripts switch FreeU on with these (reference notes).
@@ -113,7 +113,7 @@ def freeu_recipe(
     used = size if target is None else size_pair(target, "target")
     config = freeu_pass(unet_map, b1=b1, b2=b2, s1=s1, s2=s2, threshold=threshold, schedule=schedule,
                         backbone_scaling=backbone_scaling)
-    return Recipe(
+    return checked(Recipe(
         name=name or f"freeu-{(model or unet_map.model_class).lower()}",
         base_resolution=size,
         target_resolutions=(used,),
@@ -123,4 +123,4 @@ def freeu_recipe(
         f"b2={config.b2:g}, s1={config.s1:g}, s2={config.s2:g}) at the two lowest-resolution up levels",
         model=model,
         vae_scale_factor=vae_scale_factor,
-    )
+    ))
