@@ -39,6 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from unet_surgery.demo import METHODS as DEMO_METHODS
 from unet_surgery.demo import (
     UPSCALERS,
@@ -102,6 +104,37 @@ def row_json(r: DemoRow) -> dict[str, Any]:
             **r.summary, "detail": r.detail, "error": r.error}
 
 
+ROW_FIELDS = ("toy", "size", "method", "recipe", "seconds", "objects_per_image", "shapes", "detail", "error")
+
+
+def merge_reports(paths: list[Path], out: Path) -> list[DemoRow]:
+    """One report from several runs over the same seeds, steps and guidance: rows in method
+    order, a later report's row replacing an earlier one's (a re-run after a fix). Each row
+    keeps the command of the run that measured it (``"run"``)."""
+    reports = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    key = ("seeds", "steps", "guidance", "base")
+    for path, report in zip(paths[1:], reports[1:], strict=True):
+        if any(report[k] != reports[0][k] for k in key):
+            raise SystemExit(f"{path}: other {', '.join(key)} than {paths[0]}; reports of different runs cannot merge")
+    rows: dict[tuple[str, int, str], dict[str, Any]] = {}
+    methods: dict[str, str] = {}
+    for report in reports:
+        methods.update(report["methods"])
+        for row in report["rows"]:
+            rows[(row["toy"], row["size"], row["method"])] = {**row, "run": row.get("run", report["command"])}
+    order = {m: i for i, m in enumerate(("baseline", *METHODS))}
+    merged = sorted(rows.values(), key=lambda r: (r["toy"], r["size"], order.get(r["method"], len(order))))
+    out.mkdir(parents=True, exist_ok=True)
+    combined = {**{k: reports[0][k] for k in (*key, "labels")}, "merged_from": [str(p) for p in paths],
+                "methods": methods, "rows": merged}
+    (out / "report.json").write_text(json.dumps(combined, indent=1) + "\n", encoding="utf-8")
+    demo_rows = [DemoRow(r["toy"], r["method"], r["size"], r["recipe"], torch.empty(0),
+                         {k: v for k, v in r.items() if k not in (*ROW_FIELDS, "run")}, r["seconds"],
+                         detail=r["detail"], error=r.get("error")) for r in merged]
+    (out / "report.md").write_text(table(demo_rows) + "\n", encoding="utf-8")
+    return demo_rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toys", nargs="+", default=list(TOY_NAMES), choices=TOY_NAMES)
@@ -113,9 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/detail"))
     p.add_argument("--cache", type=Path, default=None,
                    help="folder of the resumable rows (default <out>/.rows); runs with other --out may share one")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="REPORT_JSON",
+                   help="sample nothing: merge these report.json files (same seeds) into <out>/report.{json,md}, "
+                   "later rows replacing earlier ones")
     p.add_argument("--cached-only", action="store_true",
                    help="sample nothing: the report of the rows <out>/.rows holds (a stopped run's), the others left out")
     args = p.parse_args(argv)
+    if args.merge:
+        print(table(merge_reports(args.merge, args.out)))
+        return 0
     seeds = parse_seeds(args.seeds)
     command = "python benchmarks/detail_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"{command}\n{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}), {args.steps} steps", flush=True)
