@@ -62,6 +62,8 @@ HID = "tests/passes/test_hidiffusion.py"
 FOURI = "tests/passes/test_fouriscale.py"
 FREEU = "tests/passes/test_freeu.py"
 GUIDANCE = "tests/patching/test_guidance.py"
+FOURI_GUIDANCE = "tests/passes/test_fouriscale_guidance.py"
+CONTROLNET = "tests/pipelines/test_controlnet.py"
 BOUNDARY = "tests/patching/test_dispersed_boundary.py"
 ON_THE_FLY = "tests/ops/test_dispersion_on_the_fly.py"
 FUSION = "tests/ops/test_scale_fusion.py"
@@ -252,6 +254,28 @@ MUTANTS = [
     Mutant("private config keys hashed", "graph/cache.py", 'if not k.startswith("_")', "if k", (CACHE,)),
     Mutant("buffers left out of the map key", "graph/cache.py",
            "own += [(n, tuple(b.shape)) for n, b in module.named_buffers(recurse=False)]", "own += []", (CACHE,)),
+    # ------------------------------------------------------------------ passes/fouriscale/guidance.py (merged later)
+    Mutant("FouriScale guidance borrows the uncond rows", "passes/fouriscale/guidance.py",
+           "return BorrowedRows(source=total - 2 * rows, target=total - rows, rows=rows, total=total)",
+           "return BorrowedRows(source=0, target=total - rows, rows=rows, total=total)", (FOURI_GUIDANCE,)),
+    Mutant("FouriScale guidance expands [u, c] to [u, u, c]", "passes/fouriscale/guidance.py",
+           "layout = ((0, MAIN), (1, MAIN), (1, GUIDANCE))", "layout = ((0, MAIN), (0, MAIN), (1, GUIDANCE))",
+           (FOURI_GUIDANCE,)),
+    Mutant("FouriScale guidance returns the cond branch", "passes/fouriscale/guidance.py",
+           "uncond, guided = sample[:n], sample[2 * n :]", "uncond, guided = sample[:n], sample[n : 2 * n]",
+           (FOURI_GUIDANCE,)),
+    Mutant("amp_guidance window <= instead of <", "passes/fouriscale/guidance.py",
+           "return step < entry.amp_stop_step * n / entry.steps", "return step <= entry.amp_stop_step * n / entry.steps",
+           (FOURI_GUIDANCE,)),
+    Mutant("amp_guidance window not rescaled to the step count", "passes/fouriscale/guidance.py",
+           "return step < entry.amp_stop_step * n / entry.steps", "return step < entry.amp_stop_step",
+           (FOURI_GUIDANCE,)),
+    # ------------------------------------------------------------------ passes/rau_net: lower levels (merged later)
+    Mutant("RAU-Net keeps no lower level's size", "passes/rau_net/__init__.py",
+           "        for kept in range(first, deepest):", "        for kept in range(first, first):", (HID,)),
+    Mutant("RAU-Net lower levels reduce too", "passes/rau_net/__init__.py",
+           "link=_size_link(patch, role.level), reduce=False)", "link=_size_link(patch, role.level), reduce=True)",
+           (HID,)),
 ]
 
 
