@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unet_surgery.core.limits import MAX_SIDE
 from unet_surgery.errors import CheckpointError, SurgeryError
 from unet_surgery.export.manifest import check_pt2_manifest, read_manifest, sha256_file
 from unet_surgery.export.phases import PhaseSettings, default_timesteps, enumerate_phases, frozen
@@ -142,7 +143,6 @@ def export_phase(patch: Patch, settings: PhaseSettings, inputs: Mapping[str, Any
         return torch.export.export(UNetForward(patch.model), args=(), kwargs=dict(inputs), strict=False)
 
 
-MAX_SIDE = 16384  # pixels
 MAX_BATCH = 64
 MAX_FRAMES = 256
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from unet_surgery.core.limits import MAX_SIDE
 from unet_surgery.errors import SurgeryError
 from unet_surgery.io import excerpt, read_bounded_text
 
@@ -98,7 +99,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-MAX_SIDE = 16384  # pixels a side; SDXL at 8x its area is 8192
 
 
 def _shown(spec: object) -> str:

@@ -17,6 +17,7 @@ import typing
 import warnings
 from typing import Any, Literal, Union
 
+from unet_surgery.core.limits import MAX_SIDE
 from unet_surgery.core.registry import pass_types
 from unet_surgery.core.schema import (
     RECIPE_VERSION,
@@ -294,6 +295,8 @@ def _check_recipe(recipe: Recipe) -> None:
     def resolution(value: tuple[int, int], where: str) -> None:
         if value[0] <= 0 or value[1] <= 0:
             _fail(where, f"resolutions must be positive, got {list(value)}")
+        if max(value) > MAX_SIDE:
+            _fail(where, f"a side over {MAX_SIDE} pixels: {value[1]}x{value[0]} (WxH)")
 
     resolution(recipe.base_resolution, "base_resolution")
     if recipe.vae_scale_factor < 1:
