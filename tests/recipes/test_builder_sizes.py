@@ -72,3 +72,6 @@ def test_a_recipe_file_over_the_largest_side_is_refused() -> None:
         parse_recipe(data)
     data["target_resolutions"] = [[512, 16384]]
     assert parse_recipe(data).target_resolutions == ((512, 16384),)
+    data["sampling"] = {"stages": [[512, 512], [512, 16385]]}
+    with pytest.raises(RecipeError, match=r"sampling.stages\[1\].*a side over 16384 pixels"):
+        parse_recipe(data)

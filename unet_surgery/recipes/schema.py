@@ -314,6 +314,8 @@ def _check_recipe(recipe: Recipe) -> None:
     if s is not None:
         if not s.stages:
             _fail("sampling.stages", "at least one stage is required")
+        for i, stage in enumerate(s.stages):
+            resolution(stage, f"sampling.stages[{i}]")
         for i, (a, b) in enumerate(zip(s.stages, s.stages[1:], strict=False)):
             if b[0] < a[0] or b[1] < a[1]:
                 _fail(f"sampling.stages[{i + 1}]", f"stages must not shrink: {list(a)} -> {list(b)}")
