@@ -230,7 +230,7 @@ def test_a_threshold_other_than_one_equals_the_transcription_with_that_threshold
         blocks.apply_freeu = original
     threshold_1 = run(with_diffusers_freeu(model, SD15), inputs)
     unet_map = preset_map("sd15", "tiny")
-    with apply(model, freeu_recipe(unet_map, base=512, threshold=2, **SD15), unet_map=unet_map):
+    with apply(model, freeu_recipe(unet_map, base=512, threshold=2, **SD15), unet_map=unet_map, force=True):
         ours = run(model, inputs)
     assert (expected - threshold_1).abs().max() > 1e-3  # the threshold matters at these sizes
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)

@@ -505,7 +505,7 @@ def test_builder_at_4x_area_on_sizes_that_halve_unevenly_equals_official_code(
     ref = apply_hidiffusion(copy.deepcopy(model), name)
     inputs = inputs_for(model, hw)
     unet_map = preset_map(name, "tiny")
-    with apply(model, hidiffusion_recipe(unet_map, base, target), unet_map=unet_map) as patch:
+    with apply(model, hidiffusion_recipe(unet_map, base, target), unet_map=unet_map, force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         for step in steps:
             out = patched_out(model, inputs, step, seed=step)
@@ -578,7 +578,7 @@ def test_builder_variant_equals_official_code(name, variant, base, target, hw, n
 
     outs = {}
     for which in (variant, "standard"):
-        with apply(model, hidiffusion_recipe(unet_map, base, target, variant=which), unet_map=unet_map) as patch:
+        with apply(model, hidiffusion_recipe(unet_map, base, target, variant=which), unet_map=unet_map, force=True) as patch:
             patch.set_timesteps(timesteps)
             outs[which] = {step: call(model, step, False) for step in [*steps, differs] if step is not None}
     for step in steps:
@@ -922,7 +922,7 @@ def test_ldm_layout_selects_the_same_roles() -> None:
     model = tiny("ldm_sd15")
     inputs = inputs_for(model, (16, 16))
     before = patched_out_plain(model, inputs, 0)
-    with apply(model, RECIPES["sd15"], unet_map=unet_map) as patch:
+    with apply(model, RECIPES["sd15"], unet_map=unet_map, force=True) as patch:
         patch.set_timesteps(TIMESTEPS)
         assert not torch.allclose(patched_out(model, inputs, 0), before)
     assert torch.equal(patched_out_plain(model, inputs, 0), before)
