@@ -7,7 +7,8 @@ stage 2 (``Fourier_filter`` in float32). diffusers 0.42.1 has the same hook at t
 (``apply_freeu``), choosing by ``resolution_idx`` instead. So the official up-block forward is
 diffusers' forward with ``apply_freeu`` swapped for ``official_hook`` below, a transcription of
 the official hook in which the tiny models' widest and second-widest up widths stand in for
-1280 and 640.
+1280 and 640. (The official ``CrossAttnUpBlock2D`` copy also drops ``encoder_attention_mask``
+from the attention call; it is None here, so that changes nothing.)
 
 The tiny models here are the tiny presets with the published width ratios: SD1.5 (32, 64, 128,
 128) for (320, 640, 1280, 1280), SDXL (32, 64, 128) for (320, 640, 1280); 128 and 64 stand in
@@ -129,8 +130,9 @@ def tiny_model(name: str) -> nn.Module:
 
     config = dict(build_unet(name, size="tiny", device="meta").config)
     config["block_out_channels"] = WIDTHS[name]
-    torch.manual_seed(0)
-    model = UNet2DConditionModel.from_config(config).to(torch.float64).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = UNet2DConditionModel.from_config(config).double().eval()
     randomize_zero_init_(model, 1, include_constant=True)
     return model
 
