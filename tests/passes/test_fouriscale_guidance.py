@@ -157,7 +157,7 @@ def test_guided_eps_equals_official(name: str, latent, base_latent, amp: bool) -
     model, reference = _models(name)
     inputs = _double(example_inputs(model, batch=2, height=latent[0] * 8, width=latent[1] * 8))
     patch = apply(model, guidance_recipe(name, base_latent, amp=amp, start=start, stop=stop, value=value),
-                  unet_map=preset_map(name, "tiny"))
+                  unet_map=preset_map(name, "tiny"), force=True)
     patch.set_timesteps(TIMESTEPS)
     patch.set_cfg_batches(True)
     for i in (10, 27, 40):  # full dilation (and amplified), decaying, outside the window
@@ -185,7 +185,7 @@ def test_guidance_changes_fouriscale_and_leaves_other_batches_alone() -> None:
     inputs = _double(example_inputs(model, batch=2, height=128, width=128))
     outputs = {}
     for label, r, cfg in (("guided", recipe, True), ("undeclared", recipe, False), ("fouriscale", plain_recipe, True)):
-        patch = apply(model, r, unet_map=preset_map("sd15", "tiny"))
+        patch = apply(model, r, unet_map=preset_map("sd15", "tiny"), force=True)
         patch.set_timesteps(TIMESTEPS)
         patch.set_cfg_batches(cfg)
         outputs[label] = [_run(model, dict(inputs, timestep=torch.tensor(TIMESTEPS[i], dtype=torch.float64)))
@@ -207,7 +207,7 @@ def test_amplified_until_start_step_scaled_to_the_step_count(n: int) -> None:
     deltas = {}
     for amp in (True, False):
         patch = apply(model, guidance_recipe("sd15", (4, 4), amp=amp, start=20, stop=35, value=0.0),
-                      unet_map=preset_map("sd15", "tiny"))
+                      unet_map=preset_map("sd15", "tiny"), force=True)
         patch.set_timesteps(timesteps)
         patch.set_cfg_batches(True)
         for i in (last, last + 1):
@@ -223,11 +223,11 @@ def test_guidance_needs_fouriscale_and_refuses_a_second_batch_split() -> None:
     lone = {"name": "g", "base_resolution": [32, 32], "target_resolutions": [[64, 64]],
             "passes": [{"type": "fouriscale_guidance"}]}
     with pytest.raises(SelectionError, match="needs a fouriscale pass"):
-        apply(model, lone, unet_map=preset_map("sd15", "tiny"))
+        apply(model, lone, unet_map=preset_map("sd15", "tiny"), force=True)
     both = guidance_recipe("sd15", (4, 4), amp=False, start=20, stop=35, value=0.0)
     both["passes"].append({"type": "noise_damped_cfg", "select": {"paths": OFFICIAL_SD15_LAYERS[:2]}, "factor": 2})
     with pytest.raises(SelectionError, match="both split the batch"):
-        apply(model, both, unet_map=preset_map("sd15", "tiny"))
+        apply(model, both, unet_map=preset_map("sd15", "tiny"), force=True)
 
 
 @pytest.mark.parametrize(("scale", "stride"), [(3.0, 2), (1.5, 2), (2.5, 1)])
@@ -258,7 +258,7 @@ def test_sdxl_4096x2048_measures_against_the_table_base() -> None:
     from unet_surgery.runtime import MAIN, UNetCall
 
     patch = apply(build_unet("sdxl", size="tiny", device="meta"), load_recipe("fouriscale-sdxl-4096x2048"),
-                  unet_map=preset_map("sdxl", "tiny"))
+                  unet_map=preset_map("sdxl", "tiny"), force=True)
     patch.set_timesteps(TIMESTEPS)
     layer = patch.plan.layers["mid_block.resnets.0.conv1"]
     call = UNetCall(timestep=TIMESTEPS[5], latent_hw=(256, 512), batch=2, step=5)
@@ -281,7 +281,7 @@ def test_pipeline_runs_the_guidance_branch_while_fouriscale_acts() -> None:
     for scale, expected in ((kwargs.get("guidance_scale", 7.5), [3, 3, 3]), (1.0, [1, 1, 1])):
         args = dict(kwargs, guidance_scale=scale) if scale > 1 else dict(kwargs, guidance_scale=1.0,
                                                                          negative_prompt_embeds=None)
-        with apply_to_pipeline(pipe, recipe, unet_map=preset_map("sd15", "tiny")):
+        with apply_to_pipeline(pipe, recipe, unet_map=preset_map("sd15", "tiny"), force=True):
             rows: list[int] = []
             handle = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a, rows=rows: rows.append(int(a[0].shape[0])))
             patched = tp.run(pipe, args)

@@ -190,8 +190,8 @@ def test_on_missing_error_refuses_a_listed_path_the_model_lacks_and_warn_skips_i
     doc["passes"] = [{"type": "redilate", "select": {"paths": ["down_blocks.1.resnets.0.conv2", typo]}, "factor": 2}]
     with pytest.raises(SelectionError, match=r"passes\[0\] \(redilate\): 1 listed layer\(s\) do not exist .*"
                                              r"closest: down_blocks\.1\.resnets\.0\.conv1.*on_missing: warn"):
-        apply(tiny_sd15, doc, unet_map=unet_map)
+        apply(tiny_sd15, doc, unet_map=unet_map, force=True)
     doc["passes"][0]["on_missing"] = "warn"
-    with apply(tiny_sd15, doc, unet_map=unet_map) as patch:
+    with apply(tiny_sd15, doc, unet_map=unet_map, force=True) as patch:
         assert sorted(patch.plan.layers) == ["down_blocks.1.resnets.0.conv2"]
         assert f"missing in model, skipped: passes[0] {typo} (closest: down_blocks.1.resnets.0.conv1" in patch.report()
