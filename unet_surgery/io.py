@@ -35,6 +35,18 @@ def excerpt(text: str, limit: int = MAX_EXCERPT) -> str:
     return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 
+def shown_value(value: object) -> str:
+    """A value a user gave, for an error line: text cut by :func:`excerpt`, small integers (or
+    pairs of them) as written, anything else described; a 5000-digit integer is never converted
+    to text."""
+    if isinstance(value, str):
+        return excerpt(value)
+    items = value if isinstance(value, (tuple, list)) else [value]
+    if all(isinstance(v, int) and abs(v) < 10**9 for v in items):
+        return repr(value)
+    return f"a {type(value).__name__} of {'out-of-range or non-integer values' if items else 'nothing'}"
+
+
 def default_file_mode() -> int:
     """``0o666`` less the umask: what ``open`` gives a new file (``mkstemp`` gives ``0o600``)."""
     mask = os.umask(0)

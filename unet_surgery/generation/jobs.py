@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unet_surgery.core.limits import MAX_SIDE
 from unet_surgery.errors import SurgeryError
-from unet_surgery.io import excerpt, read_bounded_text
+from unet_surgery.io import excerpt, read_bounded_text, shown_value
 
 MAX_PROMPT_FILE_BYTES = 16 << 20
 MAX_IMAGES = 1_000_000  # prompts x seeds of one run: a million PNGs is already days of GPU time
@@ -101,16 +101,6 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 
-def _shown(spec: object) -> str:
-    """A size as given, bounded: huge integers are never converted to text."""
-    if isinstance(spec, str):
-        return excerpt(spec)
-    items = spec if isinstance(spec, (tuple, list)) else [spec]
-    if all(isinstance(v, int) and abs(v) < 10**9 for v in items):
-        return repr(spec)
-    return f"a {type(spec).__name__} of {'out-of-range or non-integer values' if items else 'nothing'}"
-
-
 def parse_size(spec: str | int | tuple[int, int], multiple: int = 8) -> tuple[int, int]:
     """``(width, height)`` from a ``WIDTHxHEIGHT`` string, ``N`` (square) or a ``(height, width)`` pair.
 
@@ -132,9 +122,9 @@ def parse_size(spec: str | int | tuple[int, int], multiple: int = 8) -> tuple[in
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
-        raise GenerationError(f"--size: {_shown(spec)} must be two positive integers, WIDTHxHEIGHT")
+        raise GenerationError(f"--size: {shown_value(spec)} must be two positive integers, WIDTHxHEIGHT")
     if max(values) > MAX_SIDE:
-        raise GenerationError(f"--size: {_shown(spec)} has a side over {MAX_SIDE} pixels")
+        raise GenerationError(f"--size: {shown_value(spec)} has a side over {MAX_SIDE} pixels")
     for side, v in zip(("width", "height"), values, strict=True):
         if v % multiple:
             raise GenerationError(

@@ -36,7 +36,7 @@ from typing import Literal
 from unet_surgery.core.limits import MAX_SIDE
 from unet_surgery.errors import RecipeError
 from unet_surgery.graph.records import ConvRecord, UNetMap
-from unet_surgery.io import excerpt
+from unet_surgery.io import shown_value
 from unet_surgery.ops.schedules import ScheduleSpec
 from unet_surgery.passes import RedilatePass, ScaleFusionPass
 from unet_surgery.recipes.fit import map_signature
@@ -46,21 +46,13 @@ Policy = Literal["auto", "scalecrafter", "demofusion", "multidiffusion"]
 POLICIES: tuple[str, ...] = ("auto", "scalecrafter", "demofusion", "multidiffusion")
 
 
-def _brief(value: object) -> str:
-    """``value`` for an error message, bounded (a 5000-digit integer is never converted to text)."""
-    try:
-        return excerpt(repr(value))
-    except ValueError:
-        return "a number too long to print"
-
-
 def size_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     """``(height, width)`` from a size or a pair; every recipe builder takes sizes this way."""
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in pair):
-        raise RecipeError(f"{name}: expected a positive int or (height, width), got {_brief(value)}")
+        raise RecipeError(f"{name}: expected a positive int or (height, width), got {shown_value(value)}")
     if max(pair) > MAX_SIDE:
-        raise RecipeError(f"{name}: a side over {MAX_SIDE} pixels ({_brief(value)})")
+        raise RecipeError(f"{name}: a side over {MAX_SIDE} pixels ({shown_value(value)})")
     return pair[0], pair[1]
 
 
