@@ -84,8 +84,7 @@ class PipelinePatch:
         self.pipe = pipe
         self.patch = patch
         self.scheduler = pipe.scheduler
-        # a guidance pass (noise-damped, FouriScale's) acts once [uncond, cond] batches are declared
-        self.noise_damped = patch.wants_cfg_batches
+        self.splits_cfg = patch.wants_cfg_batches  # a guidance pass (noise-damped, FouriScale's) acts on [uncond, cond] halves
         self.cfg: bool | None = None  # the last CFG decision the pipeline announced
         self._encoder_name = encoder_name
         self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
@@ -114,7 +113,7 @@ class PipelinePatch:
             return wrapped
 
         self._wrap(self.scheduler, "set_timesteps", set_timesteps)
-        if self.noise_damped:
+        if self.splits_cfg:
             def encoder(original: Any) -> Any:
                 signature = inspect.signature(original)
 
@@ -153,7 +152,7 @@ class PipelinePatch:
 
     def _after_set_timesteps(self) -> None:
         self.patch.set_timesteps(self.scheduler.timesteps)
-        if not self.noise_damped:
+        if not self.splits_cfg:
             return
         cfg = self.cfg
         if cfg is None:  # no encoder call seen: ask the pipeline (SD-family property)
