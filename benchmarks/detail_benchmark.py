@@ -112,7 +112,9 @@ def merge_reports(paths: list[Path], out: Path) -> list[DemoRow]:
     order, a later report's row replacing an earlier one's (a re-run after a fix). Each row
     keeps the command of the run that measured it (``"run"``)."""
     reports = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
-    key = ("seeds", "steps", "guidance", "base")
+    key = ("seeds", "steps", "guidance", "base", "cascade_eta")
+    for report in reports:
+        report.setdefault("cascade_eta", 0.0)  # reports from before the option
     for path, report in zip(paths[1:], reports[1:], strict=True):
         if any(report[k] != reports[0][k] for k in key):
             raise SystemExit(f"{path}: other {', '.join(key)} than {paths[0]}; reports of different runs cannot merge")
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="heldout", help="heldout (9500-9515), design (200-207), A-B or a,b,c")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--cascade-eta", type=float, default=0.0,
+                   help="DDIM eta of the self-cascade's stages (default 0, deterministic; the plain rows use "
+                   "the toys' stochastic eta 1)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/detail"))
     p.add_argument("--cache", type=Path, default=None,
                    help="folder of the resumable rows (default <out>/.rows); runs with other --out may share one")
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_report(done: list[DemoRow]) -> None:
         report = {"command": command, "seeds": list(seeds), "labels": [s % 3 for s in seeds],
-                  "steps": args.steps, "guidance": args.guidance, "base": BASE,
+                  "steps": args.steps, "guidance": args.guidance, "base": BASE, "cascade_eta": args.cascade_eta,
                   "methods": {m: DEMO_METHODS.get(m) or EXTRA_DESCRIPTIONS[m] for m in args.methods},
                   "rows": [row_json(r) for r in done]}
         (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -171,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for toy_name in args.toys:  # one toy in memory at a time
         cfg = DemoConfig(toys=(toy_name,), sizes=tuple(args.sizes), methods=tuple(args.methods),
-                         seeds=seeds, steps=args.steps, guidance_scale=args.guidance)
+                         seeds=seeds, steps=args.steps, guidance_scale=args.guidance,
+                         cascade_eta=args.cascade_eta)
         rows += run_demo(cfg, progress=lambda line: print(line, flush=True), recipes=recipe, keep_going=True,
                          row_cache=args.cache or args.out / ".rows", cached_only=args.cached_only, on_row=lambda own, before=list(rows): write_report(before + own))
         own = [r for r in rows if r.toy == toy_name]

@@ -70,6 +70,8 @@ class DemoConfig:
     seeds: Sequence[int] = tuple(range(4))
     steps: int = 10
     guidance_scale: float = DEFAULT_GUIDANCE
+    cascade_eta: float = 0.0
+    """DDIM eta of the self-cascade's stages (the plain rows use the toys' stochastic default)."""
 
     def jobs(self) -> list[tuple[str, int, str]]:
         """(toy, size, method) rows in order: per toy, the plain model at 1x first (the reference
@@ -259,7 +261,7 @@ def run_demo(
                 else:
                     images = sample_recipe(toy, recipe, labels, seeds=cfg.seeds, size=size,
                                            steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                           unet_map=unet_map)
+                                           unet_map=unet_map, cascade_eta=cfg.cascade_eta)
             except Exception as exc:
                 if not keep_going:
                     raise
@@ -308,7 +310,8 @@ def _digest(text: str) -> str:
 
 def _row_key(cfg: DemoConfig, toy: str, size: int, method: str, recipe: str | None) -> str:
     """A file name for one row's cache entry: the row, its recipe's name, seeds, steps, guidance."""
-    what = repr((toy, size, method, recipe, tuple(cfg.seeds), cfg.steps, cfg.guidance_scale))
+    what = repr((toy, size, method, recipe, tuple(cfg.seeds), cfg.steps, cfg.guidance_scale,
+                 *((cfg.cascade_eta,) if cfg.cascade_eta else ())))  # rows from before the option keep their keys
     return f"{toy}-{size}-{method}-{_digest(what)}"
 
 

@@ -42,9 +42,11 @@ def parts():
     return unet, tp.tiny_vae(), cond, uncond
 
 
-def literal(unet, vae, scheduler, cond, uncond, spec, mask=None, seed=0, vsf=8):
-    """FreeScale's self-cascade written out step by step (shared reference README)."""
+def literal(unet, vae, scheduler, cond, uncond, spec, mask=None, seed=0, vsf=8, eta=0.0):
+    """FreeScale's self-cascade written out step by step (shared reference README); ``eta``
+    as diffusers' DDIM pipeline passes it, with the run's generator."""
     g = torch.Generator().manual_seed(seed)
+    step_kw = {"eta": eta, "generator": g} if eta else {}
     T = scheduler.config.num_train_timesteps
 
     def eps(x, t):
@@ -58,7 +60,7 @@ def literal(unet, vae, scheduler, cond, uncond, spec, mask=None, seed=0, vsf=8):
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     for t in scheduler.timesteps:
-        x = scheduler.step(eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(eps(scheduler.scale_model_input(x, t), t), t, x, **step_kw).prev_sample
     for h, w in spec.stages[1:]:
         if vae is None:
             x0 = F.interpolate(x, size=(h // vsf, w // vsf), mode="bicubic")
@@ -83,7 +85,7 @@ def literal(unet, vae, scheduler, cond, uncond, spec, mask=None, seed=0, vsf=8):
                 m = F.interpolate(mask.double(), size=x.shape[-2:], mode="nearest")
                 c = (base ** (m * spec.cosine_scale + (1 - m) * spec.cosine_scale_bg)).float()
             x = x * (1 - c) + x_t[i] * c
-            x = scheduler.step(eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+            x = scheduler.step(eps(scheduler.scale_model_input(x, t), t), t, x, **step_kw).prev_sample
     return x
 
 
@@ -105,6 +107,26 @@ def test_cascade_equals_the_literal_formulas(parts, make_scheduler, with_vae) ->
         ref = literal(unet, vae if with_vae else None, make_scheduler(), cond, uncond, SPEC)
     assert out.latents.shape == (1, 4, 16, 16) and [s.shape[-1] for s in out.stage_latents] == [8, 16]
     torch.testing.assert_close(out.latents, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eta_is_ddims_stochastic_step_with_the_runs_generator(parts) -> None:
+    unet, vae, cond, uncond = parts
+    out = cascade(parts, ddim(), eta=1.0)
+    with torch.no_grad():
+        ref = literal(unet, vae, ddim(), cond, uncond, SPEC, eta=1.0)
+    torch.testing.assert_close(out.latents, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out.latents, cascade(parts, ddim()).latents, atol=1e-3)  # eta 0 differs
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan")])
+def test_eta_out_of_range_is_refused(parts, eta) -> None:
+    with pytest.raises(ValueError, match="eta must be in"):
+        cascade(parts, ddim(), eta=eta)
+
+
+def test_eta_on_a_scheduler_without_it_is_refused(parts) -> None:
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler\.step takes no eta"):
+        cascade(parts, euler(), eta=0.5)
 
 
 def test_mask_sets_the_exponent_per_pixel(parts) -> None:
@@ -191,7 +213,8 @@ def test_freescale_recipe_dilates_later_stages_only() -> None:
     assert stage2 == [(i, 2.0 if i < 7 else 1.0) for i in range(3, 10)]  # tau 35/50 of 10 steps = 7
 
 
-def test_pipeline_front_end_matches_the_bare_sampler() -> None:
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_pipeline_front_end_matches_the_bare_sampler(eta) -> None:
     pipe, kwargs = tp.sd()
     doc = {"name": "fs-sd", "base_resolution": [64, 64], "target_resolutions": [[128, 128]],
            "passes": [{"type": "redilate", "select": {"kernel": 3, "level": "1.."}, "factor": "auto"}],
@@ -200,14 +223,15 @@ def test_pipeline_front_end_matches_the_bare_sampler() -> None:
     out = self_cascade_sample(pipe, doc, prompt_embeds=kwargs["prompt_embeds"],
                               negative_prompt_embeds=kwargs["negative_prompt_embeds"], guidance_scale=W,
                               generator=g(), unet_map=preset_map("sd15", "tiny"), progress=False,
-                              output_type="pt")
+                              output_type="pt", eta=eta)
     assert out.images.shape == (1, 3, 128, 128)
     from unet_surgery import apply
 
     with apply(pipe.unet, doc, unet_map=preset_map("sd15", "tiny")) as patch:
         bare = self_cascade(cfg_denoiser(pipe.unet, kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"],
                                          guidance_scale=W), pipe.scheduler, load_recipe(doc),
-                            latent_channels=4, vae=pipe.vae, generator=g(), patch=patch, progress=False)
+                            latent_channels=4, vae=pipe.vae, generator=g(), patch=patch, progress=False,
+                            eta=eta)
     assert torch.equal(out.latents, bare.latents)
 
 

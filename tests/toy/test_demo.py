@@ -228,3 +228,17 @@ def test_a_cached_row_is_not_reused_for_a_recipe_with_other_settings(tmp_path) -
     lines: list[str] = []
     run_demo(cfg, progress=lines.append, recipes=other, row_cache=cache)
     assert lines[0].endswith("(cached)") and not lines[-1].endswith("(cached)")
+
+
+def test_the_cascade_eta_is_part_of_a_cached_rows_key_and_of_its_images(tmp_path) -> None:
+    cfg = DemoConfig(toys=("toy4",), sizes=(32, 64), methods=("baseline", "auto"), seeds=(0,), steps=2)
+    cache = tmp_path / "rows"
+    first = run_demo(cfg, progress=lambda _: None, row_cache=cache)
+    lines: list[str] = []
+    stochastic = run_demo(replace(cfg, cascade_eta=1.0), progress=lines.append, row_cache=cache)
+    assert not any(line.endswith("(cached)") for line in lines)  # eta 0's rows are not reused
+    assert torch.equal(first[0].images, stochastic[0].images)  # the plain 1x row ignores it
+    assert not torch.equal(first[-1].images, stochastic[-1].images)  # the cascade's stages do not
+    lines.clear()
+    run_demo(cfg, progress=lines.append, row_cache=cache)  # eta 0 keeps its rows (and old keys)
+    assert all(line.endswith("(cached)") for line in lines)

@@ -181,9 +181,15 @@ def initial_latents(shape: tuple[int, ...], latents: torch.Tensor | None, genera
     return latents.to(device=device, dtype=dtype)
 
 
-def _step_kwargs(scheduler: Any, generator: torch.Generator | None) -> dict[str, Any]:
+def _step_kwargs(scheduler: Any, generator: torch.Generator | None, eta: float = 0.0) -> dict[str, Any]:
+    """The ``scheduler.step`` keywords it takes: the generator, and DDIM's ``eta`` when not 0."""
     params = inspect.signature(scheduler.step).parameters
-    return {"generator": generator} if "generator" in params else {}
+    kwargs: dict[str, Any] = {"generator": generator} if "generator" in params else {}
+    if eta:
+        if "eta" not in params:
+            raise ValueError(f"eta={eta}: {type(scheduler).__name__}.step takes no eta (DDIM does)")
+        kwargs["eta"] = eta
+    return kwargs
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype:
@@ -229,6 +235,7 @@ def self_cascade(
     dtype: torch.dtype | None = None,
     patch: Any = None,
     progress: bool = True,
+    eta: float = 0.0,
 ) -> CascadeOutput:
     """Run the self-cascade and return the latents of every stage.
 
@@ -256,7 +263,11 @@ def self_cascade(
         dtype: the latents' dtype (same defaults as ``device``).
         patch: a :class:`~unet_surgery.Patch` told each stage's timesteps.
         progress: show progress bars.
+        eta: DDIM's stochastic term for every stage's steps (0: deterministic, FreeScale's
+            default; 1: ancestral), its noise from ``generator``. Other schedulers refuse it.
     """
+    if not (math.isfinite(eta) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     spec = sampling_spec(sampling)
     if vae_scale_factor is None:
         if vae is None:  # sizes of a latent model without its VAE: the recipe says how to scale
@@ -283,7 +294,7 @@ def self_cascade(
     order = int(getattr(scheduler, "order", 1))
     final_hw = spec.stages[-1]
     mask_t = None if mask is None else _as_mask(mask, batch_size, final_hw).to(device)
-    step_kwargs = _step_kwargs(scheduler, generator)
+    step_kwargs = _step_kwargs(scheduler, generator, eta)
 
     def set_timesteps() -> torch.Tensor:
         scheduler.set_timesteps(steps, device=device)

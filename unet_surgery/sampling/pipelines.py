@@ -262,6 +262,7 @@ def self_cascade_sample(
     image: Any = None,
     controlnet_conditioning_scale: float = 1.0,
     control_guidance_end: float = 1.0,
+    eta: float = 0.0,
 ) -> CascadeOutput:
     """FreeScale generation with an SD or SDXL pipeline: recipe passes + self-cascade.
 
@@ -293,7 +294,8 @@ def self_cascade_sample(
         guidance_scale: classifier-free guidance scale (no guidance at 1 or below).
         sampling: overrides the recipe's sampling section.
         mask: FreeScale's region mask (1 = detail), at the final latent size or broadcastable.
-        generator: the torch generator of the initial and restart noise.
+        generator: the torch generator of the initial and restart noise (and of ``eta``'s).
+        eta: DDIM's stochastic term, as the pipeline's own ``eta`` (0: deterministic).
         latents: the first stage's initial latents instead of drawing them.
         unet_map: the UNet's map, when the caller has one (skips mapping).
         output_type: ``"latent"`` (default), or a pipeline output type (``"pil"``, ``"np"``,
@@ -356,7 +358,7 @@ def self_cascade_sample(
             denoise, pipe.scheduler, spec, latent_channels=unet.config.in_channels, batch_size=batch,
             vae=vae, vae_scale_factor=getattr(pipe, "vae_scale_factor", None) if vae is not None else recipe.vae_scale_factor,
             mask=mask, generator=generator, latents=latents, device=device, dtype=dtype, patch=patch,
-            progress=progress,
+            progress=progress, eta=eta,
         )
         if output_type != "latent" and vae is not None:
             from unet_surgery.sampling.cascade import vae_decode

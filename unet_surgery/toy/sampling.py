@@ -149,6 +149,7 @@ def sample_recipe(
     guidance_scale: float = DEFAULT_GUIDANCE,
     unet_map: Any = None,
     callback: Callable[[int, int], None] | None = None,
+    cascade_eta: float = 0.0,
 ) -> torch.Tensor:
     """Sample the toy at ``size`` with ``recipe`` applied; the model is unpatched afterwards.
 
@@ -163,6 +164,9 @@ def sample_recipe(
     DemoFusion with ``steps`` per phase, one seed per run (its re-normalisation takes the whole
     batch's statistics), the jitter and the noise inversion seeded by the seed.
     ``callback(step_index, timestep)`` runs before each UNet call of plain (non-cascade) runs.
+    Plain runs sample with the toys' stochastic DDIM (:data:`DEFAULT_ETA`); the cascade's
+    stages with ``cascade_eta`` (0 by default, deterministic as FreeScale's pipelines), their
+    noise from the batch's generator.
     """
     from dataclasses import replace
 
@@ -215,6 +219,7 @@ def sample_recipe(
             generator=torch.Generator().manual_seed(int(seeds[0])),
             patch=patch,
             progress=False,
+            eta=cascade_eta,
         )
         return out.latents.clamp(-1, 1)
 
