@@ -24,6 +24,8 @@ dropped. The report is rewritten after every row, and each row's images are kept
 ``--cached-only`` writes the report of whatever the cache holds.
 
 The seeds 9500-9515 were used for nothing else: no setting of any method was chosen on them.
+The seeds 9700-9707 measured only ``auto`` with ``--cascade-eta 0`` and ``1`` (chosen on the
+design seeds 200-207).
 The row loop is the demo's (:func:`unet_surgery.demo.run_demo`), with two more methods.
 
     python benchmarks/detail_benchmark.py --toys toy-detail --out benchmarks/detail/toy-detail  # a committed report
