@@ -128,6 +128,19 @@ def with_diffusers_freeu(model: nn.Module, settings: dict[str, float]) -> nn.Mod
     return ref
 
 
+def run_diffusers_freeu_with(apply_freeu: Any, model: nn.Module, settings: dict[str, float],
+                             inputs: dict[str, Any]) -> torch.Tensor:
+    """diffusers' FreeU blocks with their ``apply_freeu`` replaced by ``apply_freeu`` for one run."""
+    import diffusers.models.unets.unet_2d_blocks as blocks
+
+    original = blocks.apply_freeu
+    blocks.apply_freeu = apply_freeu
+    try:
+        return run(with_diffusers_freeu(model, settings), inputs)
+    finally:
+        blocks.apply_freeu = original
+
+
 # ----------------------------------------------------------------------------- the op
 
 
@@ -188,14 +201,7 @@ def test_pass_equals_diffusers_enable_freeu_in_float64(name: str, settings: dict
     plain = run(model, inputs)
     expected = run(with_diffusers_freeu(model, settings), inputs)
     # Second reference: diffusers' blocks calling the transcription instead of their own code.
-    import diffusers.models.unets.unet_2d_blocks as blocks
-
-    original = blocks.apply_freeu
-    blocks.apply_freeu = ref_apply_freeu
-    try:
-        transcribed = run(with_diffusers_freeu(model, settings), inputs)
-    finally:
-        blocks.apply_freeu = original
+    transcribed = run_diffusers_freeu_with(ref_apply_freeu, model, settings, inputs)
     unet_map = preset_map(name, "tiny")
     with apply(model, freeu_recipe(unet_map, base=512, **settings), unet_map=unet_map, force=True) as patch:
         assert {p: e.stage for p, e in patch.plan.entries("freeu").items()} == DIFFUSERS_STAGES
@@ -209,8 +215,6 @@ def test_a_threshold_other_than_one_equals_the_transcription_with_that_threshold
     """diffusers hard-codes threshold 1; the FreeU README's ``Fourier_filter(x, threshold, scale)``
     takes it as an argument. At 192x192 px SD1.5's FreeU levels are 3x3 and 6x6 latents, where
     a square of half side 2 covers more of the spectrum than one of half side 1."""
-    import diffusers.models.unets.unet_2d_blocks as blocks
-
     def apply_freeu_threshold_2(resolution_idx: int, hidden_states: torch.Tensor, res_hidden_states: torch.Tensor,
                                 **kw: Any):
         if resolution_idx in (0, 1):
@@ -222,12 +226,7 @@ def test_a_threshold_other_than_one_equals_the_transcription_with_that_threshold
 
     model = tiny64("sd15")
     inputs = example_inputs(model, height=192, width=192, dtype=torch.float64)
-    original = blocks.apply_freeu
-    blocks.apply_freeu = apply_freeu_threshold_2
-    try:
-        expected = run(with_diffusers_freeu(model, SD15), inputs)
-    finally:
-        blocks.apply_freeu = original
+    expected = run_diffusers_freeu_with(apply_freeu_threshold_2, model, SD15, inputs)
     threshold_1 = run(with_diffusers_freeu(model, SD15), inputs)
     unet_map = preset_map("sd15", "tiny")
     with apply(model, freeu_recipe(unet_map, base=512, threshold=2, **SD15), unet_map=unet_map, force=True):
@@ -241,14 +240,7 @@ def test_structure_scaling_equals_diffusers_blocks_with_the_v2_code() -> None:
     # calling the transcribed v2 code. 128 px: the lowest level is 2x2 (a 1x1 map has no range).
     model = tiny64("sd15")
     inputs = example_inputs(model, height=128, width=128, dtype=torch.float64)
-    import diffusers.models.unets.unet_2d_blocks as blocks
-
-    original = blocks.apply_freeu
-    blocks.apply_freeu = ref_apply_freeu_v2
-    try:
-        expected = run(with_diffusers_freeu(model, SD15), inputs)
-    finally:
-        blocks.apply_freeu = original
+    expected = run_diffusers_freeu_with(ref_apply_freeu_v2, model, SD15, inputs)
     unet_map = preset_map("sd15", "tiny")
     with apply(model, recipe_of(FreeUPass(backbone_scaling="structure", **SD15)), unet_map=unet_map, force=True):
         ours = run(model, inputs)
